@@ -1,0 +1,13 @@
+"""skuq: uncertainty quantification for PyTorch networks with a scikit-learn face."""
+
+from .baselines import MAPClassifier, MAPRegressor, TemperatureScalingClassifier
+from .outputs import OutputDistribution
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAPClassifier",
+    "MAPRegressor",
+    "OutputDistribution",
+    "TemperatureScalingClassifier",
+]

@@ -1,0 +1,118 @@
+"""Small helpers shared across skuq: devices, seeds, batching, progress, checks."""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable, Iterator
+
+import numpy as np
+import torch
+from sklearn.utils import check_random_state
+from torch import Tensor
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; anything else as torch reads it."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu', 'cuda' or a torch.device, got {device!r}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(
+            f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}"
+        ) from exc
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available; use 'auto'")
+    return resolved
+
+
+def seed_from_random_state(random_state) -> int:
+    """An int seed from ``None``, an int or a ``numpy.random.RandomState``."""
+    if random_state is None:  # numpy's global RNG, as scikit-learn does
+        return int(check_random_state(None).randint(0, 2**31 - 1))
+    if isinstance(random_state, numbers.Integral):
+        return int(random_state)
+    if isinstance(random_state, np.random.RandomState):
+        return int(random_state.randint(0, 2**31 - 1))
+    if isinstance(random_state, np.random.Generator):
+        return int(random_state.integers(0, 2**31 - 1))
+    raise ValueError(f"random_state must be None, an int or a RandomState, got {random_state!r}")
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    """A torch generator on ``device`` seeded with ``seed``."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+def iter_batches(
+    *arrays: np.ndarray | Tensor | None,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+) -> Iterator[tuple[Tensor, ...]]:
+    """Consecutive row batches of ``arrays`` as tensors on ``device``.
+
+    Only one batch lives on the device at a time, so memory stays flat in N.
+    Floating arrays are cast to ``dtype`` when given; integer arrays keep theirs.
+    """
+    n = len(arrays[0])
+    for start in range(0, n, batch_size):
+        out = []
+        for a in arrays:
+            t = torch.as_tensor(a[start : start + batch_size])
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            out.append(t.to(device, non_blocking=True))
+        yield tuple(out)
+
+
+def progress(iterable: Iterable, verbose: int | bool, desc: str, total: int | None = None):
+    """Wrap ``iterable`` in a tqdm bar when ``verbose`` and tqdm is installed."""
+    if not verbose:
+        return iterable
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are an optional extra
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+def check_option(name: str, value, allowed: Iterable) -> None:
+    """Raise a ValueError naming the allowed values when ``value`` is not one."""
+    allowed = tuple(allowed)
+    if not isinstance(value, str) or value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def check_positive(name: str, value, *, allow_none: bool = False, strict: bool = True) -> None:
+    """Raise a ValueError unless ``value`` is a finite number > 0 (>= 0 if not strict)."""
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value)
+    ok = ok and (value > 0 if strict else value >= 0)
+    if not ok:
+        bound = "> 0" if strict else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def check_positive_int(name: str, value) -> None:
+    """Raise a ValueError unless ``value`` is an int >= 1."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def check_finite(t: Tensor, what: str) -> Tensor:
+    """Refuse to hand out non-finite numbers: raise with a hint instead."""
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(
+            f"{what} contains NaN or inf. The network or its posterior is numerically "
+            "unstable on these inputs: check the inputs are scaled, raise the prior "
+            "precision, or use float64 (set the net's dtype)."
+        )
+    return t

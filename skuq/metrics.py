@@ -1,0 +1,288 @@
+"""Uncertainty metrics on arrays, and scorers for scikit-learn's model selection.
+
+All functions take arrays (never estimators). Probability matrices have one
+column per class in sorted label order -- the order of ``classes_`` and of
+``predict_proba`` -- exactly as :func:`sklearn.metrics.log_loss` expects.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import get_scorer as _sklearn_get_scorer
+from sklearn.metrics import roc_auc_score
+
+__all__ = [
+    "expected_calibration_error",
+    "negative_log_likelihood",
+    "gaussian_negative_log_likelihood",
+    "brier_score",
+    "risk_coverage_curve",
+    "aurc",
+    "coverage_at_risk",
+    "ood_auroc",
+    "fpr_at_95_tpr",
+    "get_scorer",
+    "SCORERS",
+]
+
+
+def _check_proba(y_true, y_proba, labels=None):
+    """Validate ``(y_true, y_proba)`` and return class indices and probabilities."""
+    y_true = np.asarray(y_true)
+    y_proba = np.asarray(y_proba, dtype=np.float64)
+    if y_proba.ndim != 2:
+        raise ValueError(f"y_proba must be 2-d (n_samples, n_classes), got shape {y_proba.shape}")
+    if len(y_true) != len(y_proba):
+        raise ValueError(f"y_true has {len(y_true)} rows but y_proba has {len(y_proba)}")
+    if not np.all(np.isfinite(y_proba)):
+        raise ValueError("y_proba contains NaN or inf")
+    labels = np.unique(y_true) if labels is None else np.asarray(labels)
+    if y_proba.shape[1] != len(labels):
+        raise ValueError(
+            f"y_proba has {y_proba.shape[1]} columns but there are {len(labels)} labels "
+            f"{labels.tolist()}; pass labels= (e.g. the estimator's classes_)"
+        )
+    index = np.searchsorted(labels, y_true)
+    if np.any(index >= len(labels)) or np.any(labels[np.minimum(index, len(labels) - 1)] != y_true):
+        raise ValueError("y_true contains labels that are not in labels")
+    return index, y_proba
+
+
+def expected_calibration_error(y_true, y_proba, *, n_bins: int = 15, labels=None) -> float:
+    """Top-label expected calibration error with equal-width bins.
+
+    ``ECE = sum_b (n_b / N) |acc_b - conf_b|`` where the confidence of a row is
+    ``max_k p_k``, bin ``b`` holds confidences in ``(b/B, (b+1)/B]`` (the first
+    bin also holds 0), ``acc_b`` is the fraction of correct top-label
+    predictions in the bin and ``conf_b`` their mean confidence.
+
+    Examples
+    --------
+    >>> from skuq.metrics import expected_calibration_error
+    >>> expected_calibration_error([0, 1], [[0.9, 0.1], [0.8, 0.2]])  # doctest: +ELLIPSIS
+    0.45...
+    """
+    index, proba = _check_proba(y_true, y_proba, labels)
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = proba.max(axis=1)
+    correct = (proba.argmax(axis=1) == index).astype(np.float64)
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    ece = 0.0
+    for b in np.unique(bins):
+        mask = bins == b
+        ece += mask.mean() * abs(correct[mask].mean() - conf[mask].mean())
+    return float(ece)
+
+
+def negative_log_likelihood(y_true, y_proba, *, labels=None, eps: float = 1e-12) -> float:
+    """Mean negative log probability of the true class (probabilities clipped at ``eps``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skuq.metrics import negative_log_likelihood
+    >>> bool(np.isclose(negative_log_likelihood([0, 1], [[0.5, 0.5], [0.25, 0.75]]),
+    ...                 -(np.log(0.5) + np.log(0.75)) / 2))
+    True
+    """
+    index, proba = _check_proba(y_true, y_proba, labels)
+    p = proba[np.arange(len(index)), index]
+    return float(-np.mean(np.log(np.clip(p, eps, None))))
+
+
+def gaussian_negative_log_likelihood(y_true, y_mean, y_std) -> float:
+    """Mean Gaussian negative log likelihood of regression targets.
+
+    ``0.5 * log(2 pi s^2) + (y - m)^2 / (2 s^2)``, averaged over rows (and outputs).
+    """
+    y, m, s = (np.asarray(a, dtype=np.float64) for a in (y_true, y_mean, y_std))
+    if np.any(s <= 0):
+        raise ValueError("y_std must be > 0")
+    return float(np.mean(0.5 * np.log(2 * np.pi * s**2) + (y - m) ** 2 / (2 * s**2)))
+
+
+def brier_score(y_true, y_proba, *, labels=None) -> float:
+    """Multiclass Brier score: mean over rows of ``sum_k (p_k - 1[y = k])^2``.
+
+    Ranges from 0 (perfect) to 2. For two classes it is twice the binary
+    :func:`sklearn.metrics.brier_score_loss` of the positive class.
+    """
+    index, proba = _check_proba(y_true, y_proba, labels)
+    onehot = np.zeros_like(proba)
+    onehot[np.arange(len(index)), index] = 1.0
+    return float(np.mean(np.sum((proba - onehot) ** 2, axis=1)))
+
+
+def risk_coverage_curve(errors, confidence):
+    """Selective risk against coverage when answering the most confident rows first.
+
+    Rows are sorted by decreasing ``confidence``. A cut never separates rows of
+    equal confidence: the curve has one point per distinct confidence value,
+    at which all rows with at least that confidence are answered.
+
+    Parameters
+    ----------
+    errors : array-like of shape (n_samples,)
+        Loss per row (0/1 errors for classification).
+    confidence : array-like of shape (n_samples,)
+        Higher means more confident.
+
+    Returns
+    -------
+    coverage : ndarray
+        Fraction of rows answered, increasing, ending at 1.
+    risk : ndarray
+        Mean error over the answered rows.
+    thresholds : ndarray
+        The confidence at each cut (answer rows with ``confidence >= threshold``).
+    """
+    errors = np.asarray(errors, dtype=np.float64)
+    confidence = np.asarray(confidence, dtype=np.float64)
+    if errors.shape != confidence.shape or errors.ndim != 1 or len(errors) == 0:
+        raise ValueError("errors and confidence must be non-empty 1-d arrays of equal length")
+    order = np.argsort(-confidence, kind="stable")
+    c, e = confidence[order], errors[order]
+    ends = np.r_[np.nonzero(np.diff(c))[0], len(c) - 1]  # last row of each tie group
+    answered = ends + 1
+    return answered / len(c), np.cumsum(e)[ends] / answered, c[ends]
+
+
+def _selective_inputs(y_true, y_proba, labels):
+    index, proba = _check_proba(y_true, y_proba, labels)
+    return (proba.argmax(axis=1) != index).astype(np.float64), proba.max(axis=1)
+
+
+def aurc(y_true, y_proba, *, labels=None) -> float:
+    """Area under the risk-coverage curve (lower is better), confidence = max p.
+
+    Normalization: ``AURC = sum_j (coverage_j - coverage_{j-1}) * risk_j`` over
+    the points of :func:`risk_coverage_curve` (coverage_0 = 0). Without ties
+    this is the usual ``(1/N) sum_{k=1}^{N} risk(k)`` of Geifman et al. (2019);
+    with ties each tie group is answered together.
+
+    Examples
+    --------
+    >>> from skuq.metrics import aurc
+    >>> aurc([0, 0], [[0.9, 0.1], [0.4, 0.6]])  # second row wrong: (0 + 1/2) / 2
+    0.25
+    """
+    coverage, risk, _ = risk_coverage_curve(*_selective_inputs(y_true, y_proba, labels))
+    return float(np.sum(np.diff(np.r_[0.0, coverage]) * risk))
+
+
+def coverage_at_risk(y_true, y_proba, *, risk: float = 0.01, labels=None) -> float:
+    """Largest coverage whose selective risk is at most ``risk`` (NaN if none).
+
+    Confidence is ``max p``; cuts fall only between different confidences
+    (see :func:`risk_coverage_curve`).
+
+    Examples
+    --------
+    >>> from skuq.metrics import coverage_at_risk
+    >>> coverage_at_risk([0, 0, 0], [[.9, .1], [.8, .2], [.3, .7]], risk=0.0)
+    0.6666666666666666
+    """
+    if not 0 <= risk <= 1:
+        raise ValueError(f"risk must be in [0, 1], got {risk}")
+    coverage, sel_risk, _ = risk_coverage_curve(*_selective_inputs(y_true, y_proba, labels))
+    ok = sel_risk <= risk + 1e-12
+    return float(coverage[ok].max()) if ok.any() else float("nan")
+
+
+def _check_scores(scores_in, scores_out):
+    s_in = np.asarray(scores_in, dtype=np.float64).ravel()
+    s_out = np.asarray(scores_out, dtype=np.float64).ravel()
+    if len(s_in) == 0 or len(s_out) == 0:
+        raise ValueError("need at least one in-distribution and one OOD score")
+    if not (np.all(np.isfinite(s_in)) and np.all(np.isfinite(s_out))):
+        raise ValueError("scores contain NaN or inf")
+    return s_in, s_out
+
+
+def ood_auroc(scores_in, scores_out) -> float:
+    """AUROC of telling OOD rows (positive) from in-distribution rows by their score.
+
+    Scores are uncertainties: higher means more likely OOD (e.g.
+    ``predict_uncertainty``). Ties count one half. 0.5 is chance, 1 perfect.
+
+    Examples
+    --------
+    >>> from skuq.metrics import ood_auroc
+    >>> ood_auroc([0.1, 0.2], [0.3, 0.2])
+    0.875
+    """
+    s_in, s_out = _check_scores(scores_in, scores_out)
+    y = np.r_[np.zeros(len(s_in)), np.ones(len(s_out))]
+    return float(roc_auc_score(y, np.r_[s_in, s_out]))
+
+
+def fpr_at_95_tpr(scores_in, scores_out, *, tpr: float = 0.95) -> float:
+    """Fraction of in-distribution rows flagged when 95 % of OOD rows are flagged.
+
+    OOD is the positive class and a row is flagged when its score is at least
+    the threshold ``t``; ``t`` is the largest score that flags at least ``tpr``
+    of the OOD rows. Lower is better.
+
+    Examples
+    --------
+    >>> from skuq.metrics import fpr_at_95_tpr
+    >>> fpr_at_95_tpr([0.1, 0.2, 0.5, 0.6], [0.4, 0.7, 0.8, 0.9], tpr=0.75)
+    0.0
+    """
+    s_in, s_out = _check_scores(scores_in, scores_out)
+    if not 0 < tpr <= 1:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
+    desc = np.sort(s_out)[::-1]
+    k = int(np.ceil(tpr * len(desc) - 1e-12))  # OOD rows that must be flagged
+    threshold = desc[k - 1]
+    return float(np.mean(s_in >= threshold))
+
+
+class _ProbaScorer:
+    """``scorer(estimator, X, y)`` for a metric of ``(y_true, y_proba, labels=...)``.
+
+    Passing the estimator's ``classes_`` as labels keeps the columns right when
+    a cross-validation fold lacks a class.
+    """
+
+    def __init__(self, metric, sign: float = 1.0, nan_value: float | None = None, **kwargs):
+        self.metric, self.sign, self.nan_value, self.kwargs = metric, sign, nan_value, kwargs
+
+    def __call__(self, estimator, X, y, sample_weight=None) -> float:
+        if sample_weight is not None:
+            raise ValueError("skuq scorers do not support sample_weight")
+        value = self.metric(y, estimator.predict_proba(X), labels=estimator.classes_, **self.kwargs)
+        if self.nan_value is not None and np.isnan(value):
+            value = self.nan_value
+        return self.sign * value
+
+    def __repr__(self) -> str:
+        prefix = "neg_" if self.sign < 0 else ""
+        return f"<skuq scorer {prefix}{self.metric.__name__}>"
+
+
+SCORERS = {
+    "neg_expected_calibration_error": _ProbaScorer(expected_calibration_error, -1.0),
+    "neg_negative_log_likelihood": _ProbaScorer(negative_log_likelihood, -1.0),
+    "neg_brier_score": _ProbaScorer(brier_score, -1.0),
+    "neg_aurc": _ProbaScorer(aurc, -1.0),
+    "coverage_at_1pct_risk": _ProbaScorer(coverage_at_risk, nan_value=0.0, risk=0.01),
+}
+
+
+def get_scorer(name: str):
+    """A scorer by name: skuq's (see ``SCORERS``) or any of scikit-learn's.
+
+    Higher is always better, following scikit-learn (hence the ``neg_``
+    prefixes); ``"coverage_at_1pct_risk"`` counts no qualifying cut as 0.
+
+    Examples
+    --------
+    >>> from skuq.metrics import get_scorer
+    >>> get_scorer("neg_expected_calibration_error")
+    <skuq scorer neg_expected_calibration_error>
+    """
+    if name in SCORERS:
+        return SCORERS[name]
+    return _sklearn_get_scorer(name)

@@ -1,0 +1,57 @@
+"""Plots on arrays (matplotlib is the optional ``plot`` extra)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .metrics import _check_proba, expected_calibration_error, risk_coverage_curve
+
+__all__ = ["reliability_diagram", "risk_coverage_plot"]
+
+
+def _axes(ax):
+    if ax is not None:
+        return ax
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("plotting needs matplotlib: pip install 'skuq[plot]'") from exc
+    return plt.subplots(figsize=(4, 4))[1]
+
+
+def reliability_diagram(y_true, y_proba, *, n_bins: int = 15, labels=None, ax=None, label=None):
+    """Accuracy against confidence in equal-width bins (top label), with the ECE.
+
+    Returns the matplotlib ``Axes``.
+    """
+    index, proba = _check_proba(y_true, y_proba, labels)
+    ax = _axes(ax)
+    conf = proba.max(axis=1)
+    correct = proba.argmax(axis=1) == index
+    bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
+    centers, accs = [], []
+    for b in np.unique(bins):
+        mask = bins == b
+        centers.append(conf[mask].mean())
+        accs.append(correct[mask].mean())
+    ece = expected_calibration_error(y_true, y_proba, n_bins=n_bins, labels=labels)
+    ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1)
+    ax.plot(centers, accs, marker="o", label=f"{label or 'model'} (ECE {ece:.3f})")
+    ax.set_xlabel("confidence (max p)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left")
+    return ax
+
+
+def risk_coverage_plot(errors, confidence, *, ax=None, label=None):
+    """Selective risk against coverage (see :func:`skuq.metrics.risk_coverage_curve`)."""
+    ax = _axes(ax)
+    coverage, risk, _ = risk_coverage_curve(errors, confidence)
+    ax.step(coverage, risk, where="post", label=label)
+    ax.set_xlabel("coverage")
+    ax.set_ylabel("selective risk")
+    if label:
+        ax.legend()
+    return ax
