@@ -101,6 +101,23 @@ def logit_model(module: nn.Module, outputs: str) -> nn.Module:
     return _LogOfProbabilities(module)
 
 
+def _writable_float32(X: np.ndarray) -> np.ndarray:
+    """float32 for the net; a copy when read-only (pandas), as torch wants to own it."""
+    X = X.astype(np.float32, copy=False)
+    return X if X.flags.writeable else X.copy()
+
+
+def _takes_n_outputs(module) -> bool:
+    """Whether a module class (or a base of it) takes ``n_outputs`` in ``__init__``."""
+    if not inspect.isclass(module):
+        return False
+    return any(
+        "n_outputs" in inspect.signature(cls.__init__).parameters
+        for cls in module.__mro__
+        if "__init__" in cls.__dict__ and cls is not object
+    )
+
+
 def _criterion_outputs(net) -> str:
     """What a skorch net's module returns, read from its criterion."""
     criterion = net.criterion
@@ -222,11 +239,11 @@ class BaseUQEstimator(BaseEstimator):
             multi_output=not self._is_classifier(),
             y_numeric=not self._is_classifier(),
         )
-        return X.astype(np.float32, copy=False), self._encode_target(y, fitting=True)
+        return _writable_float32(X), self._encode_target(y, fitting=True)
 
     def _validate_predict_data(self, X) -> np.ndarray:
         X = validate_data(self, X, reset=False, allow_nd=True, dtype=[np.float32, np.float64])
-        return X.astype(np.float32, copy=False)
+        return _writable_float32(X)
 
     def _is_classifier(self) -> bool:
         return isinstance(self, UQClassifierMixin)
@@ -293,9 +310,8 @@ class BaseUQEstimator(BaseEstimator):
         net = clone(net)
         params = {"device": str(self.device_)}
         module = net.module
-        if inspect.isclass(module) and "n_outputs" in inspect.signature(module).parameters:
-            if "module__n_outputs" not in net.get_params():
-                params["module__n_outputs"] = self.n_outputs_
+        if _takes_n_outputs(module) and "module__n_outputs" not in net.get_params():
+            params["module__n_outputs"] = self.n_outputs_
         net.set_params(**params)
         y_net = y.reshape(len(y), -1) if not self._is_classifier() else y
         seed = None if self.random_state is None else self._seed
@@ -316,6 +332,7 @@ class BaseUQEstimator(BaseEstimator):
     # ----------------------------------------------------------------- predict
     def _generator(self) -> torch.Generator:
         """A fresh generator per call, so that predictions are reproducible."""
+        check_is_fitted(self, "model_")
         return make_generator(self._seed, self.device_)
 
     def _iter_distributions(self, X):
@@ -395,7 +412,8 @@ class UQClassifierMixin(ClassifierMixin):
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label under the predictive distribution."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)]
 
     def predict_uncertainty(self, X, kind: str = "entropy") -> np.ndarray:
         """One uncertainty score per row; higher means less certain.

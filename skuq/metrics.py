@@ -36,7 +36,15 @@ def _check_proba(y_true, y_proba, labels=None):
         raise ValueError(f"y_true has {len(y_true)} rows but y_proba has {len(y_proba)}")
     if not np.all(np.isfinite(y_proba)):
         raise ValueError("y_proba contains NaN or inf")
-    labels = np.unique(y_true) if labels is None else np.asarray(labels)
+    if labels is None:
+        labels = np.unique(y_true)
+        n_cols = y_proba.shape[1]
+        # integer labels that index the columns need no labels= (a batch may lack a class)
+        if len(labels) != n_cols and np.issubdtype(labels.dtype, np.integer) and (
+            labels.min() >= 0 and labels.max() < n_cols
+        ):
+            labels = np.arange(n_cols)
+    labels = np.asarray(labels)
     if y_proba.shape[1] != len(labels):
         raise ValueError(
             f"y_proba has {y_proba.shape[1]} columns but there are {len(labels)} labels "

@@ -1,0 +1,140 @@
+"""skuq.metrics against values computed by hand, including ties and edge cases."""
+
+import math
+
+import numpy as np
+import pytest
+from sklearn.metrics import brier_score_loss, log_loss
+
+from skuq import metrics
+
+
+def test_ece_by_hand_three_bins():
+    # confidences 0.9 (correct), 0.8 (wrong), 0.6 (correct), 0.55 (wrong); 3 bins
+    y = [0, 0, 1, 1]
+    p = [[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.55, 0.45]]
+    # bin (2/3, 1]: rows 0, 1 -> acc 0.5, conf 0.85 ; bin (1/3, 2/3]: rows 2, 3 -> acc .5 conf .575
+    expected = 0.5 * abs(0.5 - 0.85) + 0.5 * abs(0.5 - 0.575)
+    assert metrics.expected_calibration_error(y, p, n_bins=3) == pytest.approx(expected)
+
+
+def test_ece_bin_edges_are_right_closed():
+    # confidence exactly 0.5 with 2 bins falls in the first bin (0, 0.5]
+    y, p = [0, 1], [[0.5, 0.5], [0.0, 1.0]]
+    # row 0: conf .5, predicted class 0 (argmax picks first), correct -> bin 0: |1 - .5|
+    # row 1: conf 1, correct -> bin 1: |1 - 1| = 0
+    assert metrics.expected_calibration_error(y, p, n_bins=2) == pytest.approx(0.25)
+
+
+def test_ece_is_zero_for_a_perfectly_calibrated_predictor():
+    y = [0, 1, 0, 0]
+    p = [[0.75, 0.25]] * 4  # accuracy 3/4 at confidence 3/4
+    assert metrics.expected_calibration_error(y, p) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_nll_and_brier_match_sklearn():
+    rng = np.random.RandomState(0)
+    p = rng.dirichlet(np.ones(4), size=50)
+    y = rng.randint(0, 4, size=50)
+    assert metrics.negative_log_likelihood(y, p, labels=[0, 1, 2, 3]) == pytest.approx(
+        log_loss(y, p, labels=[0, 1, 2, 3])
+    )
+    # binary: our multiclass Brier is twice sklearn's positive-class Brier
+    p2 = rng.dirichlet(np.ones(2), size=50)
+    y2 = rng.randint(0, 2, size=50)
+    assert metrics.brier_score(y2, p2) == pytest.approx(2 * brier_score_loss(y2, p2[:, 1]))
+
+
+def test_string_labels_use_sorted_order():
+    p = [[0.8, 0.2], [0.3, 0.7]]
+    assert metrics.negative_log_likelihood(["cat", "dog"], p) == pytest.approx(
+        -(math.log(0.8) + math.log(0.7)) / 2
+    )
+
+
+def test_integer_labels_index_columns_when_a_class_is_missing():
+    assert metrics.negative_log_likelihood([1, 1], [[0.5, 0.5, 0.0], [0.2, 0.4, 0.4]]) == (
+        pytest.approx(-(math.log(0.5) + math.log(0.4)) / 2)
+    )
+
+
+def test_nll_clips_zero_probabilities():
+    assert metrics.negative_log_likelihood([0], [[0.0, 1.0]]) == pytest.approx(-math.log(1e-12))
+
+
+def test_risk_coverage_curve_never_cuts_ties():
+    errors = [0, 1, 0, 1, 0]
+    conf = [0.9, 0.8, 0.8, 0.5, 0.4]
+    cov, risk, thr = metrics.risk_coverage_curve(errors, conf)
+    np.testing.assert_allclose(cov, [0.2, 0.6, 0.8, 1.0])
+    np.testing.assert_allclose(risk, [0.0, 1 / 3, 0.5, 0.4])
+    np.testing.assert_allclose(thr, [0.9, 0.8, 0.5, 0.4])
+
+
+def test_aurc_without_ties_is_mean_selective_risk():
+    rng = np.random.RandomState(1)
+    p = rng.dirichlet(np.ones(3), size=40)
+    y = rng.randint(0, 3, size=40)
+    err = (p.argmax(1) != y).astype(float)[np.argsort(-p.max(1))]
+    expected = np.mean(np.cumsum(err) / np.arange(1, 41))
+    assert metrics.aurc(y, p) == pytest.approx(expected)
+
+
+def test_aurc_with_ties_answers_groups_together():
+    # all four rows tie: one cut at coverage 1 with risk 1/2
+    y = [0, 1, 0, 1]
+    p = [[0.6, 0.4]] * 4
+    assert metrics.aurc(y, p) == pytest.approx(0.5)
+
+
+def test_coverage_at_risk_by_hand_and_nan_when_impossible():
+    y = [0, 0, 1, 1]
+    p = [[0.95, 0.05], [0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]  # third row wrong
+    assert metrics.coverage_at_risk(y, p, risk=0.0) == pytest.approx(0.5)
+    assert metrics.coverage_at_risk(y, p, risk=0.25) == pytest.approx(1.0)
+    wrong_first = [[0.05, 0.95], [0.9, 0.1], [0.8, 0.2], [0.3, 0.7]]
+    assert np.isnan(metrics.coverage_at_risk([0, 0, 1, 1], wrong_first, risk=0.0))
+
+
+def test_ood_auroc_and_ties():
+    assert metrics.ood_auroc([0.1, 0.2], [0.3, 0.4]) == 1.0
+    assert metrics.ood_auroc([0.3, 0.4], [0.1, 0.2]) == 0.0
+    assert metrics.ood_auroc([0.5], [0.5]) == 0.5
+
+
+def test_fpr_at_95_tpr_by_hand():
+    s_out = np.arange(100, 120)  # 20 OOD scores: 95 % of them -> the 19 largest, t = 101
+    s_in = np.array([50, 100, 101, 150])  # 101 and 150 are >= 101
+    assert metrics.fpr_at_95_tpr(s_in, s_out) == pytest.approx(0.5)
+    assert metrics.fpr_at_95_tpr([0.0], [1.0, 2.0]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: metrics.expected_calibration_error([0, 1], [[0.5, 0.5]]), "rows"),
+        (lambda: metrics.expected_calibration_error([0, 1, 2], [[1, 0], [0, 1], [1, 0]]), "labels"),
+        (lambda: metrics.negative_log_likelihood([0], [[np.nan, 1.0]]), "NaN"),
+        (lambda: metrics.ood_auroc([], [1.0]), "at least one"),
+        (lambda: metrics.coverage_at_risk([0], [[1.0, 0.0]], risk=2), "risk must be"),
+        (lambda: metrics.expected_calibration_error([0, 1], [[1, 0], [0, 1]], n_bins=0), "n_bins"),
+        (lambda: metrics.brier_score([0, 1, 5], [[1, 0], [0, 1], [1, 0]]), "labels"),
+        (lambda: metrics.gaussian_negative_log_likelihood([0.0], [0.0], [0.0]), "y_std"),
+    ],
+)
+def test_bad_input_is_refused_with_a_message(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_gaussian_nll_by_hand():
+    value = metrics.gaussian_negative_log_likelihood([1.0, 0.0], [0.0, 0.0], [1.0, 2.0])
+    expected = np.mean([0.5 * np.log(2 * np.pi) + 0.5, 0.5 * np.log(2 * np.pi * 4)])
+    assert value == pytest.approx(expected)
+
+
+def test_get_scorer_knows_skuq_and_sklearn_names():
+    assert "neg_expected_calibration_error" in metrics.SCORERS
+    assert metrics.get_scorer("accuracy") is not None
+    with pytest.raises(ValueError):
+        metrics.get_scorer("no_such_scorer")

@@ -1,0 +1,171 @@
+"""OutputDistribution, links and uncertainty measures against ground truth."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from skuq.outputs import (
+    OutputDistribution,
+    bridge_probabilities,
+    classification_uncertainty,
+    entropy,
+    probit_probabilities,
+)
+
+
+def random_gaussian(n=4, c=3, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(n, c, generator=g, dtype=torch.float64) * 2
+    a = torch.randn(n, c, c, generator=g, dtype=torch.float64) * scale
+    cov = a @ a.transpose(1, 2) + 0.1 * torch.eye(c, dtype=torch.float64)
+    return mean, cov
+
+
+def test_constructors_check_shapes():
+    with pytest.raises(ValueError, match=r"mean must have shape \(N, C\)"):
+        OutputDistribution.gaussian(torch.zeros(3), None)
+    with pytest.raises(ValueError, match="covariance must have shape"):
+        OutputDistribution.gaussian(torch.zeros(2, 3), torch.zeros(2, 2, 2))
+    with pytest.raises(ValueError, match=r"samples must have shape \(S, N, C\)"):
+        OutputDistribution.from_samples(torch.zeros(2, 3))
+
+
+def test_variance_is_diagonal_of_full_covariance():
+    mean, cov = random_gaussian()
+    d = OutputDistribution.gaussian(mean, cov)
+    torch.testing.assert_close(d.variance, torch.diagonal(cov, dim1=1, dim2=2))
+    assert OutputDistribution.point_mass(mean).variance.abs().max() == 0
+
+
+def test_sampling_reproduces_mean_and_full_covariance():
+    mean, cov = random_gaussian(n=2, c=3)
+    d = OutputDistribution.gaussian(mean, cov)
+    s = d.sample(200_000, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(s.mean(0), mean, atol=0.03, rtol=0)
+    emp = torch.einsum("sni,snj->nij", s - mean, s - mean) / s.shape[0]
+    torch.testing.assert_close(emp, cov, atol=0.05 * cov.abs().max().item(), rtol=0)
+
+
+def test_sampling_a_singular_covariance_does_not_fail():
+    mean = torch.zeros(1, 2, dtype=torch.float64)
+    cov = torch.tensor([[[1.0, 1.0], [1.0, 1.0]]], dtype=torch.float64)  # rank one
+    s = OutputDistribution.gaussian(mean, cov).sample(50_000, torch.Generator().manual_seed(0))
+    emp = torch.einsum("sni,snj->nij", s, s) / s.shape[0]
+    torch.testing.assert_close(emp, cov, atol=0.03, rtol=0)
+
+
+def test_probit_matches_formula_and_point_mass_is_softmax():
+    mean = torch.tensor([[1.0, -0.5, 0.2]])
+    var = torch.tensor([[4.0, 0.0, 1.0]])
+    kappa = 1 / torch.sqrt(1 + math.pi / 8 * var)
+    torch.testing.assert_close(probit_probabilities(mean, var), torch.softmax(kappa * mean, -1))
+    d = OutputDistribution.point_mass(mean)
+    for link in ("probit", "mc", "bridge"):
+        torch.testing.assert_close(d.probabilities(link), torch.softmax(mean, -1))
+
+
+def test_probit_approximates_binary_expected_sigmoid():
+    # For two classes with logits (f, 0), probit is the classic MacKay approximation
+    # of E[sigmoid(f)]; check against quadrature-accurate MC within its known error.
+    f_mean, f_var = 1.5, 3.0
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    mc = torch.sigmoid(f_mean + math.sqrt(f_var) * z).mean()
+    p = probit_probabilities(torch.tensor([[f_mean, 0.0]]), torch.tensor([[f_var, 0.0]]))[0, 0]
+    assert abs(float(p) - float(mc)) < 0.01
+
+
+def test_mc_link_converges_to_expected_softmax():
+    mean, cov = random_gaussian(n=3, c=4, scale=0.7)
+    d = OutputDistribution.gaussian(mean, cov)
+    p = d.probabilities("mc", n_samples=400_000, generator=torch.Generator().manual_seed(0))
+    # independent reference: the same expectation with our own Cholesky sampler
+    chol = torch.linalg.cholesky(cov)
+    z = torch.randn(400_000, 3, 4, generator=torch.Generator().manual_seed(5), dtype=cov.dtype)
+    ref = torch.softmax(mean + torch.einsum("nij,snj->sni", chol, z), -1).mean(0)
+    torch.testing.assert_close(p, ref, atol=4e-3, rtol=0)
+    torch.testing.assert_close(p.sum(1), torch.ones(3, dtype=p.dtype))
+
+
+def test_bridge_formula_by_hand():
+    mean = torch.tensor([[1.0, 0.0, -1.0]], dtype=torch.float64)
+    var = torch.tensor([[0.5, 1.0, 2.0]], dtype=torch.float64)
+    m = mean - mean.mean()
+    k = 3
+    alpha = (1 - 2 / k + torch.exp(m) / k**2 * torch.exp(-m).sum()) / var
+    torch.testing.assert_close(bridge_probabilities(mean, var), alpha / alpha.sum())
+
+
+def test_sample_form_probabilities_average_softmax():
+    s = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(0))
+    d = OutputDistribution.from_samples(s)
+    torch.testing.assert_close(d.probabilities(), torch.softmax(s, -1).mean(0))
+    torch.testing.assert_close(d.variance, s.var(0))
+    torch.testing.assert_close(d.output_mean, s.mean(0))
+
+
+def test_concatenate_keeps_rows_in_order():
+    mean, cov = random_gaussian(n=5)
+    d = OutputDistribution.gaussian(mean, cov)
+    parts = [OutputDistribution.gaussian(mean[:2], cov[:2]), OutputDistribution.gaussian(mean[2:], cov[2:])]
+    joined = OutputDistribution.concatenate(parts)
+    torch.testing.assert_close(joined.mean, d.mean)
+    torch.testing.assert_close(joined.covariance, d.covariance)
+
+
+def test_uncertainty_measures_on_samples_by_hand():
+    # two samples that disagree completely: softmax (1,0) and (0,1) approximately
+    s = torch.tensor([[[20.0, -20.0]], [[-20.0, 20.0]]], dtype=torch.float64)
+    d = OutputDistribution.from_samples(s)
+    ent = classification_uncertainty(d, "entropy")
+    exp_ent = classification_uncertainty(d, "expected_entropy")
+    mi = classification_uncertainty(d, "mutual_information")
+    torch.testing.assert_close(ent, torch.tensor([math.log(2)], dtype=torch.float64))
+    assert float(exp_ent) < 1e-12
+    torch.testing.assert_close(mi, torch.tensor([math.log(2)], dtype=torch.float64))
+    torch.testing.assert_close(
+        classification_uncertainty(d, "max_prob"), torch.tensor([0.5], dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        classification_uncertainty(d, "variance"), torch.tensor([1600.0], dtype=torch.float64)
+    )
+
+
+def test_point_mass_has_no_epistemic_uncertainty():
+    d = OutputDistribution.point_mass(torch.tensor([[2.0, 0.0, -1.0]]))
+    p = torch.softmax(d.mean, -1)
+    torch.testing.assert_close(classification_uncertainty(d, "entropy"), entropy(p))
+    torch.testing.assert_close(classification_uncertainty(d, "expected_entropy"), entropy(p))
+    assert float(classification_uncertainty(d, "mutual_information")) == 0.0
+
+
+def test_gaussian_mutual_information_grows_with_variance():
+    mean = torch.zeros(1, 3, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    small = classification_uncertainty(
+        OutputDistribution.gaussian(mean, torch.full((1, 3), 0.01, dtype=torch.float64)),
+        "mutual_information", n_samples=2000, generator=gen,
+    )
+    large = classification_uncertainty(
+        OutputDistribution.gaussian(mean, torch.full((1, 3), 25.0, dtype=torch.float64)),
+        "mutual_information", n_samples=2000, generator=gen,
+    )
+    assert float(small) < 0.01 < 0.3 < float(large)
+
+
+def test_unknown_kind_and_link_are_refused():
+    d = OutputDistribution.point_mass(torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        classification_uncertainty(d, "surprise")
+    with pytest.raises(ValueError, match="link must be one of"):
+        d.probabilities("logit")
+
+
+def test_scale_variance():
+    mean, cov = random_gaussian()
+    d = OutputDistribution.gaussian(mean, cov).scale_variance(3.0)
+    torch.testing.assert_close(d.covariance, 3 * cov)
+    s = torch.randn(10, 2, 3, dtype=torch.float64)
+    ds = OutputDistribution.from_samples(s).scale_variance(4.0)
+    np.testing.assert_allclose(ds.variance.numpy(), 4 * s.var(0).numpy(), rtol=1e-10)
