@@ -360,8 +360,13 @@ class BaseUQEstimator(BaseEstimator):
         check_finite(dist.variance, "the predicted output variance")
         return dist
 
-    def _more_tags(self):  # pragma: no cover - sklearn < 1.6 compatibility
-        return {"allow_nan": False}
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.allow_nan = False
+        tags.non_deterministic = self.random_state is None
+        if not self._is_classifier():
+            tags.target_tags.multi_output = True
+        return tags
 
 
 class UQClassifierMixin(ClassifierMixin):
@@ -374,8 +379,8 @@ class UQClassifierMixin(ClassifierMixin):
             self.classes_ = encoder.classes_
             if len(self.classes_) < 2:
                 raise ValueError(
-                    f"{type(self).__name__} needs at least two classes in y; got only "
-                    f"{self.classes_.tolist()}"
+                    f"{type(self).__name__} needs at least two classes in y; got 1 class "
+                    f"({self.classes_.tolist()})"
                 )
             self.n_outputs_ = len(self.classes_)
             return encoder.transform(y).astype(np.int64)

@@ -1,0 +1,65 @@
+"""scikit-learn's estimator checks over every public skuq estimator.
+
+Estimators are discovered from the registry (``skuq.base.all_estimators``), so
+a new method is checked as soon as it is exported. Each is built with its
+default options around a tiny, fast net; per-class construction tweaks and the
+expected failures (each with its reason) are listed below.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skuq.base import UQClassifierMixin, all_estimators
+from tests.conftest import make_classifier_net, make_regressor_net
+
+#: constructor kwargs for the check instances (speed, or what the method needs)
+NET_KWARGS: dict[str, dict] = {
+    "MCDropoutClassifier": {"module__dropout": 0.1},
+    "MCDropoutRegressor": {"module__dropout": 0.1},
+}
+EST_KWARGS: dict[str, dict] = {
+    "DeepEnsembleClassifier": {"n_estimators": 2},
+    "DeepEnsembleRegressor": {"n_estimators": 2},
+}
+
+#: checks every net-based estimator fails, and why
+COMMON_EXPECTED_FAILURES = {
+    "check_sample_weight_equivalence_on_dense_data": (
+        "fit has no sample_weight: the wrapped net's loss is unweighted"
+    ),
+    "check_methods_subset_invariance": (
+        "float32 BLAS kernels round differently for other batch shapes (~1e-7, "
+        "above the check's 1e-7 tolerance)"
+    ),
+}
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
+
+
+def make_check_instance(name: str, cls: type):
+    is_clf = issubclass(cls, UQClassifierMixin)
+    factory = make_classifier_net if is_clf else make_regressor_net
+    net = factory(max_epochs=30, hidden=(16,), lr=3e-2, **NET_KWARGS.get(name, {}))
+    return cls(net, random_state=0, **EST_KWARGS.get(name, {}))
+
+
+ESTIMATORS = [make_check_instance(name, cls) for name, cls in all_estimators()]
+
+
+def expected_failures(estimator) -> dict[str, str]:
+    return {**COMMON_EXPECTED_FAILURES, **EXPECTED_FAILURES.get(type(estimator).__name__, {})}
+
+
+@parametrize_with_checks(ESTIMATORS, expected_failed_checks=expected_failures)
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+def test_every_public_estimator_is_checked():
+    import skuq
+
+    checked = {type(e).__name__ for e in ESTIMATORS}
+    public = {n for n in skuq.__all__ if n.endswith(("Classifier", "Regressor"))}
+    assert public <= checked, f"not covered by the estimator checks: {public - checked}"
+    assert "MAPClassifier" in checked
