@@ -107,7 +107,8 @@ def test_cross_val_score_and_grid_search_with_skuq_scorers(small):
     scores = cross_val_score(est, X, y, cv=3, scoring=get_scorer("neg_expected_calibration_error"))
     assert scores.shape == (3,) and np.all(scores <= 0)
     grid = GridSearchCV(
-        est, {"temperature": [0.5, 1.0, 2.0]}, cv=2, scoring=get_scorer("neg_negative_log_likelihood")
+        est, {"temperature": [0.5, 1.0, 2.0]}, cv=2,
+        scoring=get_scorer("neg_negative_log_likelihood"),
     ).fit(X, y)
     assert grid.best_params_["temperature"] in (0.5, 1.0, 2.0)
     assert np.all(np.isfinite(grid.cv_results_["mean_test_score"]))
@@ -180,7 +181,8 @@ def test_softmax_output_nets_get_their_exact_logits(small):
 
 
 def test_regressor_band_and_uncertainty_parts(gap_data):
-    est = MAPRegressor(make_regressor_net(max_epochs=30), random_state=0).fit(gap_data.X, gap_data.y)
+    est = MAPRegressor(make_regressor_net(max_epochs=30), random_state=0)
+    est.fit(gap_data.X, gap_data.y)
     mean, std = est.predict(gap_data.X_test, return_std=True)
     assert mean.shape == std.shape == (len(gap_data.X_test),)
     np.testing.assert_allclose(std, est.sigma_noise_)

@@ -8,7 +8,6 @@ expected failures (each with its reason) are listed below.
 
 from __future__ import annotations
 
-import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from skuq.base import UQClassifierMixin, all_estimators

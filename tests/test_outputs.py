@@ -108,7 +108,10 @@ def test_sample_form_probabilities_average_softmax():
 def test_concatenate_keeps_rows_in_order():
     mean, cov = random_gaussian(n=5)
     d = OutputDistribution.gaussian(mean, cov)
-    parts = [OutputDistribution.gaussian(mean[:2], cov[:2]), OutputDistribution.gaussian(mean[2:], cov[2:])]
+    parts = [
+        OutputDistribution.gaussian(mean[:2], cov[:2]),
+        OutputDistribution.gaussian(mean[2:], cov[2:]),
+    ]
     joined = OutputDistribution.concatenate(parts)
     torch.testing.assert_close(joined.mean, d.mean)
     torch.testing.assert_close(joined.covariance, d.covariance)
