@@ -1,0 +1,139 @@
+"""Predictive distributions of a weight-space posterior, as OutputDistribution.
+
+* :func:`glm_predictive` -- the linearized network
+  ``f(x) ~ N(f(x; theta*), J(x) Sigma J(x)^T)``; Jacobians are formed in row
+  chunks (never more than one batch), and for a last Linear layer the
+  covariance comes straight from its input features ``phi`` and the
+  posterior's structure, never from ``phi^T (x) I``.
+* :func:`nn_predictive` -- weights sampled from the posterior, pushed through
+  the network: ``OutputDistribution.from_samples``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
+from .curvature.weights import WeightSubset
+from .outputs import OutputDistribution
+from .posterior import LowRankPosterior, WeightPosterior
+
+__all__ = ["glm_predictive", "nn_predictive", "last_layer_features"]
+
+
+def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(phi, f)``: the last Linear layer's input features and the outputs.
+
+    ``None`` when the feature route does not apply: the subset is not a last
+    ``nn.Linear`` layer fed by vectors, or the network's output is not that
+    layer's output (e.g. a log-softmax after it).
+    """
+    layer = weights.last_layer
+    if weights.kind != "last_layer" or not isinstance(layer, nn.Linear):
+        return None
+    if weights.names[0] != f"{weights.last_layer_name}.weight":
+        return None  # the weight itself is frozen
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        with torch.no_grad():
+            f = weights.model(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or seen[0].ndim != 2:
+        return None
+    phi = seen[0]
+    with torch.no_grad():
+        direct = layer(phi)
+    if direct.shape != f.shape or not torch.equal(direct, f):
+        return None
+    return phi, f
+
+
+def glm_predictive(
+    weights: WeightSubset,
+    posterior: WeightPosterior,
+    x: Tensor,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    use_features: bool = True,
+) -> OutputDistribution:
+    """Linearized (GLM) predictive over outputs for one batch.
+
+    Parameters
+    ----------
+    weights : WeightSubset
+        The weights the posterior lives on.
+    posterior : WeightPosterior
+    x : Tensor of shape (B, ...)
+    max_elements : int
+        Most Jacobian entries held at once.
+    use_features : bool
+        Use the last-layer feature route where it applies.
+
+    Returns
+    -------
+    OutputDistribution
+        Gaussian with full (B, C, C) covariance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> from skuq.posterior import posterior_from_curvature
+    >>> from skuq.predictive import glm_predictive
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    >>> post = posterior_from_curvature(compute_curvature(w, [(x, y)]), w.vector())
+    >>> glm_predictive(w, post, x).probabilities("probit").shape
+    torch.Size([8, 2])
+    """
+    if use_features and not isinstance(posterior, LowRankPosterior):
+        feats = last_layer_features(weights, x)
+        if feats is not None:
+            phi, f = feats
+            layer = weights.last_layer
+            cov = posterior.functional_variance_last_layer(
+                phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2
+            )
+            return OutputDistribution.gaussian(f, cov.to(f.dtype))
+    means, covs = [], []
+    n_out = None
+    with torch.no_grad():
+        n_out = weights.model(x[:1]).shape[1]
+    for _, J, f in iter_jacobians(weights, x, n_out, max_elements):
+        means.append(f.detach())
+        covs.append(posterior.functional_variance(J.detach().to(posterior.mean.dtype)).to(f.dtype))
+    return OutputDistribution.gaussian(torch.cat(means), torch.cat(covs))
+
+
+def nn_predictive(
+    weights: WeightSubset,
+    posterior: WeightPosterior,
+    x: Tensor,
+    *,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    thetas: Tensor | None = None,
+) -> OutputDistribution:
+    """Sampling predictive: outputs of the network at posterior weight draws.
+
+    Parameters
+    ----------
+    n_samples : int
+        Weight draws (ignored when ``thetas`` is given).
+    thetas : Tensor of shape (S, P), optional
+        Pre-drawn weights (to use the same draws for several batches).
+
+    Returns
+    -------
+    OutputDistribution
+        Sample form, (S, B, C).
+    """
+    if thetas is None:
+        thetas = posterior.sample(n_samples, generator)
+    with torch.no_grad():
+        outs = [weights.forward(t.to(weights.dtype), x) for t in thetas]
+    return OutputDistribution.from_samples(torch.stack(outs))
