@@ -200,10 +200,10 @@ def select_subnetwork(model: nn.Module, indices=None) -> Tensor:
             f"in the flat vector of the model's {n_total} trainable parameters"
         )
     idx = torch.as_tensor(np.asarray(indices))
-    if idx.ndim != 1 or idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
-        raise ValueError("subnetwork_indices must be a 1-d array of integer positions")
     if idx.numel() == 0:
         raise ValueError("subnetwork_indices selects no parameters; give at least one index")
+    if idx.ndim != 1 or idx.dtype in (torch.float16, torch.float32, torch.float64, torch.bool):
+        raise ValueError("subnetwork_indices must be a 1-d array of integer positions")
     idx = idx.long()
     if int(idx.min()) < 0 or int(idx.max()) >= n_total:
         raise ValueError(
