@@ -29,7 +29,7 @@ from .curvature import (
 from .curvature.weights import SUBSETS
 from .outputs import LINKS, OutputDistribution, probit_probabilities
 from .posterior import PRIOR_STRUCTURES, posterior_from_curvature
-from .predictive import glm_predictive, last_layer_features, nn_predictive
+from .predictive import glm_predictive, needs_jacobians, nn_predictive
 
 __all__ = ["LaplaceClassifier", "LaplaceRegressor", "clear_curvature_cache"]
 
@@ -161,7 +161,8 @@ class _BaseLaplace(BaseUQEstimator):
         pp = self.prior_precision
         init = 1.0 if isinstance(pp, str) else np.asarray(pp, dtype=float)
         group_sizes = weights.group_sizes()
-        if isinstance(init, np.ndarray) and init.ndim == 1 and init.size not in (1, len(group_sizes)):
+        n_groups = len(group_sizes)
+        if isinstance(init, np.ndarray) and init.ndim == 1 and init.size not in (1, n_groups):
             raise ValueError(
                 f"prior_precision has {init.size} values but the weights have "
                 f"{len(group_sizes)} layers (parameter tensors)"
@@ -174,10 +175,35 @@ class _BaseLaplace(BaseUQEstimator):
         self.weights_ = weights
         self.posterior_ = post
         self._fit_hyperparameters(X_cal, y_cal)
+        if self.prior_precision == "heldout" and not self._net_is_prefit():
+            # the split served to choose delta; the final net is trained on every row
+            self._refit_all_rows(X, y, X_cal, y_cal)
         self.prior_precision_ = post.prior_precision.detach().cpu().numpy()
         if self.prior_precision_.ndim == 0:
             self.prior_precision_ = float(self.prior_precision_)
         self.n_params_ = weights.n_params
+
+    def _refit_all_rows(self, X, y, X_cal, y_cal) -> None:
+        """Retrain the net on training + held-out rows and rebuild the posterior there."""
+        delta = self.posterior_.prior_precision
+        sigma = self.posterior_.sigma_noise
+        X_all, y_all = np.concatenate([X, X_cal]), np.concatenate([y, y_cal])
+        self._resolve_net(X_all, y_all)
+        x0 = torch.as_tensor(X_all[: min(len(X_all), 2)]).to(self.device_)
+        weights = select_weights(
+            self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
+            example_input=x0,
+        )
+        curv = _cached_curvature(
+            weights, X_all, y_all, self.batch_size, self.device_, likelihood=self._likelihood,
+            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
+            generator=self._generator() if self.hessian_structure == "lowrank" else None,
+        )
+        self.weights_ = weights
+        self.posterior_ = posterior_from_curvature(
+            curv, weights.vector(), prior_precision=delta, group_sizes=weights.group_sizes(),
+            sigma_noise=sigma, temperature=self.temperature,
+        )
 
     def _fit_hyperparameters(self, X_cal, y_cal) -> None:
         pp, post = self.prior_precision, self.posterior_
@@ -202,7 +228,7 @@ class _BaseLaplace(BaseUQEstimator):
         grid = [float(v) for v in HELDOUT_GRID]
         nll = np.zeros(len(grid))
         for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
-            if self.pred_type == "glm" and last_layer_features(weights, xb) is None:
+            if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
                 with torch.no_grad():
                     n_out = self.model_(xb[:1]).shape[1]
                 for rows, J, f in iter_jacobians(weights, xb, n_out):
@@ -219,7 +245,7 @@ class _BaseLaplace(BaseUQEstimator):
                 nll[i] += self._heldout_nll(self._distribution(xb), yb)
         best = grid[int(np.argmin(nll))]
         post.set_hyperparameters(prior_precision=best)
-        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal)))
+        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
 
     # ---------------------------------------------------------------- predict
     def _distribution(self, x: Tensor) -> OutputDistribution:

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+import scipy.optimize
 import torch
 from torch import Tensor
 
@@ -188,9 +190,10 @@ class WeightPosterior:
     ) -> None:
         """Maximize the Laplace evidence in ``log delta`` (and ``log sigma``), in place.
 
-        L-BFGS with a strong-Wolfe line search on the log scale, started from the
-        current values; each step costs O(P) for the diag, kron and full
-        (scalar prior) structures thanks to the cached eigendecomposition.
+        L-BFGS (scipy) on the log scale, started from the current values, with
+        exact gradients by autograd; each step costs O(P) for the diag, kron
+        and full (scalar prior) structures thanks to the cached
+        eigendecomposition.
         """
         if prior_structure not in PRIOR_STRUCTURES:
             raise ValueError(
@@ -201,22 +204,34 @@ class WeightPosterior:
             n = self.prior_precision.numel()
         start = self.prior_precision.log()
         start = start.mean().expand(n) if start.ndim == 0 or n == 1 else start
-        log_d = start.clone().double().reshape(n).requires_grad_(True)
-        log_s = torch.tensor(math.log(self.sigma_noise), dtype=torch.float64, requires_grad=True)
-        params = ([log_d] if fit_prior else []) + ([log_s] if fit_sigma_noise else [])
-        if not params:
+        x0 = np.concatenate([
+            start.detach().double().reshape(n).cpu().numpy(),
+            [math.log(self.sigma_noise)] if fit_sigma_noise else [],
+        ])
+        mask = np.r_[np.full(n, fit_prior), [True] if fit_sigma_noise else []].astype(bool)
+        if not mask.any():
             return
-        opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            d = log_d.exp().to(self.mean.dtype)
+        def objective(z):
+            z_t = torch.tensor(z, dtype=torch.float64, device=self.mean.device,
+                               requires_grad=True)
+            d = z_t[:n].exp().to(self.mean.dtype)
             d = d[0] if n == 1 else d
-            loss = -self.log_marginal_likelihood(d, log_s.exp().to(self.mean.dtype))
-            loss.backward()
-            return loss
+            sigma = z_t[n].exp() if fit_sigma_noise else self.sigma_noise
+            value = -self.log_marginal_likelihood(d, sigma).double()
+            (grad,) = torch.autograd.grad(value, z_t)
+            grad = grad.cpu().numpy() * mask
+            return float(value.detach()), grad
 
-        opt.step(closure)
+        # L-BFGS on the log scale (scipy's: no torch.optim start-up cost); the bounds keep
+        # delta and sigma in a finite range when the evidence is flat
+        bounds = [(-25.0, 25.0)] * len(x0)
+        res = scipy.optimize.minimize(objective, x0, jac=True, method="L-BFGS-B",
+                                      bounds=bounds,
+                                      options={"maxiter": max_iter, "ftol": 1e-13, "gtol": 1e-9})
+        z = torch.as_tensor(res.x, dtype=torch.float64)
+        log_d = z[:n]
+        log_s = z[n] if fit_sigma_noise else torch.tensor(math.log(self.sigma_noise))
         d = log_d.detach().exp()
         if not bool(torch.isfinite(d).all()):
             raise FloatingPointError("the marginal likelihood optimization diverged")
@@ -385,7 +400,7 @@ class FullPosterior(WeightPosterior):
 
 
 class KronPosterior(WeightPosterior):
-    """K-FAC posterior: block diagonal, each block ``s G (x) A + delta I`` (or a dense ``s B + delta I``).
+    """K-FAC posterior: blocks ``s G (x) A + delta I`` (or dense ``s B + delta I`` for biases).
 
     Each factor is eigendecomposed once; a block's precision eigenvalues are
     ``s lambda_G lambda_A^T + delta``. The prior precision must be constant
@@ -463,7 +478,7 @@ class KronPosterior(WeightPosterior):
 
     def marginal_variance(self):
         out = torch.empty(self.n_params, dtype=self.mean.dtype, device=self.mean.device)
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig()):
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
             if len(pairs) == 1:
                 out[b.index] = (pairs[0][1] ** 2) @ inv
             else:
@@ -474,7 +489,7 @@ class KronPosterior(WeightPosterior):
     def functional_variance(self, J):
         B, C, _ = J.shape
         out = torch.zeros(B, C, C, dtype=J.dtype, device=J.device)
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig()):
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
             Jb = J[:, :, b.index]
             if len(pairs) == 1:
                 T = Jb @ pairs[0][1].to(J.dtype)
@@ -487,7 +502,7 @@ class KronPosterior(WeightPosterior):
 
     def sample(self, n_samples, generator=None):
         out = self.mean.expand(n_samples, -1).clone()
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig()):
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
             if len(pairs) == 1:
                 z = self._randn((n_samples, inv.numel()), generator) * inv.sqrt()
                 out[:, b.index] += z @ pairs[0][1].T
@@ -499,7 +514,7 @@ class KronPosterior(WeightPosterior):
 
     def functional_variance_last_layer(self, phi, n_out, has_bias):
         out = 0
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig()):
+        for _b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
             if len(pairs) == 1:  # the bias block: the same for every row
                 Q = pairs[0][1].to(phi.dtype)
                 out = out + ((Q * inv.to(phi.dtype)) @ Q.T).expand(phi.shape[0], -1, -1)

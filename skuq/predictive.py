@@ -14,12 +14,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .curvature.ggn import _layer_plan
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
 from .curvature.weights import WeightSubset
 from .outputs import OutputDistribution
-from .posterior import LowRankPosterior, WeightPosterior
+from .posterior import DiagPosterior, KronPosterior, LowRankPosterior, WeightPosterior
 
-__all__ = ["glm_predictive", "nn_predictive", "last_layer_features"]
+__all__ = ["glm_predictive", "nn_predictive", "last_layer_features", "needs_jacobians"]
 
 
 def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -49,6 +50,85 @@ def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tenso
     if direct.shape != f.shape or not torch.equal(direct, f):
         return None
     return phi, f
+
+
+def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistribution | None:
+    """``J Sigma J^T`` for diag/K-FAC posteriors over dense layers fed by vectors.
+
+    One forward pass and ``C`` backward passes give each layer's input ``a``
+    and output gradients ``g_c``; the weight Jacobian of class ``c`` is
+    ``g_c (x) a``, so the block-diagonal covariance contracts per layer in
+    closed form (O(B C^2 (in + out)) after one transform), never forming ``J``.
+    ``None`` when the network has other layers or inputs with extra dims.
+    """
+    plan = _layer_plan(weights)
+    if isinstance(plan, str) or not all(isinstance(m, nn.Linear) for m, _ in plan):
+        return None
+    modules = [m for m, _ in plan]
+    inputs: dict = {}
+    outputs: dict = {}
+
+    def hook(mod, inp, out):
+        inputs.setdefault(mod, []).append(inp[0].detach())
+        outputs.setdefault(mod, []).append(out)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.enable_grad():
+            f = weights.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(outputs.get(m, [])) != 1 or inputs[m][0].ndim != 2 for m in modules):
+        return None
+    n_out = f.shape[1]
+    outs = [outputs[m][0] for m in modules]
+    grads = [[] for _ in modules]
+    for c in range(n_out):
+        gc = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < n_out - 1)
+        for k, g in enumerate(gc):
+            grads[k].append(g.detach())
+    dt = posterior.mean.dtype
+    cov = torch.zeros(f.shape[0], n_out, n_out, dtype=dt, device=f.device)
+    if isinstance(posterior, DiagPosterior):
+        var = posterior.marginal_variance()
+        for (mod, slices), g in zip(plan, grads, strict=True):
+            g = torch.stack(g, 1).to(dt)  # (B, C, out)
+            u = 0
+            if "weight" in slices:
+                a = inputs[mod][0].to(dt)
+                u = (a**2) @ var[slices["weight"]].reshape(mod.out_features, -1).T
+            if "bias" in slices:
+                u = u + var[slices["bias"]]
+            cov += torch.einsum("bco,bdo,bo->bcd", g, g, u)
+    else:
+        starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
+        inv = posterior._inv_eig()
+        for (mod, slices), g in zip(plan, grads, strict=True):
+            g = torch.stack(g, 1).to(dt)
+            if "weight" in slices:
+                i = starts[slices["weight"].start]
+                QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
+                a = inputs[mod][0].to(dt)
+                sw = ((a @ QA) ** 2) @ inv[i].T  # (B, out)
+                gq = g @ QG
+                cov += torch.einsum("bco,bdo,bo->bcd", gq, gq, sw)
+            if "bias" in slices:
+                i = starts[slices["bias"].start]
+                gq = g @ posterior.eig[i][0][1]
+                cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
+    return OutputDistribution.gaussian(f.detach(), cov.to(f.dtype))
+
+
+def needs_jacobians(weights: WeightSubset, posterior: WeightPosterior, x: Tensor) -> bool:
+    """Whether :func:`glm_predictive` falls back to per-sample Jacobians for ``x``."""
+    if isinstance(posterior, LowRankPosterior):
+        return True
+    if last_layer_features(weights, x[:2]) is not None:
+        return False
+    if isinstance(posterior, (DiagPosterior, KronPosterior)):
+        return _layer_glm(weights, posterior, x[:2]) is None
+    return True
 
 
 def glm_predictive(
@@ -99,6 +179,10 @@ def glm_predictive(
                 phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2
             )
             return OutputDistribution.gaussian(f, cov.to(f.dtype))
+    if use_features and isinstance(posterior, (DiagPosterior, KronPosterior)):
+        layered = _layer_glm(weights, posterior, x)
+        if layered is not None:
+            return layered
     means, covs = [], []
     n_out = None
     with torch.no_grad():

@@ -16,7 +16,6 @@ from skuq.curvature import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     """Brute force in float64; the default dtype is restored for the rest of the suite."""

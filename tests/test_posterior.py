@@ -20,7 +20,6 @@ from skuq.predictive import glm_predictive, nn_predictive
 from tests.test_curvature import _data, _mlp, batches, brute_ggn, brute_jacobian
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()
@@ -150,9 +149,10 @@ def test_glm_predictive_against_brute_force_and_last_layer_features():
             curv = compute_curvature(w, batches(x, y), structure=s)
             post = posterior_from_curvature(curv, w.vector(), prior_precision=0.5)
             cov = torch.linalg.inv(curv.dense() + 0.5 * torch.eye(w.n_params))
-            dist = glm_predictive(w, post, x)
-            torch.testing.assert_close(dist.covariance, J @ cov @ J.transpose(1, 2))
-            torch.testing.assert_close(dist.mean, model(x).detach())
+            for route in (True, False):  # feature / layer routes, and plain Jacobians
+                dist = glm_predictive(w, post, x, use_features=route)
+                torch.testing.assert_close(dist.covariance, J @ cov @ J.transpose(1, 2))
+                torch.testing.assert_close(dist.mean, model(x).detach())
 
 
 def test_nn_and_glm_agree_for_a_linear_model():

@@ -248,7 +248,7 @@ def _hook_pass(
             grads = torch.autograd.grad(
                 (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
             )
-            for (mod, slices), g in zip(plan, grads):
+            for (mod, slices), g in zip(plan, grads, strict=True):
                 a, gt = _layer_io(mod, rec.inputs[mod][0], g.detach())
                 st = acc.setdefault(mod, {})
                 if structure == "kron":

@@ -134,7 +134,8 @@ class WeightSubset:
             return list(self.numels)
         bounds = np.cumsum([0, *self.numels])
         idx = self.indices.cpu().numpy()
-        return [int(((idx >= lo) & (idx < hi)).sum()) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        pairs = zip(bounds[:-1], bounds[1:], strict=True)
+        return [int(((idx >= lo) & (idx < hi)).sum()) for lo, hi in pairs]
 
     def vector(self) -> Tensor:
         """The current weights as a flat vector of length ``n_params`` (detached)."""
@@ -147,7 +148,7 @@ class WeightSubset:
             base = torch.cat([p.detach().reshape(-1) for p in self.params()])
             theta = base.index_put((self.indices,), theta)
         out, start = {}, 0
-        for name, shape, n in zip(self.names, self.shapes, self.numels):
+        for name, shape, n in zip(self.names, self.shapes, self.numels, strict=True):
             out[name] = theta[start : start + n].reshape(shape)
             start += n
         return out
@@ -161,7 +162,7 @@ class WeightSubset:
         if self.indices is not None:
             raise ValueError("a subnetwork has no per-tensor segments")
         out, start = [], 0
-        for name, n in zip(self.names, self.numels):
+        for name, n in zip(self.names, self.numels, strict=True):
             out.append((name, slice(start, start + n)))
             start += n
         return out
