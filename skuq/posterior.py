@@ -60,6 +60,15 @@ class WeightPosterior:
     n_data, n_outputs : int, optional
         Training rows and outputs -- for the marginal likelihood.
     likelihood : {"classification", "regression"}
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import DiagPosterior
+    >>> post = DiagPosterior(torch.ones(2), torch.ones(2), loss=1.0, n_data=4, n_outputs=2)
+    >>> post.optimize_prior_precision()
+    >>> float(post.prior_precision) > 0
+    True
     """
 
     structure = "base"

@@ -29,6 +29,17 @@ def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tenso
     ``None`` when the feature route does not apply: the subset is not a last
     ``nn.Linear`` layer fed by vectors, or the network's output is not that
     layer's output (e.g. a log-softmax after it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.predictive import last_layer_features
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> x = torch.zeros(5, 3)
+    >>> phi, f = last_layer_features(select_weights(net, "last_layer", example_input=x), x)
+    >>> phi.shape
+    torch.Size([5, 4])
     """
     layer = weights.last_layer
     if weights.kind != "last_layer" or not isinstance(layer, nn.Linear):
@@ -121,7 +132,19 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
 
 
 def needs_jacobians(weights: WeightSubset, posterior: WeightPosterior, x: Tensor) -> bool:
-    """Whether :func:`glm_predictive` falls back to per-sample Jacobians for ``x``."""
+    """Whether :func:`glm_predictive` falls back to per-sample Jacobians for ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.posterior import DiagPosterior
+    >>> from skuq.predictive import needs_jacobians
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> needs_jacobians(w, DiagPosterior(w.vector(), torch.ones(8)), torch.zeros(4, 3))
+    False
+    """
     if isinstance(posterior, LowRankPosterior):
         return True
     if last_layer_features(weights, x[:2]) is not None:
@@ -215,6 +238,18 @@ def nn_predictive(
     -------
     OutputDistribution
         Sample form, (S, B, C).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.posterior import DiagPosterior
+    >>> from skuq.predictive import nn_predictive
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> post = DiagPosterior(w.vector(), torch.ones(8))
+    >>> nn_predictive(w, post, torch.zeros(4, 3), n_samples=10).samples.shape
+    torch.Size([10, 4, 2])
     """
     if thetas is None:
         thetas = posterior.sample(n_samples, generator)

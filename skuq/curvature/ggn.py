@@ -64,6 +64,16 @@ def hessian_sqrt(f: Tensor, likelihood: str) -> Tensor:
 
     Softmax cross-entropy: ``L = diag(sqrt p) - p sqrt(p)^T``; Gaussian at unit
     noise: ``L = I``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import hessian_sqrt
+    >>> f = torch.tensor([[0.5, -1.0, 2.0]])
+    >>> L = hessian_sqrt(f, "classification")
+    >>> p = torch.softmax(f, -1)[0]
+    >>> torch.allclose(L[0] @ L[0].T, torch.diag(p) - torch.outer(p, p))
+    True
     """
     if likelihood == "regression":
         eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
@@ -74,7 +84,15 @@ def hessian_sqrt(f: Tensor, likelihood: str) -> Tensor:
 
 
 def sum_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
-    """Summed negative log-likelihood (cross-entropy; or ``0.5 * SSE`` at unit noise)."""
+    """Summed negative log-likelihood (cross-entropy; or ``0.5 * SSE`` at unit noise).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import sum_loss
+    >>> float(sum_loss(torch.zeros(2, 1), torch.ones(2), "regression"))
+    1.0
+    """
     if likelihood == "regression":
         return 0.5 * ((f - y.reshape(f.shape).to(f.dtype)) ** 2).sum()
     return F.cross_entropy(f, y.long(), reduction="sum")
@@ -102,6 +120,13 @@ class KronBlock:
     ``factors == [G, A]``: the block is ``G (x) A`` over the row-major
     ``(G.shape[0], A.shape[0])`` matrix view of the slice; ``factors == [H]``:
     a dense block (biases).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import KronBlock
+    >>> KronBlock(slice(0, 6), [torch.eye(2), torch.eye(3)]).dense().shape
+    torch.Size([6, 6])
     """
 
     index: slice
@@ -125,6 +150,16 @@ class Curvature:
     Exactly one of ``diag`` (P,), ``full`` (P, P), ``kron`` (list of blocks) or
     ``eigvals``/``eigvecs`` (k,), (P, k) is set, according to ``structure``.
     ``loss`` is the summed training loss (cross-entropy, or ``0.5 * SSE``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
+    >>> c = compute_curvature(select_weights(lin), data)
+    >>> c.structure, c.n_data, c.n_outputs
+    ('diag', 4, 2)
     """
 
     structure: str

@@ -65,6 +65,14 @@ def iter_jacobians(
     """Jacobians of ``x`` in row chunks, never more than ``max_elements`` at once.
 
     Yields ``(rows, J, f)`` with ``rows`` a slice into ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, iter_jacobians
+    >>> w = select_weights(torch.nn.Linear(3, 2))
+    >>> [J.shape[0] for _, J, _ in iter_jacobians(w, torch.ones(5, 3), 2, max_elements=32)]
+    [2, 2, 1]
     """
     step = chunk_rows(n_outputs, weights.n_params, max_elements)
     for start in range(0, len(x), step):
@@ -85,6 +93,14 @@ def jvp_batch(weights: WeightSubset, x: Tensor, v: Tensor) -> tuple[Tensor, Tens
     -------
     Jv : Tensor of shape (B, C) or (m, B, C)
     f : Tensor of shape (B, C)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, jvp_batch
+    >>> w = select_weights(torch.nn.Linear(3, 2))
+    >>> jvp_batch(w, torch.ones(4, 3), torch.ones(8))[0].shape
+    torch.Size([4, 2])
     """
     theta = weights.vector()
 
@@ -109,6 +125,14 @@ def vjp_batch(weights: WeightSubset, x: Tensor, u: Tensor) -> Tensor:
     Returns
     -------
     Tensor of shape (P,) or (P, m)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, vjp_batch
+    >>> w = select_weights(torch.nn.Linear(3, 2))
+    >>> vjp_batch(w, torch.ones(4, 3), torch.ones(4, 2)).shape
+    torch.Size([8])
     """
     theta = weights.vector()
     _, pullback = vjp(lambda t: weights.forward(t, x), theta)

@@ -38,6 +38,14 @@ def find_last_layer(model: nn.Module, x: Tensor) -> tuple[str, nn.Module]:
     -------
     name, module
         The module's qualified name inside ``model`` and the module.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import find_last_layer
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> find_last_layer(net, torch.zeros(1, 3))[0]
+    '2'
     """
     order: list[str] = []
     handles = []
