@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 
 from .curvature.ggn import _layer_plan
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
@@ -253,6 +254,10 @@ def nn_predictive(
     """
     if thetas is None:
         thetas = posterior.sample(n_samples, generator)
+    thetas = thetas.to(weights.dtype)
+    step = max(1, int(DEFAULT_MAX_ELEMENTS // max(1, x[:1].numel() * 64)))
+    outs = []
     with torch.no_grad():
-        outs = [weights.forward(t.to(weights.dtype), x) for t in thetas]
-    return OutputDistribution.from_samples(torch.stack(outs))
+        for start in range(0, len(thetas), step):  # vmap over weight draws, in chunks
+            outs.append(vmap(lambda t: weights.forward(t, x))(thetas[start : start + step]))
+    return OutputDistribution.from_samples(torch.cat(outs))

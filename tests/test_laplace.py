@@ -145,7 +145,7 @@ def test_nll_loss_net_gets_uncertainty(digits):
             super().__init__(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_outputs),
                              nn.Softmax(dim=-1))
 
-    net = make_classifier_net(max_epochs=20, module=SoftmaxMLP, criterion=nn.NLLLoss)
+    net = make_classifier_net(max_epochs=10, module=SoftmaxMLP, criterion=nn.NLLLoss)
     lap = LaplaceClassifier(net, random_state=0).fit(digits.X_train, digits.y_train)
     base = MAPClassifier(net, random_state=0).fit(digits.X_train, digits.y_train)
     auroc = ood_auroc(lap.predict_uncertainty(digits.X_test),
