@@ -1,0 +1,545 @@
+"""Generalized Gauss-Newton and empirical Fisher in diag, kron, full and low-rank form.
+
+``H = sum_n J_n^T Lambda_n J_n`` (GGN) with ``Lambda = diag(p) - p p^T`` for
+softmax cross-entropy on logits and ``Lambda = I`` for a Gaussian likelihood
+at unit noise (the noise enters later as the factor ``1 / sigma^2``), or
+``H = sum_n g_n g_n^T`` with ``g_n`` the gradient of the per-sample loss
+(empirical Fisher, EF). Everything accumulates over batches: memory is flat in
+the number of rows.
+
+Two routes compute it:
+
+* **layer hooks** (Linear and Conv2d layers): one forward pass and ``C``
+  backward passes per batch give per-sample output gradients of every layer,
+  from which the diagonal and the K-FAC factors follow in closed form -- no
+  Jacobian is ever stored;
+* **Jacobian chunks** (any layer, any subset, subnetworks): per-sample
+  Jacobians from :func:`~skuq.curvature.jacobians` in row chunks of at most
+  ``max_elements`` entries, contracted with ``Lambda = L L^T``.
+
+K-FAC convention (the one laplace-torch 0.3 uses through curvlinops):
+"expand" K-FAC with the exact expectation over classes (type-2 Fisher),
+weight and bias in separate blocks. For a Linear/Conv2d weight
+``H_W ~= G (x) A`` in the row-major layout of ``W.reshape(out, -1)``, with
+``A = 1/(N T) sum_{n,t} a_nt a_nt^T`` (layer inputs; ``T`` = positions per
+sample: spatial locations of a convolution, 1 for a dense layer on vectors)
+and ``G = sum_{n,t,c} g_ntc g_ntc^T`` (output gradients after ``Lambda``'s
+square root). The bias block is ``G`` itself, which is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians, jvp_batch, vjp_batch
+from .weights import WeightSubset
+
+__all__ = [
+    "Curvature",
+    "KronBlock",
+    "compute_curvature",
+    "ggn_matmul",
+    "hessian_sqrt",
+    "sum_loss",
+    "LIKELIHOODS",
+    "STRUCTURES",
+    "CURVATURES",
+]
+
+LIKELIHOODS = ("classification", "regression")
+STRUCTURES = ("diag", "kron", "full", "lowrank")
+CURVATURES = ("ggn", "ef")
+#: largest P for which a dense P x P curvature is formed
+MAX_FULL_PARAMS = 20_000
+
+
+# ------------------------------------------------------------------ likelihoods
+def hessian_sqrt(f: Tensor, likelihood: str) -> Tensor:
+    """``L`` with ``L L^T = Lambda``, the Hessian of the loss in the outputs; (B, C, C).
+
+    Softmax cross-entropy: ``L = diag(sqrt p) - p sqrt(p)^T``; Gaussian at unit
+    noise: ``L = I``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import hessian_sqrt
+    >>> f = torch.tensor([[0.5, -1.0, 2.0]])
+    >>> L = hessian_sqrt(f, "classification")
+    >>> p = torch.softmax(f, -1)[0]
+    >>> torch.allclose(L[0] @ L[0].T, torch.diag(p) - torch.outer(p, p))
+    True
+    """
+    if likelihood == "regression":
+        eye = torch.eye(f.shape[1], dtype=f.dtype, device=f.device)
+        return eye.expand(f.shape[0], -1, -1)
+    p = torch.softmax(f, dim=-1)
+    sp = p.sqrt()
+    return torch.diag_embed(sp) - p.unsqueeze(2) * sp.unsqueeze(1)
+
+
+def sum_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """Summed negative log-likelihood (cross-entropy; or ``0.5 * SSE`` at unit noise).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import sum_loss
+    >>> float(sum_loss(torch.zeros(2, 1), torch.ones(2), "regression"))
+    1.0
+    """
+    if likelihood == "regression":
+        return 0.5 * ((f - y.reshape(f.shape).to(f.dtype)) ** 2).sum()
+    return F.cross_entropy(f, y.long(), reduction="sum")
+
+
+def _loss_gradient(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
+    """d loss_n / d f_n per row, (B, C)."""
+    if likelihood == "regression":
+        return f - y.reshape(f.shape).to(f.dtype)
+    return torch.softmax(f, dim=-1) - F.one_hot(y.long(), f.shape[1]).to(f.dtype)
+
+
+def _output_factors(f: Tensor, y: Tensor, likelihood: str, curvature: str) -> Tensor:
+    """(B, C, K): ``H_n = J_n^T M_n M_n^T J_n`` with ``M = L`` (GGN) or the loss gradient (EF)."""
+    if curvature == "ef":
+        return _loss_gradient(f, y, likelihood).unsqueeze(2)
+    return hessian_sqrt(f, likelihood)
+
+
+# --------------------------------------------------------------------- results
+@dataclass
+class KronBlock:
+    """One block of a K-FAC curvature, over ``weights`` slice ``index``.
+
+    ``factors == [G, A]``: the block is ``G (x) A`` over the row-major
+    ``(G.shape[0], A.shape[0])`` matrix view of the slice; ``factors == [H]``:
+    a dense block (biases).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import KronBlock
+    >>> KronBlock(slice(0, 6), [torch.eye(2), torch.eye(3)]).dense().shape
+    torch.Size([6, 6])
+    """
+
+    index: slice
+    factors: list[Tensor]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(f.shape[0] for f in self.factors)
+
+    def dense(self) -> Tensor:
+        """The block as a dense matrix (for tests and small layers)."""
+        if len(self.factors) == 1:
+            return self.factors[0]
+        return torch.kron(self.factors[0], self.factors[1])
+
+
+@dataclass
+class Curvature:
+    """Curvature of the summed loss over ``n_data`` rows, at unit noise and temperature.
+
+    Exactly one of ``diag`` (P,), ``full`` (P, P), ``kron`` (list of blocks) or
+    ``eigvals``/``eigvecs`` (k,), (P, k) is set, according to ``structure``.
+    ``loss`` is the summed training loss (cross-entropy, or ``0.5 * SSE``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> data = [(torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))]
+    >>> c = compute_curvature(select_weights(lin), data)
+    >>> c.structure, c.n_data, c.n_outputs
+    ('diag', 4, 2)
+    """
+
+    structure: str
+    curvature: str
+    likelihood: str
+    n_data: int
+    n_outputs: int
+    loss: float
+    diag: Tensor | None = None
+    full: Tensor | None = None
+    kron: list[KronBlock] | None = None
+    eigvals: Tensor | None = None
+    eigvecs: Tensor | None = None
+    info: dict = field(default_factory=dict)
+
+    def dense(self) -> Tensor:
+        """The curvature as a dense P x P matrix (tests, small P)."""
+        if self.full is not None:
+            return self.full
+        if self.diag is not None:
+            return torch.diag(self.diag)
+        if self.eigvecs is not None:
+            return (self.eigvecs * self.eigvals) @ self.eigvecs.T
+        n = max(b.index.stop for b in self.kron)
+        out = torch.zeros(n, n, dtype=self.kron[0].factors[0].dtype)
+        for b in self.kron:
+            out[b.index, b.index] = b.dense()
+        return out
+
+
+# ------------------------------------------------------------------- layer hooks
+_HOOKABLE = (nn.Linear, nn.Conv2d)
+
+
+def _layer_plan(weights: WeightSubset) -> list[tuple[nn.Module, dict[str, slice]]] | str:
+    """Modules owning the subset's tensors, or a message why the hook route cannot be used."""
+    if weights.indices is not None:
+        return "a subnetwork (an index set) has no layer structure"
+    modules = dict(weights.model.named_modules())
+    plan: dict[str, dict[str, slice]] = {}
+    for name, index in weights.segments():
+        owner, _, attr = name.rpartition(".")
+        mod = modules[owner]
+        if not isinstance(mod, _HOOKABLE) or attr not in ("weight", "bias"):
+            return f"parameter {name!r} belongs to a {type(mod).__name__}"
+        if isinstance(mod, nn.Conv2d) and (
+            mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)
+            and mod.padding != "valid"
+        ):
+            return (
+                f"Conv2d {owner!r} uses groups, a non-zero padding mode or string padding"
+            )
+        plan.setdefault(owner, {})[attr] = index
+    return [(modules[n], slices) for n, slices in plan.items()]
+
+
+def _unfold(mod: nn.Conv2d, a: Tensor) -> Tensor:
+    """Input patches of a convolution, (B, C_in * kh * kw, T)."""
+    padding = 0 if mod.padding == "valid" else mod.padding
+    return F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
+
+
+def _layer_io(mod: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample inputs (B, T, I) and output gradients (B, T, O) of a layer."""
+    if isinstance(mod, nn.Conv2d):
+        patches = _unfold(mod, a).transpose(1, 2)
+        return patches, g.flatten(2).transpose(1, 2)
+    return a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+class _Recorder:
+    def __init__(self, modules: list[nn.Module]):
+        self.inputs: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
+        self.outputs: dict[nn.Module, list[Tensor]] = {m: [] for m in modules}
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, mod, inp, out):
+        self.inputs[mod].append(inp[0].detach())
+        self.outputs[mod].append(out)
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _hook_pass(
+    weights: WeightSubset,
+    plan,
+    batches: Iterable,
+    likelihood: str,
+    curvature: str,
+    structure: str,
+    n_out: list,
+    max_elements: int,
+) -> tuple[dict, float, int]:
+    """Accumulate diag entries or K-FAC factors of every planned layer over the data."""
+    model = weights.model
+    modules = [m for m, _ in plan]
+    acc: dict = {}
+    loss, n_data = 0.0, 0
+    for x, y in batches:
+        rec = _Recorder(modules)
+        try:
+            with torch.enable_grad():
+                f = model(x)
+        finally:
+            rec.remove()
+        for m in modules:
+            if len(rec.outputs[m]) != 1:
+                raise ValueError(
+                    f"layer {type(m).__name__} is called {len(rec.outputs[m])} times per "
+                    "forward pass; weight sharing is not supported by the layer route"
+                )
+        n_out[0] = f.shape[1]
+        fd = f.detach()
+        loss += float(sum_loss(fd, y, likelihood))
+        n_data += f.shape[0]
+        M = _output_factors(fd, y, likelihood, curvature)
+        outs = [rec.outputs[m][0] for m in modules]
+        for k in range(M.shape[2]):
+            grads = torch.autograd.grad(
+                (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
+            )
+            for (mod, slices), g in zip(plan, grads, strict=True):
+                a, gt = _layer_io(mod, rec.inputs[mod][0], g.detach())
+                st = acc.setdefault(mod, {})
+                if structure == "kron":
+                    if "weight" in slices:
+                        st["G"] = st.get("G", 0) + torch.einsum("bto,btp->op", gt, gt)
+                        if k == 0:
+                            st["A"] = st.get("A", 0) + torch.einsum("bti,btj->ij", a, a)
+                            st["rows"] = st.get("rows", 0) + a.shape[0] * a.shape[1]
+                    if "bias" in slices:
+                        gb = gt.sum(1)
+                        st["B"] = st.get("B", 0) + gb.T @ gb
+                    continue
+                if "weight" in slices:
+                    step = max(1, max_elements // max(1, gt.shape[2] * a.shape[2]))
+                    dw = 0
+                    for s in range(0, a.shape[0], step):
+                        if a.shape[1] == 1:
+                            dw = dw + (gt[s : s + step, 0] ** 2).T @ (a[s : s + step, 0] ** 2)
+                        else:
+                            per = torch.einsum("bto,bti->boi", gt[s : s + step], a[s : s + step])
+                            dw = dw + (per**2).sum(0)
+                    st["dw"] = st.get("dw", 0) + dw
+                if "bias" in slices:
+                    st["db"] = st.get("db", 0) + (gt.sum(1) ** 2).sum(0)
+    return acc, loss, n_data
+
+
+def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, max_elements):
+    n_out = [0]
+    acc, loss, n_data = _hook_pass(
+        weights, plan, batches, likelihood, curvature, structure, n_out, max_elements
+    )
+    if structure == "diag":
+        diag = torch.zeros(weights.n_params, dtype=weights.dtype, device=weights.device)
+        for mod, slices in plan:
+            st = acc[mod]
+            if "weight" in slices:
+                diag[slices["weight"]] = st["dw"].reshape(-1)
+            if "bias" in slices:
+                diag[slices["bias"]] = st["db"].reshape(-1)
+        return dict(diag=diag), loss, n_data, n_out[0]
+    blocks = []
+    for mod, slices in plan:
+        st = acc[mod]
+        if "weight" in slices:
+            blocks.append(KronBlock(slices["weight"], [st["G"], st["A"] / st["rows"]]))
+        if "bias" in slices:
+            blocks.append(KronBlock(slices["bias"], [st["B"]]))
+    blocks.sort(key=lambda b: b.index.start)
+    return dict(kron=blocks), loss, n_data, n_out[0]
+
+
+# ----------------------------------------------------------------- Jacobian route
+def _jacobian_curvature(weights, batches, likelihood, curvature, structure, max_elements):
+    P = weights.n_params
+    dev, dt = weights.device, weights.dtype
+    acc = (
+        torch.zeros(P, dtype=dt, device=dev)
+        if structure == "diag"
+        else torch.zeros(P, P, dtype=dt, device=dev)
+    )
+    loss, n_data, n_out = 0.0, 0, 0
+    for x, y in batches:
+        n_out_guess = n_out or 16
+        for rows, J, f in iter_jacobians(weights, x, n_out_guess, max_elements):
+            n_out = f.shape[1]
+            M = _output_factors(f, y[rows], likelihood, curvature)
+            MJ = torch.einsum("bck,bcp->bkp", M, J).reshape(-1, P)
+            if structure == "diag":
+                acc += (MJ**2).sum(0)
+            else:
+                acc += MJ.T @ MJ
+            loss += float(sum_loss(f, y[rows], likelihood))
+            n_data += f.shape[0]
+    key = "diag" if structure == "diag" else "full"
+    return {key: acc}, loss, n_data, n_out
+
+
+# ------------------------------------------------------------------- low rank
+def ggn_matmul(
+    weights: WeightSubset,
+    batches: Iterable,
+    V: Tensor,
+    likelihood: str = "classification",
+    curvature: str = "ggn",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Tensor:
+    """``H V`` for a block of directions ``V`` (P, m), one pass over the data.
+
+    GGN: ``sum_n J_n^T Lambda_n (J_n V)`` by JVPs and VJPs, never forming ``J``;
+    EF: ``sum_n g_n (g_n^T V)`` from per-sample gradients.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, ggn_matmul
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    >>> ggn_matmul(select_weights(lin), [(x, y)], torch.eye(8)).shape
+    torch.Size([8, 8])
+    """
+    out = torch.zeros_like(V)
+    for x, y in batches:
+        if curvature == "ef":
+            for rows, J, f in iter_jacobians(weights, x, 16, max_elements):
+                g = torch.einsum("bc,bcp->bp", _loss_gradient(f, y[rows], likelihood), J)
+                out += g.T @ (g @ V)
+            continue
+        JV, f = jvp_batch(weights, x, V)  # (m, B, C)
+        f = f.detach()
+        if likelihood == "regression":
+            LJV = JV
+        else:
+            p = torch.softmax(f, dim=-1)
+            LJV = p * JV - p * (p * JV).sum(-1, keepdim=True)
+        out += vjp_batch(weights, x, LJV)
+    return out
+
+
+def _lowrank_curvature(weights, batches, likelihood, curvature, rank, generator, max_elements):
+    """Top-``rank`` eigenpairs by a randomized range finder with one power iteration."""
+    P = weights.n_params
+    k = min(rank, P)
+    m = min(P, k + 10)
+    omega = torch.randn(P, m, generator=generator, dtype=weights.dtype, device="cpu").to(
+        weights.device
+    )
+    data = list(batches) if not callable(batches) else None
+
+    def passes():
+        return batches() if data is None else data
+
+    Y = ggn_matmul(weights, passes(), omega, likelihood, curvature, max_elements)
+    Q = torch.linalg.qr(Y).Q
+    Y = ggn_matmul(weights, passes(), Q, likelihood, curvature, max_elements)  # power step
+    Q = torch.linalg.qr(Y).Q
+    HQ = ggn_matmul(weights, passes(), Q, likelihood, curvature, max_elements)
+    small = Q.T @ HQ
+    evals, evecs = torch.linalg.eigh((small + small.T) / 2)
+    order = torch.argsort(evals, descending=True)[:k]
+    evals = evals[order].clamp_min(0)
+    evecs = Q @ evecs[:, order]
+    loss, n_data, n_out = 0.0, 0, 0
+    with torch.no_grad():
+        for x, y in passes():
+            f = weights.model(x)
+            loss += float(sum_loss(f, y, likelihood))
+            n_data += f.shape[0]
+            n_out = f.shape[1]
+    return dict(eigvals=evals, eigvecs=evecs), loss, n_data, n_out
+
+
+# -------------------------------------------------------------------- public
+def compute_curvature(
+    weights: WeightSubset,
+    batches: Iterable | Callable[[], Iterable],
+    *,
+    likelihood: str = "classification",
+    structure: str = "diag",
+    curvature: str = "ggn",
+    rank: int = 100,
+    route: str = "auto",
+    generator: torch.Generator | None = None,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Curvature:
+    """GGN or empirical Fisher of the summed loss over ``batches``.
+
+    Parameters
+    ----------
+    weights : WeightSubset
+        Which weights (see :func:`~skuq.curvature.select_weights`).
+    batches : iterable of (x, y), or a callable returning one
+        Training data as tensors on the model's device; ``y`` class indices or
+        regression targets. ``structure="lowrank"`` makes several passes and
+        needs a re-iterable (a list) or a callable.
+    likelihood : {"classification", "regression"}
+        Softmax cross-entropy on logits, or Gaussian at unit noise.
+    structure : {"diag", "kron", "full", "lowrank"}
+    curvature : {"ggn", "ef"}
+    rank : int
+        Eigenpairs kept by ``"lowrank"``.
+    route : {"auto", "layers", "jacobians"}
+        ``"layers"``: the hook route for Linear/Conv2d layers (required by
+        ``"kron"``); ``"jacobians"``: per-sample Jacobians (any layer);
+        ``"auto"``: layers where possible.
+    generator : torch.Generator, optional
+        Randomness of ``"lowrank"``.
+    max_elements : int
+        Most entries of per-sample Jacobians held at once.
+
+    Returns
+    -------
+    Curvature
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> x, y = torch.randn(5, 3), torch.tensor([0, 1, 0, 1, 1])
+    >>> compute_curvature(select_weights(lin), [(x, y)], structure="diag").diag.shape
+    torch.Size([8])
+    """
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if structure not in STRUCTURES:
+        raise ValueError(f"hessian_structure must be one of {STRUCTURES}, got {structure!r}")
+    if curvature not in CURVATURES:
+        raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
+    if route not in ("auto", "layers", "jacobians"):
+        raise ValueError(f"route must be one of ('auto', 'layers', 'jacobians'), got {route!r}")
+    if structure == "full" and weights.n_params > MAX_FULL_PARAMS:
+        raise ValueError(
+            f"hessian_structure='full' over {weights.n_params} weights needs a "
+            f"{weights.n_params}x{weights.n_params} matrix; use at most {MAX_FULL_PARAMS} "
+            "weights (subset_of_weights='last_layer' or 'subnetwork') or another structure "
+            "('kron', 'diag', 'lowrank')"
+        )
+    data = batches() if callable(batches) and structure != "lowrank" else batches
+    if structure == "lowrank":
+        parts = _lowrank_curvature(
+            weights, batches, likelihood, curvature, rank, generator, max_elements
+        )
+    else:
+        plan = _layer_plan(weights)
+        use_layers = structure == "kron" or (
+            structure == "diag" and route != "jacobians" and not isinstance(plan, str)
+        )
+        if structure == "kron" and route == "jacobians":
+            raise ValueError("hessian_structure='kron' is computed by the layer route only")
+        if use_layers and isinstance(plan, str):
+            raise ValueError(
+                f"hessian_structure='kron' supports Linear and Conv2d layers only: {plan}. "
+                "Use 'diag', 'full' or 'lowrank', or restrict subset_of_weights"
+            )
+        if route == "layers" and isinstance(plan, str):
+            raise ValueError(f"the layer route cannot be used: {plan}")
+        with torch.no_grad() if not use_layers else torch.enable_grad():
+            if use_layers:
+                parts = _hook_curvature(
+                    weights, plan, data, likelihood, curvature, structure, max_elements
+                )
+            else:
+                parts = _jacobian_curvature(
+                    weights, data, likelihood, curvature, structure, max_elements
+                )
+    fields, loss, n_data, n_out = parts
+    if n_data == 0:
+        raise ValueError("no data: the batches were empty")
+    result = Curvature(structure, curvature, likelihood, n_data, n_out, loss, **fields)
+    for name, t in fields.items():
+        tensors = [f for b in t for f in b.factors] if name == "kron" else [t]
+        if not all(bool(torch.isfinite(s).all()) for s in tensors):
+            raise FloatingPointError(
+                f"the {curvature.upper()} curvature ({structure}) contains NaN or inf: the "
+                "network's outputs or gradients overflow on the training data; check the "
+                "inputs are scaled and the net is trained"
+            )
+    return result

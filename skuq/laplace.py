@@ -1,0 +1,481 @@
+"""LaplaceClassifier and LaplaceRegressor: thin estimators over skuq's Laplace engine.
+
+The engine (:mod:`skuq.curvature`, :mod:`skuq.posterior`,
+:mod:`skuq.predictive`) does the work; this module maps scikit-learn options
+onto it, caches the curvature so that posterior-only parameters (prior
+precision, temperature, link) never recompute it, and chooses the prior
+precision.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import numbers
+from collections import OrderedDict
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ._utils import check_option, check_positive, check_positive_int, iter_batches
+from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
+from .curvature import (
+    CURVATURES,
+    STRUCTURES,
+    compute_curvature,
+    iter_jacobians,
+    select_weights,
+)
+from .curvature.weights import SUBSETS
+from .outputs import LINKS, OutputDistribution, probit_probabilities
+from .posterior import PRIOR_STRUCTURES, posterior_from_curvature
+from .predictive import glm_predictive, needs_jacobians, nn_predictive
+
+__all__ = ["LaplaceClassifier", "LaplaceRegressor", "clear_curvature_cache"]
+
+PRED_TYPES = ("glm", "nn")
+PRIOR_METHODS = ("marglik", "heldout")
+#: log10 grid of prior precisions searched by ``prior_precision="heldout"``
+HELDOUT_GRID = np.logspace(-4, 4, 33)
+
+# ------------------------------------------------------------------ curvature cache
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def clear_curvature_cache() -> None:
+    """Forget the curvatures kept in memory by Laplace estimators.
+
+    Examples
+    --------
+    >>> from skuq.laplace import clear_curvature_cache
+    >>> clear_curvature_cache()
+    """
+    _CACHE.clear()
+
+
+def _fingerprint(weights, X, y, options) -> str:
+    h = hashlib.sha1()
+    for name, p in weights.model.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().cpu().numpy().tobytes())
+    for b_name, b in weights.model.named_buffers():
+        h.update(b_name.encode())
+        h.update(b.detach().cpu().numpy().tobytes())
+    h.update(np.ascontiguousarray(X).tobytes())
+    h.update(np.ascontiguousarray(y).tobytes())
+    h.update(repr(options).encode())
+    if weights.indices is not None:
+        h.update(weights.indices.cpu().numpy().tobytes())
+    h.update(repr(weights.names).encode())
+    return h.hexdigest()
+
+
+def _cached_curvature(weights, X, y, batch_size, device, **options):
+    key = _fingerprint(weights, X, y, (options, str(device)))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+
+    def batches():
+        return iter_batches(X, y, batch_size=batch_size, device=device)
+
+    curv = compute_curvature(weights, batches, **options)
+    _CACHE[key] = curv
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return curv
+
+
+# --------------------------------------------------------------------- the base
+class _BaseLaplace(BaseUQEstimator):
+    """Shared fitting and prediction of the two Laplace estimators."""
+
+    _likelihood = "classification"
+
+    @property
+    def _uses_calibration_split(self) -> bool:  # a held-out split only when asked for
+        return isinstance(self.prior_precision, str) and self.prior_precision == "heldout"
+
+    def _validate_options(self) -> None:
+        check_option("subset_of_weights", self.subset_of_weights, SUBSETS)
+        check_option("hessian_structure", self.hessian_structure, STRUCTURES)
+        check_option("curvature", self.curvature, CURVATURES)
+        check_option("pred_type", self.pred_type, PRED_TYPES)
+        check_option("prior_structure", self.prior_structure, PRIOR_STRUCTURES)
+        check_positive("temperature", self.temperature)
+        check_positive_int("n_samples", self.n_samples)
+        check_positive_int("rank", self.rank)
+        pp = self.prior_precision
+        if isinstance(pp, str):
+            check_option("prior_precision", pp, PRIOR_METHODS)
+        elif isinstance(pp, numbers.Real) and not isinstance(pp, bool):
+            check_positive("prior_precision", pp)
+        else:
+            arr = np.asarray(pp, dtype=float) if not isinstance(pp, bool) else np.array([])
+            if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr) & (arr > 0)):
+                raise ValueError(
+                    "prior_precision must be a float > 0, an array of per-layer floats > 0, "
+                    f"or one of {PRIOR_METHODS}; got {pp!r}"
+                )
+        if pp == "heldout":
+            check_positive("calibration_fraction", self.calibration_fraction)
+        if self.subset_of_weights == "subnetwork":
+            if self.hessian_structure != "full":
+                raise ValueError(
+                    "subset_of_weights='subnetwork' needs hessian_structure='full' (a subnetwork "
+                    f"is an arbitrary index set); got hessian_structure={self.hessian_structure!r}"
+                )
+            if self.subnetwork_indices is None:
+                raise ValueError(
+                    "subset_of_weights='subnetwork' needs subnetwork_indices (positions in the "
+                    "flat vector of the net's trainable parameters)"
+                )
+        elif self.subnetwork_indices is not None:
+            raise ValueError(
+                "subnetwork_indices is only used with subset_of_weights='subnetwork'; got "
+                f"subset_of_weights={self.subset_of_weights!r}"
+            )
+        if self.hessian_structure == "lowrank" and self.prior_structure != "scalar":
+            raise ValueError("hessian_structure='lowrank' supports prior_structure='scalar' only")
+        self._validate_likelihood_options()
+
+    def _validate_likelihood_options(self) -> None:
+        pass
+
+    def _initial_sigma(self) -> float:
+        return 1.0
+
+    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
+        x0 = torch.as_tensor(X[: min(len(X), 2)]).to(self.device_)
+        weights = select_weights(
+            self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
+            example_input=x0,
+        )
+        gen = self._generator() if self.hessian_structure == "lowrank" else None
+        curv = _cached_curvature(
+            weights, X, y, self.batch_size, self.device_, likelihood=self._likelihood,
+            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
+            generator=gen,
+        )
+        pp = self.prior_precision
+        init = 1.0 if isinstance(pp, str) else np.asarray(pp, dtype=float)
+        group_sizes = weights.group_sizes()
+        n_groups = len(group_sizes)
+        if isinstance(init, np.ndarray) and init.ndim == 1 and init.size not in (1, n_groups):
+            raise ValueError(
+                f"prior_precision has {init.size} values but the weights have "
+                f"{len(group_sizes)} layers (parameter tensors)"
+            )
+        post = posterior_from_curvature(
+            curv, weights.vector(), prior_precision=torch.as_tensor(init),
+            group_sizes=group_sizes, sigma_noise=self._initial_sigma(),
+            temperature=self.temperature,
+        )
+        self.weights_ = weights
+        self.posterior_ = post
+        self._fit_hyperparameters(X_cal, y_cal)
+        if self.prior_precision == "heldout" and not self._net_is_prefit():
+            # the split served to choose delta; the final net is trained on every row
+            self._refit_all_rows(X, y, X_cal, y_cal)
+        self.prior_precision_ = post.prior_precision.detach().cpu().numpy()
+        if self.prior_precision_.ndim == 0:
+            self.prior_precision_ = float(self.prior_precision_)
+        self.n_params_ = weights.n_params
+
+    def _refit_all_rows(self, X, y, X_cal, y_cal) -> None:
+        """Retrain the net on training + held-out rows and rebuild the posterior there."""
+        delta = self.posterior_.prior_precision
+        sigma = self.posterior_.sigma_noise
+        X_all, y_all = np.concatenate([X, X_cal]), np.concatenate([y, y_cal])
+        self._resolve_net(X_all, y_all)
+        x0 = torch.as_tensor(X_all[: min(len(X_all), 2)]).to(self.device_)
+        weights = select_weights(
+            self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
+            example_input=x0,
+        )
+        curv = _cached_curvature(
+            weights, X_all, y_all, self.batch_size, self.device_, likelihood=self._likelihood,
+            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
+            generator=self._generator() if self.hessian_structure == "lowrank" else None,
+        )
+        self.weights_ = weights
+        self.posterior_ = posterior_from_curvature(
+            curv, weights.vector(), prior_precision=delta, group_sizes=weights.group_sizes(),
+            sigma_noise=sigma, temperature=self.temperature,
+        )
+
+    def _fit_hyperparameters(self, X_cal, y_cal) -> None:
+        pp, post = self.prior_precision, self.posterior_
+        if pp == "marglik":
+            post.optimize_prior_precision(self.prior_structure, fit_sigma_noise=self._fit_sigma())
+        elif pp == "heldout":
+            post.optimize_prior_precision(fit_prior=False, fit_sigma_noise=self._fit_sigma())
+            self._heldout_prior(X_cal, y_cal)
+        elif self._fit_sigma():
+            post.optimize_prior_precision(fit_prior=False, fit_sigma_noise=True)
+
+    def _fit_sigma(self) -> bool:
+        return False
+
+    def _heldout_prior(self, X_cal, y_cal) -> None:
+        """The grid prior precision with the lowest NLL on the held-out split.
+
+        NLL is a sum over rows, so each chunk of Jacobians is formed once and
+        scored under every grid value.
+        """
+        post, weights = self.posterior_, self.weights_
+        grid = [float(v) for v in HELDOUT_GRID]
+        nll = np.zeros(len(grid))
+        for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
+            if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
+                with torch.no_grad():
+                    n_out = self.model_(xb[:1]).shape[1]
+                for rows, J, f in iter_jacobians(weights, xb, n_out):
+                    J = J.detach().to(post.mean.dtype)
+                    for i, delta in enumerate(grid):
+                        post.set_hyperparameters(prior_precision=delta)
+                        cov = post.functional_variance(J).to(f.dtype)
+                        nll[i] += self._heldout_nll(
+                            OutputDistribution.gaussian(f.detach(), cov), yb[rows]
+                        )
+                continue
+            for i, delta in enumerate(grid):
+                post.set_hyperparameters(prior_precision=delta)
+                nll[i] += self._heldout_nll(self._distribution(xb), yb)
+        best = grid[int(np.argmin(nll))]
+        post.set_hyperparameters(prior_precision=best)
+        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
+
+    # ---------------------------------------------------------------- predict
+    def _distribution(self, x: Tensor) -> OutputDistribution:
+        if self.pred_type == "glm":
+            return glm_predictive(self.weights_, self.posterior_, x)
+        gen = self._generator()  # the same weight draws for every batch
+        return nn_predictive(self.weights_, self.posterior_, x, n_samples=self.n_samples,
+                             generator=gen)
+
+    def _predict_batch(self, x: Tensor) -> OutputDistribution:
+        dist = self._distribution(x)
+        if dist.is_sampled:
+            return OutputDistribution.from_samples(dist.samples.float())
+        return OutputDistribution.gaussian(dist.mean.float(), dist.covariance.float())
+
+
+class LaplaceClassifier(UQClassifierMixin, _BaseLaplace):
+    """Laplace approximation over a trained classification network.
+
+    Fits ``N(theta*, (H / T + delta I)^-1)`` over a subset of the weights, with
+    ``H`` the generalized Gauss-Newton (or empirical Fisher) of the summed
+    cross-entropy, and predicts with the linearized (``"glm"``) or sampled
+    (``"nn"``) network. The curvature is computed once per trained net and
+    data and kept (see :func:`clear_curvature_cache`), so a grid search over
+    ``prior_precision``, ``temperature`` or ``link_approx`` costs one curvature
+    per fold. Nets trained with ``NLLLoss`` (probability outputs) are turned
+    into logit nets first (see :func:`skuq.base.logit_model`).
+
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        The network (see :class:`skuq.base.BaseUQEstimator`).
+    subset_of_weights : {"last_layer", "all", "subnetwork"}, default="last_layer"
+        Weights that get a posterior; the others stay at the MAP.
+        ``"last_layer"``: the last layer the forward pass calls;
+        ``"subnetwork"``: the positions ``subnetwork_indices`` (full covariance).
+    hessian_structure : {"kron", "diag", "full", "lowrank"}, default="kron"
+        Curvature structure. ``"kron"`` is K-FAC (Linear and Conv2d layers).
+    prior_precision : float, array of float, "marglik" or "heldout", default="heldout"
+        ``delta`` of the isotropic Gaussian prior. A float (or one per
+        parameter tensor) is used as is and can be grid-searched;
+        ``"marglik"`` maximizes the Laplace marginal likelihood on the
+        training data; ``"heldout"`` picks the value on a log grid
+        (1e-4..1e4) with the lowest NLL on a held-out split (see
+        ``calibration_fraction``).
+    prior_structure : {"scalar", "layerwise"}, default="scalar"
+        One ``delta`` for all weights, or one per parameter tensor, for ``"marglik"``.
+    curvature : {"ggn", "ef"}, default="ggn"
+        Generalized Gauss-Newton or empirical Fisher.
+    pred_type : {"glm", "nn"}, default="glm"
+        Linearized predictive or weight sampling.
+    link_approx : {"probit", "mc", "bridge"}, default="probit"
+        From a Gaussian over logits to probabilities (``pred_type="glm"``).
+    n_samples : int, default=100
+        Samples for ``link_approx="mc"`` and ``pred_type="nn"``.
+    temperature : float, default=1.0
+        Divides the curvature and the log-likelihood (laplace-torch's convention).
+    subnetwork_indices : array of int, optional
+        For ``subset_of_weights="subnetwork"``: positions in the flat vector of
+        all trainable parameters (see :func:`skuq.curvature.select_subnetwork`).
+    rank : int, default=100
+        Eigenpairs kept by ``hessian_structure="lowrank"``.
+    calibration_fraction : float, default=0.2
+        Share of the rows held out to choose ``prior_precision="heldout"``
+        when the net is trained in ``fit`` (an already trained net uses all of
+        ``fit``'s data; or pass ``X_cal``, ``y_cal`` to ``fit``).
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+    posterior_ : skuq.posterior.WeightPosterior
+        The weight-space Gaussian.
+    weights_ : skuq.curvature.WeightSubset
+        The weights it lives on.
+    prior_precision_ : float or ndarray
+        The prior precision used.
+    n_params_ : int
+        Number of weights with a posterior.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from skuq import LaplaceClassifier
+    >>> from skuq.datasets import load_digits_ood
+    >>> from skuq.nets import MLP
+    >>> d = load_digits_ood()
+    >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
+    ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
+    ...                           train_split=None, verbose=0)
+    >>> est = LaplaceClassifier(net, random_state=0).fit(d.X_train, d.y_train)
+    >>> est.predict_proba(d.X_test).shape
+    (270, 5)
+    """
+
+    _likelihood = "classification"
+
+    def __init__(
+        self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
+        prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
+        link_approx="probit", n_samples=100, temperature=1.0, subnetwork_indices=None,
+        rank=100, calibration_fraction=0.2, device="auto", batch_size=256,
+        random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.subset_of_weights = subset_of_weights
+        self.hessian_structure = hessian_structure
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.curvature = curvature
+        self.pred_type = pred_type
+        self.link_approx = link_approx
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.subnetwork_indices = subnetwork_indices
+        self.rank = rank
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+    def _validate_likelihood_options(self) -> None:
+        check_option("link_approx", self.link_approx, LINKS)
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        if dist.is_sampled or self.link_approx != "probit":
+            p = dist.probabilities(self.link_approx, self.n_samples, self._generator())
+        else:
+            p = probit_probabilities(dist.mean, dist.variance)
+        p = p.double().clamp_min(1e-12)
+        return float(-torch.log(p[torch.arange(len(y)), y.long()]).sum())
+
+
+class LaplaceRegressor(UQRegressorMixin, _BaseLaplace):
+    """Laplace approximation over a trained regression network (Gaussian likelihood).
+
+    As :class:`LaplaceClassifier`, with the GGN of the Gaussian likelihood
+    ``J^T J / sigma_noise^2``; the predictive mean is the net's output, its
+    epistemic variance ``J Sigma J^T`` (``"glm"``) or the spread of sampled
+    nets (``"nn"``), and ``sigma_noise_`` the aleatoric noise.
+
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+    sigma_noise : float or "marglik", default="marglik"
+        Observation noise; ``"marglik"`` fits it (with the prior precision
+        when that is ``"marglik"`` too) by the Laplace marginal likelihood,
+        starting from the RMS training residual.
+    subset_of_weights, hessian_structure, prior_precision, prior_structure, curvature, \
+pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fraction
+        As in :class:`LaplaceClassifier`; the defaults here are
+        ``"last_layer"``, ``"kron"`` and ``"marglik"``.
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    sigma_noise_ : float or ndarray
+    posterior_, weights_, prior_precision_, n_params_
+        As in :class:`LaplaceClassifier`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from skuq import LaplaceRegressor
+    >>> from skuq.datasets import make_gap_regression
+    >>> from skuq.nets import MLP
+    >>> d = make_gap_regression()
+    >>> net = NeuralNetRegressor(MLP, optimizer=torch.optim.Adam, lr=1e-2,
+    ...                          max_epochs=50, train_split=None, verbose=0)
+    >>> est = LaplaceRegressor(net, random_state=0).fit(d.X, d.y)
+    >>> mean, std = est.predict(d.X_test, return_std=True)
+    >>> bool(std[d.in_gap].mean() > std[~d.in_gap].min())
+    True
+    """
+
+    _likelihood = "regression"
+
+    def __init__(
+        self, estimator, *, sigma_noise="marglik", subset_of_weights="last_layer",
+        hessian_structure="kron", prior_precision="marglik", prior_structure="scalar",
+        curvature="ggn", pred_type="glm", n_samples=100, temperature=1.0,
+        subnetwork_indices=None, rank=100, calibration_fraction=0.2, device="auto",
+        batch_size=256, random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.sigma_noise = sigma_noise
+        self.subset_of_weights = subset_of_weights
+        self.hessian_structure = hessian_structure
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.curvature = curvature
+        self.pred_type = pred_type
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.subnetwork_indices = subnetwork_indices
+        self.rank = rank
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+    def _validate_likelihood_options(self) -> None:
+        if isinstance(self.sigma_noise, str):
+            check_option("sigma_noise", self.sigma_noise, ("marglik",))
+        else:
+            check_positive("sigma_noise", self.sigma_noise)
+
+    def _fit_sigma(self) -> bool:
+        return self.sigma_noise == "marglik"
+
+    def _initial_sigma(self) -> float:
+        if self.sigma_noise != "marglik":
+            return float(self.sigma_noise)
+        return self._rms
+
+    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
+        self._fit_noise_from_residuals(X, y)
+        self._rms = float(np.sqrt(np.mean(np.asarray(self.sigma_noise_) ** 2)))
+        super()._fit_uq(X, y, X_cal, y_cal)
+        self.sigma_noise_ = self.posterior_.sigma_noise
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        var = dist.variance.double() + self.posterior_.sigma_noise**2
+        r = y.reshape(dist.output_mean.shape).double() - dist.output_mean.double()
+        return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).sum())

@@ -1,0 +1,627 @@
+"""Gaussian posteriors over weights: ``N(theta*, (s H + diag(delta))^-1)``.
+
+One class per structure of the curvature ``H``: :class:`DiagPosterior`,
+:class:`KronPosterior`, :class:`FullPosterior`, :class:`LowRankPosterior`.
+``s = 1 / (sigma_noise^2 * temperature)`` scales the curvature (computed at
+unit noise) and ``delta`` is the prior precision: a scalar, or one value per
+parameter tensor ("per layer"). Each class caches an eigendecomposition of
+``H`` once, so a new ``delta`` or ``s`` costs O(P) for the log-determinant
+and the marginal likelihood -- no pass over data, no refactorization.
+
+Each posterior offers ``sample``, ``log_det_posterior_precision``,
+``marginal_variance``, ``functional_variance(J) = J Sigma J^T`` for a batch of
+Jacobians, the Laplace ``log_marginal_likelihood`` and
+``optimize_prior_precision``. They are pure torch and can be built from any
+curvature: :func:`posterior_from_curvature` from skuq's engine, or directly
+(e.g. a :class:`DiagPosterior` from an optimizer's second moments).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.optimize
+import torch
+from torch import Tensor
+
+from .curvature.ggn import Curvature, KronBlock
+
+__all__ = [
+    "WeightPosterior",
+    "DiagPosterior",
+    "KronPosterior",
+    "FullPosterior",
+    "LowRankPosterior",
+    "posterior_from_curvature",
+    "PRIOR_STRUCTURES",
+]
+
+PRIOR_STRUCTURES = ("scalar", "layerwise")
+
+
+class WeightPosterior:
+    """Base class of the weight-space Gaussians (not for direct use).
+
+    Parameters
+    ----------
+    mean : Tensor of shape (P,)
+        The MAP weights ``theta*``.
+    prior_precision : float or Tensor of shape () or (n_groups,)
+        ``delta``; one per group of ``group_sizes`` for a per-layer prior.
+    group_sizes : list of int, optional
+        Sizes of the parameter groups (tensors) in the flat vector; default one group.
+    sigma_noise : float
+        Gaussian noise (regression); 1 for classification.
+    temperature : float
+        The curvature (and the log-likelihood) is divided by it.
+    loss : float, optional
+        Summed training loss (cross-entropy or ``0.5 * SSE``) -- for the marginal likelihood.
+    n_data, n_outputs : int, optional
+        Training rows and outputs -- for the marginal likelihood.
+    likelihood : {"classification", "regression"}
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import DiagPosterior
+    >>> post = DiagPosterior(torch.ones(2), torch.ones(2), loss=1.0, n_data=4, n_outputs=2)
+    >>> post.optimize_prior_precision()
+    >>> float(post.prior_precision) > 0
+    True
+    """
+
+    structure = "base"
+
+    def __init__(
+        self,
+        mean: Tensor,
+        *,
+        prior_precision=1.0,
+        group_sizes: list[int] | None = None,
+        sigma_noise: float = 1.0,
+        temperature: float = 1.0,
+        loss: float | None = None,
+        n_data: int | None = None,
+        n_outputs: int | None = None,
+        likelihood: str = "classification",
+    ):
+        self.mean = mean.detach()
+        self.n_params = mean.numel()
+        self.group_sizes = list(group_sizes) if group_sizes else [self.n_params]
+        if sum(self.group_sizes) != self.n_params:
+            raise ValueError("group_sizes must add up to the number of weights")
+        self.loss, self.n_data, self.n_outputs = loss, n_data, n_outputs
+        self.likelihood = likelihood
+        self.temperature = float(temperature)
+        self.sigma_noise = float(sigma_noise)
+        self.prior_precision = prior_precision
+
+    # ------------------------------------------------------------- hyper-parameters
+    @property
+    def prior_precision(self) -> Tensor:
+        """``delta``: shape () for a scalar prior, (n_groups,) per layer."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value) -> None:
+        self._prior_precision = self._check_delta(value)
+        self._invalidate()
+
+    @property
+    def curvature_scale(self) -> float:
+        """``s = 1 / (sigma_noise^2 temperature)``."""
+        return 1.0 / (self.sigma_noise**2 * self.temperature)
+
+    def set_hyperparameters(self, prior_precision=None, sigma_noise=None) -> None:
+        """Change ``delta`` and/or ``sigma_noise``; cached factors are refreshed lazily."""
+        if sigma_noise is not None:
+            if not (float(sigma_noise) > 0 and math.isfinite(float(sigma_noise))):
+                raise ValueError(f"sigma_noise must be a finite number > 0, got {sigma_noise!r}")
+            self.sigma_noise = float(sigma_noise)
+        if prior_precision is not None:
+            self.prior_precision = prior_precision
+        self._invalidate()
+
+    def _check_delta(self, value) -> Tensor:
+        d = torch.as_tensor(value, dtype=self.mean.dtype, device=self.mean.device).detach()
+        if d.ndim > 1 or (d.ndim == 1 and d.numel() not in (1, len(self.group_sizes))):
+            raise ValueError(
+                f"prior_precision must be a scalar or have one value per layer "
+                f"({len(self.group_sizes)}), got shape {tuple(d.shape)}"
+            )
+        if d.ndim == 1 and d.numel() == 1:
+            d = d[0]
+        if not bool(torch.isfinite(d).all()) or bool((d <= 0).any()):
+            raise ValueError(f"prior_precision must be finite and > 0, got {value!r}")
+        return d
+
+    def _delta_vector(self, delta: Tensor) -> Tensor:
+        """``delta`` expanded to one value per weight, (P,)."""
+        if delta.ndim == 0:
+            return delta.expand(self.n_params)
+        sizes = torch.as_tensor(self.group_sizes, device=delta.device)
+        return torch.repeat_interleave(delta, sizes)
+
+    def _invalidate(self) -> None:
+        self._cache = {}
+
+    # ----------------------------------------------------------------- interface
+    def log_det_posterior_precision(self, prior_precision=None, curvature_scale=None) -> Tensor:
+        """``log det(s H + diag(delta))`` (differentiable in ``delta`` and ``s``)."""
+        d = self.prior_precision if prior_precision is None else prior_precision
+        s = self.curvature_scale if curvature_scale is None else curvature_scale
+        return self._log_det(torch.as_tensor(d, dtype=self.mean.dtype), s)
+
+    def log_det_ratio(self, prior_precision=None, curvature_scale=None) -> Tensor:
+        """``log det(posterior precision) - log det(prior precision)``."""
+        d = self.prior_precision if prior_precision is None else prior_precision
+        d = torch.as_tensor(d, dtype=self.mean.dtype)
+        prior = self._delta_vector(d).log().sum()
+        return self.log_det_posterior_precision(d, curvature_scale) - prior
+
+    def scatter(self, prior_precision=None) -> Tensor:
+        """``theta*^T diag(delta) theta*`` (prior mean zero)."""
+        d = self.prior_precision if prior_precision is None else prior_precision
+        d = torch.as_tensor(d, dtype=self.mean.dtype)
+        return (self._delta_vector(d) * self.mean**2).sum()
+
+    def log_likelihood(self, sigma_noise=None) -> Tensor:
+        """Training log-likelihood at ``theta*`` from the stored loss."""
+        if self.loss is None:
+            raise ValueError("this posterior was built without the training loss")
+        sigma = torch.as_tensor(
+            self.sigma_noise if sigma_noise is None else sigma_noise, dtype=self.mean.dtype
+        )
+        if self.likelihood == "classification":
+            return torch.as_tensor(-self.loss / self.temperature, dtype=self.mean.dtype)
+        c = self.n_data * self.n_outputs * torch.log(sigma * math.sqrt(2 * math.pi))
+        return -self.loss / (sigma**2 * self.temperature) - c
+
+    def log_marginal_likelihood(self, prior_precision=None, sigma_noise=None) -> Tensor:
+        """Laplace evidence ``log p(D|theta*) - 0.5 (log det ratio + scatter)``.
+
+        Differentiable in ``prior_precision`` and ``sigma_noise`` (tensors).
+        """
+        d = self.prior_precision if prior_precision is None else prior_precision
+        sigma = self.sigma_noise if sigma_noise is None else sigma_noise
+        s = 1.0 / (torch.as_tensor(sigma, dtype=self.mean.dtype) ** 2 * self.temperature)
+        return self.log_likelihood(sigma) - 0.5 * (
+            self.log_det_ratio(d, s) + self.scatter(d)
+        )
+
+    def optimize_prior_precision(
+        self,
+        prior_structure: str = "scalar",
+        fit_sigma_noise: bool = False,
+        max_iter: int = 200,
+        fit_prior: bool = True,
+    ) -> None:
+        """Maximize the Laplace evidence in ``log delta`` (and ``log sigma``), in place.
+
+        L-BFGS (scipy) on the log scale, started from the current values, with
+        exact gradients by autograd; each step costs O(P) for the diag, kron
+        and full (scalar prior) structures thanks to the cached
+        eigendecomposition.
+        """
+        if prior_structure not in PRIOR_STRUCTURES:
+            raise ValueError(
+                f"prior_structure must be one of {PRIOR_STRUCTURES}, got {prior_structure!r}"
+            )
+        n = 1 if prior_structure == "scalar" else len(self.group_sizes)
+        if not fit_prior:
+            n = self.prior_precision.numel()
+        start = self.prior_precision.log()
+        start = start.mean().expand(n) if start.ndim == 0 or n == 1 else start
+        x0 = np.concatenate([
+            start.detach().double().reshape(n).cpu().numpy(),
+            [math.log(self.sigma_noise)] if fit_sigma_noise else [],
+        ])
+        mask = np.r_[np.full(n, fit_prior), [True] if fit_sigma_noise else []].astype(bool)
+        if not mask.any():
+            return
+
+        def objective(z):
+            z_t = torch.tensor(z, dtype=torch.float64, device=self.mean.device,
+                               requires_grad=True)
+            d = z_t[:n].exp().to(self.mean.dtype)
+            d = d[0] if n == 1 else d
+            sigma = z_t[n].exp() if fit_sigma_noise else self.sigma_noise
+            value = -self.log_marginal_likelihood(d, sigma).double()
+            (grad,) = torch.autograd.grad(value, z_t)
+            grad = grad.cpu().numpy() * mask
+            return float(value.detach()), grad
+
+        # L-BFGS on the log scale (scipy's: no torch.optim start-up cost); the bounds keep
+        # delta and sigma in a finite range when the evidence is flat
+        bounds = [(-25.0, 25.0)] * len(x0)
+        res = scipy.optimize.minimize(objective, x0, jac=True, method="L-BFGS-B",
+                                      bounds=bounds,
+                                      options={"maxiter": max_iter, "ftol": 1e-13, "gtol": 1e-9})
+        z = torch.as_tensor(res.x, dtype=torch.float64)
+        log_d = z[:n]
+        log_s = z[n] if fit_sigma_noise else torch.tensor(math.log(self.sigma_noise))
+        d = log_d.detach().exp()
+        if not bool(torch.isfinite(d).all()):
+            raise FloatingPointError("the marginal likelihood optimization diverged")
+        self.set_hyperparameters(
+            prior_precision=(d[0] if n == 1 else d) if fit_prior else None,
+            sigma_noise=float(log_s.detach().exp()) if fit_sigma_noise else None,
+        )
+
+    # to implement per structure
+    def _log_det(self, delta: Tensor, s) -> Tensor:
+        raise NotImplementedError
+
+    def functional_variance(self, J: Tensor) -> Tensor:
+        """``J Sigma J^T`` for Jacobians ``J`` (B, C, P); returns (B, C, C)."""
+        raise NotImplementedError
+
+    def sample(self, n_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Weight draws from the posterior, shape (n_samples, P)."""
+        raise NotImplementedError
+
+    def marginal_variance(self) -> Tensor:
+        """``diag(Sigma)``, shape (P,)."""
+        raise NotImplementedError
+
+    def _randn(self, shape, generator) -> Tensor:
+        return torch.randn(
+            shape, generator=generator, dtype=self.mean.dtype, device=self.mean.device
+        )
+
+
+class DiagPosterior(WeightPosterior):
+    """``N(theta*, diag(1 / (s h + delta)))`` from a diagonal curvature ``h``.
+
+    Parameters
+    ----------
+    mean : Tensor of shape (P,)
+    curvature_diag : Tensor of shape (P,)
+        Non-negative diagonal curvature of the summed loss (GGN, Fisher, or an
+        optimizer's scaled second moments).
+    **kwargs
+        See :class:`WeightPosterior`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import DiagPosterior
+    >>> post = DiagPosterior(torch.zeros(3), torch.tensor([1.0, 2.0, 3.0]), prior_precision=1.0)
+    >>> post.marginal_variance()
+    tensor([0.5000, 0.3333, 0.2500])
+    """
+
+    structure = "diag"
+
+    def __init__(self, mean: Tensor, curvature_diag: Tensor, **kwargs):
+        self.h = curvature_diag.detach().to(mean.dtype)
+        if self.h.shape != mean.shape:
+            raise ValueError("curvature_diag must have the shape of mean")
+        super().__init__(mean, **kwargs)
+
+    def _precision(self, delta=None, s=None) -> Tensor:
+        delta = self.prior_precision if delta is None else delta
+        s = self.curvature_scale if s is None else s
+        return s * self.h + self._delta_vector(delta)
+
+    def _log_det(self, delta, s):
+        return self._precision(delta, s).log().sum()
+
+    def marginal_variance(self):
+        return 1.0 / self._precision()
+
+    def functional_variance(self, J):
+        return torch.einsum("bcp,p,bdp->bcd", J, self.marginal_variance().to(J.dtype), J)
+
+    def sample(self, n_samples, generator=None):
+        eps = self._randn((n_samples, self.n_params), generator)
+        return self.mean + eps * self.marginal_variance().sqrt()
+
+    def functional_variance_last_layer(self, phi: Tensor, n_out: int, has_bias: bool) -> Tensor:
+        """``J Sigma J^T`` of a last Linear layer from its input features ``phi`` (B, D)."""
+        var = self.marginal_variance().to(phi.dtype)
+        d = phi.shape[1]
+        vw = var[: n_out * d].reshape(n_out, d)
+        out = (phi**2) @ vw.T
+        if has_bias:
+            out = out + var[n_out * d :]
+        return torch.diag_embed(out)
+
+
+class FullPosterior(WeightPosterior):
+    """``N(theta*, (s H + diag(delta))^-1)`` with a dense ``H`` (P x P).
+
+    ``H = Q diag(lambda) Q^T`` is decomposed once; for a scalar ``delta`` the
+    covariance is ``Q diag(1 / (s lambda + delta)) Q^T``. A per-layer
+    ``delta`` uses a Cholesky factorization instead.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import FullPosterior
+    >>> post = FullPosterior(torch.zeros(2), torch.tensor([[2.0, 1.0], [1.0, 2.0]]))
+    >>> torch.allclose(post.covariance(), torch.linalg.inv(torch.tensor([[3.0, 1.0], [1.0, 3.0]])))
+    True
+    """
+
+    structure = "full"
+
+    def __init__(self, mean: Tensor, curvature: Tensor, **kwargs):
+        H = curvature.detach().to(mean.dtype)
+        if H.shape != (mean.numel(), mean.numel()):
+            raise ValueError("curvature must be a P x P matrix")
+        H = (H + H.T) / 2
+        self.H = H
+        evals, evecs = torch.linalg.eigh(H.double() if H.dtype != torch.float64 else H)
+        self.eigvals = evals.clamp_min(0).to(H.dtype)
+        self.eigvecs = evecs.to(H.dtype)
+        super().__init__(mean, **kwargs)
+
+    def _log_det(self, delta, s):
+        if delta.ndim == 0:
+            return torch.log(s * self.eigvals + delta).sum()
+        P = s * self.H + torch.diag(self._delta_vector(delta))
+        return 2 * torch.log(torch.diagonal(torch.linalg.cholesky(P))).sum()
+
+    def _factor(self) -> Tensor:
+        """``A`` with ``A A^T = Sigma``."""
+        if "A" not in self._cache:
+            d, s = self.prior_precision, self.curvature_scale
+            if d.ndim == 0:
+                self._cache["A"] = self.eigvecs * torch.rsqrt(s * self.eigvals + d)
+            else:
+                P = s * self.H + torch.diag(self._delta_vector(d))
+                L = torch.linalg.cholesky(P)
+                eye = torch.eye(self.n_params, dtype=P.dtype, device=P.device)
+                self._cache["A"] = torch.linalg.solve_triangular(L, eye, upper=False).T
+        return self._cache["A"]
+
+    def covariance(self) -> Tensor:
+        """``Sigma`` (P, P), cached until ``delta`` or ``s`` change."""
+        if "cov" not in self._cache:
+            A = self._factor()
+            self._cache["cov"] = A @ A.T
+        return self._cache["cov"]
+
+    def marginal_variance(self):
+        return (self._factor() ** 2).sum(1)
+
+    def functional_variance(self, J):
+        JA = J @ self._factor().to(J.dtype)
+        return JA @ JA.transpose(1, 2)
+
+    def sample(self, n_samples, generator=None):
+        eps = self._randn((n_samples, self.n_params), generator)
+        return self.mean + eps @ self._factor().T
+
+    def functional_variance_last_layer(self, phi, n_out, has_bias):
+        cov = self.covariance().to(phi.dtype)
+        d = phi.shape[1]
+        nw = n_out * d
+        Sww = cov[:nw, :nw].reshape(n_out, d, n_out, d)
+        out = torch.einsum("ni,ciej,nj->nce", phi, Sww, phi)
+        if has_bias:
+            Swb = cov[:nw, nw:].reshape(n_out, d, n_out)
+            cross = torch.einsum("ni,cie->nce", phi, Swb)
+            out = out + cross + cross.transpose(1, 2) + cov[nw:, nw:]
+        return out
+
+
+class KronPosterior(WeightPosterior):
+    """K-FAC posterior: blocks ``s G (x) A + delta I`` (or dense ``s B + delta I`` for biases).
+
+    Each factor is eigendecomposed once; a block's precision eigenvalues are
+    ``s lambda_G lambda_A^T + delta``. The prior precision must be constant
+    within a block (per-layer priors are per parameter tensor, which is per
+    block).
+
+    Parameters
+    ----------
+    mean : Tensor of shape (P,)
+    blocks : list of KronBlock
+        Covering ``0..P`` (see :class:`skuq.curvature.KronBlock`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import KronBlock
+    >>> from skuq.posterior import KronPosterior
+    >>> G, A = torch.eye(2), 2 * torch.eye(3)
+    >>> post = KronPosterior(torch.zeros(6), [KronBlock(slice(0, 6), [G, A])])
+    >>> post.marginal_variance()
+    tensor([0.3333, 0.3333, 0.3333, 0.3333, 0.3333, 0.3333])
+    """
+
+    structure = "kron"
+
+    def __init__(self, mean: Tensor, blocks: list[KronBlock], **kwargs):
+        self.blocks = sorted(blocks, key=lambda b: b.index.start)
+        self.eig = []
+        for b in self.blocks:
+            pairs = []
+            for F in b.factors:
+                F = F.detach()
+                ev, Q = torch.linalg.eigh(((F + F.T) / 2).double())
+                pairs.append((ev.clamp_min(0).to(mean.dtype), Q.to(mean.dtype)))
+            self.eig.append(pairs)
+        if kwargs.get("group_sizes") is None:
+            kwargs["group_sizes"] = [b.index.stop - b.index.start for b in self.blocks]
+        super().__init__(mean, **kwargs)
+
+    def _block_eigvals(self, i: int) -> Tensor:
+        pairs = self.eig[i]
+        if len(pairs) == 1:
+            return pairs[0][0]
+        return torch.outer(pairs[0][0], pairs[1][0])
+
+    def _block_deltas(self, delta: Tensor) -> list[Tensor]:
+        if delta.ndim == 0:
+            return [delta] * len(self.blocks)
+        dv = self._delta_vector(delta)
+        out = []
+        for b in self.blocks:
+            seg = dv[b.index]
+            if not bool((seg == seg[0]).all()):
+                raise ValueError(
+                    "hessian_structure='kron' needs the prior precision to be constant "
+                    "within each layer block"
+                )
+            out.append(seg[0])
+        return out
+
+    def _log_det(self, delta, s):
+        return sum(
+            torch.log(s * self._block_eigvals(i) + d).sum()
+            for i, d in enumerate(self._block_deltas(delta))
+        )
+
+    def _inv_eig(self) -> list[Tensor]:
+        if "inv" not in self._cache:
+            s = self.curvature_scale
+            deltas = self._block_deltas(self.prior_precision)
+            self._cache["inv"] = [
+                1.0 / (s * self._block_eigvals(i) + d) for i, d in enumerate(deltas)
+            ]
+        return self._cache["inv"]
+
+    def marginal_variance(self):
+        out = torch.empty(self.n_params, dtype=self.mean.dtype, device=self.mean.device)
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+            if len(pairs) == 1:
+                out[b.index] = (pairs[0][1] ** 2) @ inv
+            else:
+                QG, QA = pairs[0][1], pairs[1][1]
+                out[b.index] = ((QG**2) @ inv @ (QA**2).T).reshape(-1)
+        return out
+
+    def functional_variance(self, J):
+        B, C, _ = J.shape
+        out = torch.zeros(B, C, C, dtype=J.dtype, device=J.device)
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+            Jb = J[:, :, b.index]
+            if len(pairs) == 1:
+                T = Jb @ pairs[0][1].to(J.dtype)
+                out += torch.einsum("bcp,p,bdp->bcd", T, inv.to(J.dtype), T)
+            else:
+                QG, QA = pairs[0][1].to(J.dtype), pairs[1][1].to(J.dtype)
+                T = QG.T @ Jb.reshape(B, C, QG.shape[0], QA.shape[0]) @ QA
+                out += torch.einsum("bcoi,oi,bdoi->bcd", T, inv.to(J.dtype), T)
+        return out
+
+    def sample(self, n_samples, generator=None):
+        out = self.mean.expand(n_samples, -1).clone()
+        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+            if len(pairs) == 1:
+                z = self._randn((n_samples, inv.numel()), generator) * inv.sqrt()
+                out[:, b.index] += z @ pairs[0][1].T
+            else:
+                QG, QA = pairs[0][1], pairs[1][1]
+                z = self._randn((n_samples, *inv.shape), generator) * inv.sqrt()
+                out[:, b.index] += (QG @ z @ QA.T).reshape(n_samples, -1)
+        return out
+
+    def functional_variance_last_layer(self, phi, n_out, has_bias):
+        out = 0
+        for _b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+            if len(pairs) == 1:  # the bias block: the same for every row
+                Q = pairs[0][1].to(phi.dtype)
+                out = out + ((Q * inv.to(phi.dtype)) @ Q.T).expand(phi.shape[0], -1, -1)
+            else:
+                QG, QA = pairs[0][1].to(phi.dtype), pairs[1][1].to(phi.dtype)
+                s = ((phi @ QA) ** 2) @ inv.to(phi.dtype).T  # (B, out)
+                out = out + torch.einsum("co,no,eo->nce", QG, s, QG)
+        return out
+
+
+class LowRankPosterior(WeightPosterior):
+    """``H ~= U diag(lambda) U^T`` (top-k eigenpairs) plus a scalar prior ``delta I``.
+
+    ``Sigma = (I - U diag(s lambda / (s lambda + delta)) U^T) / delta``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import LowRankPosterior
+    >>> U = torch.eye(3)[:, :1]
+    >>> post = LowRankPosterior(torch.zeros(3), torch.tensor([3.0]), U, prior_precision=1.0)
+    >>> post.marginal_variance()
+    tensor([0.2500, 1.0000, 1.0000])
+    """
+
+    structure = "lowrank"
+
+    def __init__(self, mean: Tensor, eigvals: Tensor, eigvecs: Tensor, **kwargs):
+        self.eigvals = eigvals.detach().to(mean.dtype).clamp_min(0)
+        self.eigvecs = eigvecs.detach().to(mean.dtype)
+        super().__init__(mean, **kwargs)
+
+    def _check_delta(self, value):
+        d = super()._check_delta(value)
+        if d.ndim != 0:
+            raise ValueError("hessian_structure='lowrank' supports a scalar prior precision only")
+        return d
+
+    def _log_det(self, delta, s):
+        if delta.ndim != 0:
+            raise ValueError("hessian_structure='lowrank' supports a scalar prior precision only")
+        k = self.eigvals.numel()
+        return torch.log(s * self.eigvals + delta).sum() + (self.n_params - k) * torch.log(delta)
+
+    def _shrink(self) -> Tensor:
+        s, d = self.curvature_scale, self.prior_precision
+        return s * self.eigvals / (s * self.eigvals + d)
+
+    def marginal_variance(self):
+        return (1 - (self.eigvecs**2) @ self._shrink()) / self.prior_precision
+
+    def functional_variance(self, J):
+        JU = J @ self.eigvecs.to(J.dtype)
+        D = self._shrink().to(J.dtype)
+        return (J @ J.transpose(1, 2) - (JU * D) @ JU.transpose(1, 2)) / self.prior_precision
+
+    def sample(self, n_samples, generator=None):
+        s, d = self.curvature_scale, self.prior_precision
+        E = 1 - torch.sqrt(d / (s * self.eigvals + d))
+        z = self._randn((n_samples, self.n_params), generator)
+        return self.mean + (z - ((z @ self.eigvecs) * E) @ self.eigvecs.T) / d.sqrt()
+
+
+def posterior_from_curvature(
+    curvature: Curvature,
+    mean: Tensor,
+    *,
+    prior_precision=1.0,
+    group_sizes: list[int] | None = None,
+    sigma_noise: float = 1.0,
+    temperature: float = 1.0,
+) -> WeightPosterior:
+    """The posterior class matching ``curvature.structure``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> from skuq.posterior import posterior_from_curvature
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> curv = compute_curvature(w, [(torch.randn(8, 3), torch.randint(0, 2, (8,)))],
+    ...                          structure="full")
+    >>> post = posterior_from_curvature(curv, w.vector(), prior_precision=1.0)
+    >>> post.sample(4).shape
+    torch.Size([4, 8])
+    """
+    kwargs = dict(
+        prior_precision=prior_precision, group_sizes=group_sizes, sigma_noise=sigma_noise,
+        temperature=temperature, loss=curvature.loss, n_data=curvature.n_data,
+        n_outputs=curvature.n_outputs, likelihood=curvature.likelihood,
+    )
+    if curvature.structure == "diag":
+        return DiagPosterior(mean, curvature.diag, **kwargs)
+    if curvature.structure == "full":
+        return FullPosterior(mean, curvature.full, **kwargs)
+    if curvature.structure == "kron":
+        return KronPosterior(mean, curvature.kron, **kwargs)
+    if curvature.structure == "lowrank":
+        return LowRankPosterior(mean, curvature.eigvals, curvature.eigvecs, **kwargs)
+    raise ValueError(f"unknown curvature structure {curvature.structure!r}")

@@ -1,0 +1,263 @@
+"""Predictive distributions of a weight-space posterior, as OutputDistribution.
+
+* :func:`glm_predictive` -- the linearized network
+  ``f(x) ~ N(f(x; theta*), J(x) Sigma J(x)^T)``; Jacobians are formed in row
+  chunks (never more than one batch), and for a last Linear layer the
+  covariance comes straight from its input features ``phi`` and the
+  posterior's structure, never from ``phi^T (x) I``.
+* :func:`nn_predictive` -- weights sampled from the posterior, pushed through
+  the network: ``OutputDistribution.from_samples``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+
+from .curvature.ggn import _layer_plan
+from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
+from .curvature.weights import WeightSubset
+from .outputs import OutputDistribution
+from .posterior import DiagPosterior, KronPosterior, LowRankPosterior, WeightPosterior
+
+__all__ = ["glm_predictive", "nn_predictive", "last_layer_features", "needs_jacobians"]
+
+
+def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tensor] | None:
+    """``(phi, f)``: the last Linear layer's input features and the outputs.
+
+    ``None`` when the feature route does not apply: the subset is not a last
+    ``nn.Linear`` layer fed by vectors, or the network's output is not that
+    layer's output (e.g. a log-softmax after it).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.predictive import last_layer_features
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> x = torch.zeros(5, 3)
+    >>> phi, f = last_layer_features(select_weights(net, "last_layer", example_input=x), x)
+    >>> phi.shape
+    torch.Size([5, 4])
+    """
+    layer = weights.last_layer
+    if weights.kind != "last_layer" or not isinstance(layer, nn.Linear):
+        return None
+    if weights.names[0] != f"{weights.last_layer_name}.weight":
+        return None  # the weight itself is frozen
+    seen: list[Tensor] = []
+    handle = layer.register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    try:
+        with torch.no_grad():
+            f = weights.model(x)
+    finally:
+        handle.remove()
+    if len(seen) != 1 or seen[0].ndim != 2:
+        return None
+    phi = seen[0]
+    with torch.no_grad():
+        direct = layer(phi)
+    if direct.shape != f.shape or not torch.equal(direct, f):
+        return None
+    return phi, f
+
+
+def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistribution | None:
+    """``J Sigma J^T`` for diag/K-FAC posteriors over dense layers fed by vectors.
+
+    One forward pass and ``C`` backward passes give each layer's input ``a``
+    and output gradients ``g_c``; the weight Jacobian of class ``c`` is
+    ``g_c (x) a``, so the block-diagonal covariance contracts per layer in
+    closed form (O(B C^2 (in + out)) after one transform), never forming ``J``.
+    ``None`` when the network has other layers or inputs with extra dims.
+    """
+    plan = _layer_plan(weights)
+    if isinstance(plan, str) or not all(isinstance(m, nn.Linear) for m, _ in plan):
+        return None
+    modules = [m for m, _ in plan]
+    inputs: dict = {}
+    outputs: dict = {}
+
+    def hook(mod, inp, out):
+        inputs.setdefault(mod, []).append(inp[0].detach())
+        outputs.setdefault(mod, []).append(out)
+
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        with torch.enable_grad():
+            f = weights.model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if any(len(outputs.get(m, [])) != 1 or inputs[m][0].ndim != 2 for m in modules):
+        return None
+    n_out = f.shape[1]
+    outs = [outputs[m][0] for m in modules]
+    grads = [[] for _ in modules]
+    for c in range(n_out):
+        gc = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < n_out - 1)
+        for k, g in enumerate(gc):
+            grads[k].append(g.detach())
+    dt = posterior.mean.dtype
+    cov = torch.zeros(f.shape[0], n_out, n_out, dtype=dt, device=f.device)
+    if isinstance(posterior, DiagPosterior):
+        var = posterior.marginal_variance()
+        for (mod, slices), g in zip(plan, grads, strict=True):
+            g = torch.stack(g, 1).to(dt)  # (B, C, out)
+            u = 0
+            if "weight" in slices:
+                a = inputs[mod][0].to(dt)
+                u = (a**2) @ var[slices["weight"]].reshape(mod.out_features, -1).T
+            if "bias" in slices:
+                u = u + var[slices["bias"]]
+            cov += torch.einsum("bco,bdo,bo->bcd", g, g, u)
+    else:
+        starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
+        inv = posterior._inv_eig()
+        for (mod, slices), g in zip(plan, grads, strict=True):
+            g = torch.stack(g, 1).to(dt)
+            if "weight" in slices:
+                i = starts[slices["weight"].start]
+                QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
+                a = inputs[mod][0].to(dt)
+                sw = ((a @ QA) ** 2) @ inv[i].T  # (B, out)
+                gq = g @ QG
+                cov += torch.einsum("bco,bdo,bo->bcd", gq, gq, sw)
+            if "bias" in slices:
+                i = starts[slices["bias"].start]
+                gq = g @ posterior.eig[i][0][1]
+                cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
+    return OutputDistribution.gaussian(f.detach(), cov.to(f.dtype))
+
+
+def needs_jacobians(weights: WeightSubset, posterior: WeightPosterior, x: Tensor) -> bool:
+    """Whether :func:`glm_predictive` falls back to per-sample Jacobians for ``x``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.posterior import DiagPosterior
+    >>> from skuq.predictive import needs_jacobians
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> needs_jacobians(w, DiagPosterior(w.vector(), torch.ones(8)), torch.zeros(4, 3))
+    False
+    """
+    if isinstance(posterior, LowRankPosterior):
+        return True
+    if last_layer_features(weights, x[:2]) is not None:
+        return False
+    if isinstance(posterior, (DiagPosterior, KronPosterior)):
+        return _layer_glm(weights, posterior, x[:2]) is None
+    return True
+
+
+def glm_predictive(
+    weights: WeightSubset,
+    posterior: WeightPosterior,
+    x: Tensor,
+    *,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    use_features: bool = True,
+) -> OutputDistribution:
+    """Linearized (GLM) predictive over outputs for one batch.
+
+    Parameters
+    ----------
+    weights : WeightSubset
+        The weights the posterior lives on.
+    posterior : WeightPosterior
+    x : Tensor of shape (B, ...)
+    max_elements : int
+        Most Jacobian entries held at once.
+    use_features : bool
+        Use the last-layer feature route where it applies.
+
+    Returns
+    -------
+    OutputDistribution
+        Gaussian with full (B, C, C) covariance.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights, compute_curvature
+    >>> from skuq.posterior import posterior_from_curvature
+    >>> from skuq.predictive import glm_predictive
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    >>> post = posterior_from_curvature(compute_curvature(w, [(x, y)]), w.vector())
+    >>> glm_predictive(w, post, x).probabilities("probit").shape
+    torch.Size([8, 2])
+    """
+    if use_features and not isinstance(posterior, LowRankPosterior):
+        feats = last_layer_features(weights, x)
+        if feats is not None:
+            phi, f = feats
+            layer = weights.last_layer
+            cov = posterior.functional_variance_last_layer(
+                phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2
+            )
+            return OutputDistribution.gaussian(f, cov.to(f.dtype))
+    if use_features and isinstance(posterior, (DiagPosterior, KronPosterior)):
+        layered = _layer_glm(weights, posterior, x)
+        if layered is not None:
+            return layered
+    means, covs = [], []
+    n_out = None
+    with torch.no_grad():
+        n_out = weights.model(x[:1]).shape[1]
+    for _, J, f in iter_jacobians(weights, x, n_out, max_elements):
+        means.append(f.detach())
+        covs.append(posterior.functional_variance(J.detach().to(posterior.mean.dtype)).to(f.dtype))
+    return OutputDistribution.gaussian(torch.cat(means), torch.cat(covs))
+
+
+def nn_predictive(
+    weights: WeightSubset,
+    posterior: WeightPosterior,
+    x: Tensor,
+    *,
+    n_samples: int = 100,
+    generator: torch.Generator | None = None,
+    thetas: Tensor | None = None,
+) -> OutputDistribution:
+    """Sampling predictive: outputs of the network at posterior weight draws.
+
+    Parameters
+    ----------
+    n_samples : int
+        Weight draws (ignored when ``thetas`` is given).
+    thetas : Tensor of shape (S, P), optional
+        Pre-drawn weights (to use the same draws for several batches).
+
+    Returns
+    -------
+    OutputDistribution
+        Sample form, (S, B, C).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.posterior import DiagPosterior
+    >>> from skuq.predictive import nn_predictive
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> w = select_weights(lin)
+    >>> post = DiagPosterior(w.vector(), torch.ones(8))
+    >>> nn_predictive(w, post, torch.zeros(4, 3), n_samples=10).samples.shape
+    torch.Size([10, 4, 2])
+    """
+    if thetas is None:
+        thetas = posterior.sample(n_samples, generator)
+    thetas = thetas.to(weights.dtype)
+    step = max(1, int(DEFAULT_MAX_ELEMENTS // max(1, x[:1].numel() * 64)))
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(thetas), step):  # vmap over weight draws, in chunks
+            outs.append(vmap(lambda t: weights.forward(t, x))(thetas[start : start + step]))
+    return OutputDistribution.from_samples(torch.cat(outs))

@@ -1,0 +1,287 @@
+"""The curvature engine against brute force: full Jacobians, explicit Lambda, float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from skuq.curvature import (
+    compute_curvature,
+    ggn_matmul,
+    jacobians,
+    select_subnetwork,
+    select_weights,
+)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """Brute force in float64; the default dtype is restored for the rest of the suite."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+
+
+def _cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1, stride=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
+        nn.Flatten(), nn.Linear(8, 3),
+    )
+
+
+def _data(model, n=7, seed=1):
+    torch.manual_seed(seed)
+    x = torch.randn(n, 4) if isinstance(model[0], nn.Linear) else torch.randn(n, 2, 4, 4)
+    return x, torch.randint(0, 3, (n,))
+
+
+def brute_jacobian(model, x):
+    """J[n, c, :] by one autograd backward per sample and output (no torch.func)."""
+    params = [p for p in model.parameters()]
+    rows = []
+    for n in range(len(x)):
+        out = model(x[n : n + 1])[0]
+        per = []
+        for c in range(out.shape[0]):
+            g = torch.autograd.grad(out[c], params, retain_graph=True)
+            per.append(torch.cat([t.reshape(-1) for t in g]))
+        rows.append(torch.stack(per))
+    return torch.stack(rows)
+
+
+def brute_ggn(model, x, y=None, likelihood="classification"):
+    J = brute_jacobian(model, x)
+    with torch.no_grad():
+        f = model(x)
+    H = 0
+    for n in range(len(x)):
+        if likelihood == "classification":
+            p = torch.softmax(f[n], 0)
+            lam = torch.diag(p) - torch.outer(p, p)
+        else:
+            lam = torch.eye(f.shape[1])
+        H = H + J[n].T @ lam @ J[n]
+    return H
+
+
+def brute_ef(model, x, y):
+    rows = []
+    for n in range(len(x)):
+        loss = F.cross_entropy(model(x[n : n + 1]), y[n : n + 1], reduction="sum")
+        g = torch.autograd.grad(loss, list(model.parameters()))
+        rows.append(torch.cat([t.reshape(-1) for t in g]))
+    G = torch.stack(rows)
+    return G.T @ G
+
+
+def batches(x, y, size=3):
+    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_jacobians_match_brute_force(make):
+    model = make()
+    x, _ = _data(model)
+    J, f = jacobians(select_weights(model), x)
+    torch.testing.assert_close(J, brute_jacobian(model, x), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(f, model(x).detach())
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("route", ["layers", "jacobians"])
+def test_diag_ggn_equals_brute_force(make, route):
+    model = make()
+    x, y = _data(model)
+    H = brute_ggn(model, x)
+    curv = compute_curvature(select_weights(model), batches(x, y), structure="diag", route=route)
+    torch.testing.assert_close(curv.diag, torch.diagonal(H), rtol=1e-10, atol=1e-13)
+    assert curv.n_data == len(x)
+    assert curv.loss == pytest.approx(float(F.cross_entropy(model(x), y, reduction="sum")))
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+def test_full_ggn_and_ef_equal_brute_force(make):
+    model = make()
+    x, y = _data(model)
+    w = select_weights(model)
+    full = compute_curvature(w, batches(x, y), structure="full").full
+    torch.testing.assert_close(full, brute_ggn(model, x), rtol=1e-10, atol=1e-13)
+    ef = compute_curvature(w, batches(x, y), structure="full", curvature="ef").full
+    torch.testing.assert_close(ef, brute_ef(model, x, y), rtol=1e-10, atol=1e-13)
+    ef_diag = compute_curvature(w, batches(x, y), structure="diag", curvature="ef").diag
+    torch.testing.assert_close(ef_diag, torch.diagonal(brute_ef(model, x, y)), rtol=1e-10,
+                               atol=1e-13)
+
+
+def test_regression_ggn_is_jt_j():
+    model = _mlp()
+    x, _ = _data(model)
+    y = torch.randn(len(x), 3)
+    w = select_weights(model)
+    J = brute_jacobian(model, x)
+    expected = torch.einsum("ncp,ncq->pq", J, J)
+    curv = compute_curvature(w, batches(x, y), likelihood="regression", structure="full")
+    torch.testing.assert_close(curv.full, expected, rtol=1e-10, atol=1e-13)
+    assert curv.loss == pytest.approx(float(0.5 * ((model(x) - y) ** 2).sum()))
+    diag = compute_curvature(w, batches(x, y), likelihood="regression", structure="diag")
+    torch.testing.assert_close(diag.diag, torch.diagonal(expected), rtol=1e-10, atol=1e-13)
+
+
+def _layer_io_by_hand(model, x, layer_index):
+    """Inputs a_n to layer ``layer_index`` and d f / d s (its outputs), by hand."""
+    head = model[:layer_index]
+    layer, tail = model[layer_index], model[layer_index + 1 :]
+    with torch.no_grad():
+        a = head(x)
+    jac = []
+    for n in range(len(x)):
+        s = layer(a[n : n + 1]).detach()
+        jac.append(torch.autograd.functional.jacobian(lambda t: tail(t)[0], s)[:, 0])
+    return a, jac, model(x).detach()
+
+
+def test_kron_factors_equal_hand_computed_linear():
+    model = _mlp()
+    x, y = _data(model)
+    curv = compute_curvature(select_weights(model), batches(x, y), structure="kron")
+    blocks = curv.kron
+    assert len(blocks) == 6  # weight and bias of three layers, separately
+    for k, layer_index in enumerate([0, 2, 4]):
+        a, dfds, f = _layer_io_by_hand(model, x, layer_index)
+        A = a.T @ a / len(x)
+        G = 0
+        for n in range(len(x)):
+            p = torch.softmax(f[n], 0)
+            lam = torch.diag(p) - torch.outer(p, p)
+            G = G + dfds[n].T @ lam @ dfds[n]
+        wblock, bblock = blocks[2 * k], blocks[2 * k + 1]
+        torch.testing.assert_close(wblock.factors[0], G, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(wblock.factors[1], A, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(bblock.factors[0], G, rtol=1e-10, atol=1e-13)
+    # the bias blocks are exact GGN blocks
+    H = brute_ggn(model, x)
+    for b in blocks[1::2]:
+        torch.testing.assert_close(b.dense(), H[b.index, b.index], rtol=1e-10, atol=1e-13)
+
+
+def test_kron_is_exact_for_one_sample_linear_layer():
+    model = _mlp()
+    x, y = _data(model, n=1)
+    curv = compute_curvature(select_weights(model), [(x, y)], structure="kron")
+    H = brute_ggn(model, x)
+    for b in curv.kron:
+        torch.testing.assert_close(b.dense(), H[b.index, b.index], rtol=1e-10, atol=1e-13)
+
+
+def test_kron_factors_equal_hand_computed_conv():
+    model = _cnn()
+    x, y = _data(model)
+    curv = compute_curvature(select_weights(model), batches(x, y), structure="kron")
+    conv = model[0]
+    # patches by explicit loops: 3x3 windows of the zero-padded input, stride 1
+    xp = F.pad(x, (1, 1, 1, 1))
+    patches = [xp[n, :, i : i + 3, j : j + 3].reshape(-1)
+               for n in range(len(x)) for i in range(4) for j in range(4)]
+    P = torch.stack(patches)
+    A = P.T @ P / len(P)  # 1 / (N T) sum over positions and rows
+    # G: sum over rows, positions and classes of output gradients after Lambda
+    f = model(x).detach()
+    G = 0
+    for n in range(len(x)):
+        s = conv(x[n : n + 1]).detach()
+        jac = torch.autograd.functional.jacobian(lambda t: model[1:](t)[0], s)[:, 0]  # C,o,h,w
+        jac = jac.reshape(3, 3, 16)  # classes, channels, positions
+        p = torch.softmax(f[n], 0)
+        lam = torch.diag(p) - torch.outer(p, p)
+        for t in range(16):
+            G = G + jac[:, :, t].T @ lam @ jac[:, :, t]
+    wblock = curv.kron[0]
+    torch.testing.assert_close(wblock.factors[1], A, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(wblock.factors[0], G, rtol=1e-10, atol=1e-13)
+
+
+def test_lowrank_recovers_top_eigenpairs():
+    model = _mlp()
+    x, y = _data(model, n=12)
+    w = select_weights(model)
+    H = brute_ggn(model, x)
+    V = torch.randn(w.n_params, 4)
+    torch.testing.assert_close(ggn_matmul(w, batches(x, y), V), H @ V, rtol=1e-10, atol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params,
+                             generator=gen)
+    torch.testing.assert_close(curv.dense(), H, rtol=1e-8, atol=1e-9)
+    top = torch.linalg.eigvalsh(H).flip(0)[:5]
+    curv5 = compute_curvature(w, batches(x, y), structure="lowrank", rank=5, generator=gen)
+    torch.testing.assert_close(curv5.eigvals, top, rtol=1e-6, atol=1e-9)
+
+
+def test_last_layer_and_subnetwork_subsets_are_submatrices():
+    model = _mlp()
+    x, y = _data(model)
+    H = brute_ggn(model, x)
+    P = H.shape[0]
+    last = select_weights(model, "last_layer", example_input=x)
+    assert last.names == ["4.weight", "4.bias"]
+    full = compute_curvature(last, batches(x, y), structure="full").full
+    torch.testing.assert_close(full, H[P - 18 :, P - 18 :], rtol=1e-10, atol=1e-13)
+    idx = [0, 5, 30, 31, P - 1]
+    sub = select_weights(model, "subnetwork", subnetwork_indices=idx)
+    full = compute_curvature(sub, batches(x, y), structure="full").full
+    torch.testing.assert_close(full, H[idx][:, idx], rtol=1e-10, atol=1e-13)
+    diag = compute_curvature(sub, batches(x, y), structure="diag").diag
+    torch.testing.assert_close(diag, torch.diagonal(H)[idx], rtol=1e-10, atol=1e-13)
+
+
+# ------------------------------------------------------------------ bad input
+def test_kron_refuses_other_layers():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="supports Linear and Conv2d layers only.*LayerNorm"):
+        compute_curvature(select_weights(model), [(x, y)], structure="kron")
+    # diag and full handle any layer through Jacobians
+    H = brute_ggn(model, x)
+    d = compute_curvature(select_weights(model), [(x, y)], structure="diag").diag
+    torch.testing.assert_close(d, torch.diagonal(H), rtol=1e-10, atol=1e-13)
+
+
+def test_subset_errors():
+    model = _mlp()
+    with pytest.raises(ValueError, match="selects no parameters"):
+        select_subnetwork(model, [])
+    with pytest.raises(ValueError, match=r"must lie in \[0, 83\)"):
+        select_subnetwork(model, [0, 83])
+    with pytest.raises(ValueError, match="repeated"):
+        select_subnetwork(model, [1, 1])
+    with pytest.raises(ValueError, match="subset_of_weights must be one of"):
+        select_weights(model, "first_layer")
+    frozen = _mlp().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        select_weights(frozen)
+
+
+def test_non_finite_curvature_is_refused():
+    model = _mlp()
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    x, y = _data(model)
+    for structure in ("diag", "full", "kron"):
+        with pytest.raises(FloatingPointError, match="contains NaN or inf"):
+            compute_curvature(select_weights(model), [(x, y)], structure=structure)
+
+
+def test_full_refuses_huge_subset():
+    model = nn.Linear(200, 101)
+    with pytest.raises(ValueError, match="use at most 20000 weights"):
+        compute_curvature(select_weights(model), [(torch.zeros(2, 200), torch.zeros(2))],
+                          structure="full")
