@@ -325,10 +325,12 @@ class MomentPropagator:
         return names
 
     def _var_by_id(self) -> dict[int, Tensor]:
-        named = dict(self.model.named_parameters())
+        named = dict(self.graph_module.named_parameters())
         out = {}
         for name, v in self._variances.items():
-            p = named[name]
+            p = named.get(name)
+            if p is None:  # a parameter the traced graph never uses
+                continue
             if v.device != p.device or v.dtype != p.dtype:
                 v = v.to(device=p.device, dtype=p.dtype)
                 self._variances[name] = v
