@@ -95,8 +95,8 @@ def fit_layer_scales(
     def closure():
         opt.zero_grad()
         total = 0.0
-        sc = {k: v.float() for k, v in scales().items()}
         for xb, yb in batches:
+            sc = {k: v.float() for k, v in scales().items()}
             out = propagator(xb, layer_scales=sc)
             loss = probit_nll(out.mean.double(), out.variance.double(), yb, "sum") / n
             loss.backward()

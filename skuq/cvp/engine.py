@@ -165,8 +165,25 @@ class _Tracer(torch.fx.Tracer):
         return super().is_leaf_module(m, qualname)
 
 
+class _Root(nn.Module):
+    """Holds a model that has a rule of its own, so that tracing keeps it a leaf."""
+
+    def __init__(self, root: nn.Module):
+        super().__init__()
+        self.root = root
+
+    def forward(self, x):
+        return self.root(x)
+
+
 def trace(model: nn.Module) -> torch.fx.GraphModule:
-    """Symbolically trace ``model`` (modules with rules stay leaves)."""
+    """Symbolically trace ``model`` (modules with rules stay leaves).
+
+    A model whose own type has a rule (a bare ``nn.Linear``, say) is wrapped,
+    and its parameter and layer names in the graph get the prefix ``root.``.
+    """
+    if _module_rule(type(model)) is not None:
+        model = _Root(model)
     tracer = _Tracer()
     try:
         graph = tracer.trace(model)
@@ -276,6 +293,7 @@ class MomentPropagator:
     def __init__(self, model: nn.Module, variances: Mapping[str, Tensor | float]):
         self.model = model
         self.graph_module = trace(model)
+        self._prefix = "root." if _module_rule(type(model)) is not None else ""
         named = dict(model.named_parameters())
         unknown = sorted(set(variances) - set(named))
         if unknown:
@@ -306,7 +324,9 @@ class MomentPropagator:
             if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
                 own = {f"{node.target}.{n}" for n, _ in mod.named_parameters()}
-                if _module_rule(type(mod)) is None and own & set(self._variances):
+                if _module_rule(type(mod)) is None and own & {
+                    self._prefix + k for k in self._variances
+                }:
                     name = type(mod).__name__
                     raise UnsupportedLayerError(
                         f"CVP has no propagation rule for layer {node.target!r} of type "
@@ -320,7 +340,7 @@ class MomentPropagator:
             if node.op == "call_module" and node.target not in names:
                 mod = gm.get_submodule(node.target)
                 own = {f"{node.target}.{n}" for n, _ in mod.named_parameters()}
-                if own & set(self._variances):
+                if own & {self._prefix + k for k in self._variances}:
                     names.append(node.target)
         return names
 
@@ -328,7 +348,7 @@ class MomentPropagator:
         named = dict(self.graph_module.named_parameters())
         out = {}
         for name, v in self._variances.items():
-            p = named.get(name)
+            p = named.get(self._prefix + name)
             if p is None:  # a parameter the traced graph never uses
                 continue
             if v.device != p.device or v.dtype != p.dtype:
