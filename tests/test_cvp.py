@@ -94,6 +94,31 @@ def test_relu_exact_tiny_variance_is_the_delta_method():
     torch.testing.assert_close(v, torch.full_like(mu, 1e-10), rtol=1e-3, atol=0)
 
 
+def test_relu_float32_matches_float64():
+    """The ReLU rule runs in the input dtype; float32 loses nothing that matters."""
+    for var in VARS:
+        v = torch.full_like(MU, var)
+        m64, v64 = mom.relu_moments(MU, v)
+        m32, v32 = mom.relu_moments(MU.float(), v.float())
+        assert torch.allclose(m32.double(), m64, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(v32.double(), v64, rtol=1e-4, atol=1e-12)
+
+
+def test_layer_scales_reach_tuple_outputs():
+    """Attention returns (output, weights): its calibration scale must still apply."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x = torch.randn(4, 64)
+    prop = MomentPropagator(model, {n: torch.full_like(p, 1e-3)
+                                    for n, p in model.named_parameters()})
+    assert "attn" in prop.layer_names
+    with torch.no_grad():
+        base, rec = prop(x), {}
+        scaled = prop(x, layer_scales={"attn": 10.0}, record=rec)
+    assert bool((scaled.var > base.var).all())
+    assert "attn" in rec
+
+
 def test_linearized_fallback_is_biased_where_moment_matching_is_not():
     mu, v = torch.tensor([0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
     lin_mean, _ = mom.linearized_moments(torch.relu, mu + 1e-9, v)
@@ -418,8 +443,8 @@ def test_ivon_posterior_needs_ivon_trained_net(digits):
 def test_calibration_split_too_small(digits):
     net = make_classifier_net(max_epochs=1)
     X, y = digits.X_train, digits.y_train
-    with pytest.raises(ValueError, match="at least 5"):
-        CVPClassifier(net, posterior={"1.weight": 1e-3}).fit(X, y, X_cal=X[:3], y_cal=y[:3])
+    with pytest.raises(ValueError, match="at least 2"):
+        CVPClassifier(net, posterior={"1.weight": 1e-3}).fit(X, y, X_cal=X[:1], y_cal=y[:1])
     with pytest.raises(ValueError, match="too few rows"):
         CVPClassifier(net, posterior={"1.weight": 1e-3}, calibration_fraction=0.001).fit(X, y)
 

@@ -357,6 +357,19 @@ class MomentPropagator:
             out[id(p)] = v
         return out
 
+    @staticmethod
+    def _scale_and_record(name, out, scales, record):
+        """Scale a layer's output variance; the first element of a tuple output
+        (``nn.MultiheadAttention`` returns ``(output, weights)``) is the output."""
+        first = out[0] if isinstance(out, tuple) and out and isinstance(out[0], Moments) else out
+        if not isinstance(first, Moments):
+            return out
+        if name in scales and first.var is not None:
+            first = Moments(first.mean, first.var * scales[name])
+        if record is not None:
+            record[name] = first
+        return (first, *out[1:]) if isinstance(out, tuple) else first
+
     @property
     def variances(self) -> dict[str, Tensor]:
         """Posterior variance per named parameter."""
@@ -428,10 +441,7 @@ class MomentPropagator:
                         out = _run_deterministic(target, args, kwargs)
                     else:
                         out = rule(ctx, target, *args, **kwargs)
-                    if node.target in scales and isinstance(out, Moments) and out.var is not None:
-                        out = Moments(out.mean, out.var * scales[node.target])
-                    if record is not None and isinstance(out, Moments):
-                        record[node.target] = out
+                    out = self._scale_and_record(node.target, out, scales, record)
                 else:
                     target = node.target
                     rule = get_rule(target) if op == "call_function" else _METHOD_RULES.get(

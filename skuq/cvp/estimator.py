@@ -18,7 +18,7 @@ __all__ = ["CVPClassifier", "CALIBRATIONS", "MIN_CALIBRATION_ROWS"]
 
 CALIBRATIONS = ("per_layer", "global", None)
 #: fewest held-out rows the variance-scale fit accepts
-MIN_CALIBRATION_ROWS = 5
+MIN_CALIBRATION_ROWS = 2
 
 
 class CVPClassifier(UQClassifierMixin, BaseUQEstimator):

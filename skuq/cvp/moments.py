@@ -69,7 +69,8 @@ def _pdf(x: Tensor) -> Tensor:
 
 
 def _f64(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor, torch.dtype]:
-    return mu.double(), var.double().clamp_min(0.0), mu.dtype
+    # strictly positive: sqrt has an infinite derivative at 0 (NaN gradients in calibration)
+    return mu.double(), var.double().clamp_min(1e-300), mu.dtype
 
 
 def _gh(fn: Callable[[Tensor], Tensor], mu: Tensor, sd: Tensor) -> tuple[Tensor, Tensor]:
@@ -85,7 +86,8 @@ def relu_moments(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 
     With ``a = mu / sd``: ``E = mu Phi(a) + sd phi(a)`` and
     ``E[y^2] = (mu^2 + var) Phi(a) + mu sd phi(a)``; the variance is computed
-    in standardized units, so it is accurate for tiny and huge ``var``.
+    in standardized units, so it is accurate for tiny and huge ``var``
+    (computed in the input dtype).
 
     Examples
     --------
@@ -95,19 +97,21 @@ def relu_moments(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     >>> round(float(m), 4), round(float(v), 4)  # 1/sqrt(2 pi), 1/2 - 1/(2 pi)
     (0.3989, 0.3408)
     """
-    m, v, dtype = _f64(mu, var)
-    sd = v.sqrt()
-    a = m / sd.clamp_min(_TINY)
+    # native dtype (this is the hot rule of ReLU nets); the standardized form keeps
+    # float32 accurate: the cancellation in g is at most a^2 eps for |a| <= 30
+    m, v = mu, var.clamp_min(0.0)
+    sd = v.clamp_min(torch.finfo(m.dtype).tiny).sqrt()
+    a = (m / sd.clamp_min(torch.finfo(m.dtype).tiny)).clamp(-1e4, 1e4)
     cdf, pdf = _cdf(a), _pdf(a)
     mean = m * cdf + sd * pdf
     # Var / var in standardized units: (a^2+1)Phi + a phi - (a Phi + phi)^2
     g = (a * a + 1.0) * cdf + a * pdf - (a * cdf + pdf) ** 2
     g = torch.where(a > 30.0, torch.ones_like(g), g).clamp_min(0.0)
     out_var = v * g
-    det = sd == 0
+    det = v == 0
     mean = torch.where(det, m.clamp_min(0.0), mean)
     out_var = torch.where(det, torch.zeros_like(out_var), out_var)
-    return mean.to(dtype), out_var.to(dtype)
+    return mean, out_var
 
 
 def _relu_raw(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
@@ -334,13 +338,13 @@ def max_moments(mu1: Tensor, var1: Tensor, mu2: Tensor, var2: Tensor):
     dtype = mu1.dtype
     m1, v1, m2, v2 = mu1.double(), var1.double().clamp_min(0), mu2.double(), var2.double()
     v2 = v2.clamp_min(0)
-    theta = torch.sqrt(v1 + v2)
+    theta = torch.sqrt((v1 + v2).clamp_min(1e-300))
     a = (m1 - m2) / theta.clamp_min(_TINY)
     c1, c2, pdf = _cdf(a), _cdf(-a), _pdf(a)
     mean = m1 * c1 + m2 * c2 + theta * pdf
     second = (m1 * m1 + v1) * c1 + (m2 * m2 + v2) * c2 + (m1 + m2) * theta * pdf
     out_var = (second - mean * mean).clamp_min(0.0)
-    det = theta == 0
+    det = (v1 + v2) == 0
     mean = torch.where(det, torch.maximum(m1, m2), mean)
     out_var = torch.where(det, torch.zeros_like(out_var), out_var)
     return mean.to(dtype), out_var.to(dtype)
