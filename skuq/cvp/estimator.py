@@ -1,0 +1,172 @@
+"""CVPClassifier: calibrated variance propagation behind the scikit-learn face."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor
+
+from .._utils import check_option, check_positive, iter_batches
+from ..base import BaseUQEstimator, UQClassifierMixin
+from ..outputs import OutputDistribution
+from .calibration import fit_layer_scales
+from .engine import MomentPropagator
+from .posterior import POSTERIOR_SOURCES, DiagonalWeightPosterior, variances_from_mapping
+
+__all__ = ["CVPClassifier", "CALIBRATIONS", "MIN_CALIBRATION_ROWS"]
+
+CALIBRATIONS = ("per_layer", "global", None)
+#: fewest held-out rows the variance-scale fit accepts
+MIN_CALIBRATION_ROWS = 2
+
+
+class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
+    """Bayesian predictions in one forward pass: calibrated variance propagation.
+
+    A diagonal Gaussian posterior over the weights (``posterior``) is pushed
+    through the network in a single pass that carries a mean and a variance
+    per activation (:class:`skuq.cvp.MomentPropagator`: torch.fx tracing and a
+    registry of moment-matching rules). Per-layer variance scales are then
+    fitted on held-out data by the NLL of the probit predictive, network
+    frozen. Probabilities: ``softmax(mu / sqrt(1 + pi v / 8))``.
+
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        See :class:`skuq.base.BaseUQEstimator`.
+    posterior : str, mapping or DiagonalWeightPosterior, default="ivon"
+        Where the weight variances come from. ``"ivon"``: an unfitted skorch
+        net is trained with the IVON optimizer (extra ``pip install
+        skuq[ivon]``) and ``sigma^2 = 1 / (ess (h + weight_decay))`` is read
+        from it; a prefit net must have been trained with IVON. Other names
+        registered with :func:`skuq.cvp.posterior.register_posterior_source`
+        work the same way (``"laplace_diag"``, ``"l2m"``). A mapping
+        ``{parameter name: variance}`` (float or array) or a
+        :class:`~skuq.cvp.posterior.DiagonalWeightPosterior` is used as given
+        (parameters not named have zero variance).
+    posterior_options : dict or None, default=None
+        Keyword options for the source. For ``"ivon"`` when CVP converts the
+        net: ``lr``, ``hess_init``, ``beta2``, ``weight_decay``, ``mc_samples``,
+        ``ess`` (see :data:`skuq.cvp.posterior.IVON_DEFAULTS`; ``ess`` defaults
+        to the number of training rows).
+    calibration : {"per_layer", "global"} or None, default="per_layer"
+        Fit one variance scale per parameterized layer, one shared scale, or
+        none (plain variance propagation).
+    calibration_fraction : float, default=0.2
+        Share of ``fit``'s rows held out for the scales when the net is
+        trained inside ``fit`` (a prefit net uses all rows; or pass
+        ``X_cal, y_cal`` to ``fit``).
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    posterior_ : DiagonalWeightPosterior
+    propagator_ : MomentPropagator
+    layer_scales_ : dict of str to float
+        Fitted variance scale per layer (empty without calibration).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from skuq import CVPClassifier
+    >>> from skuq.datasets import load_digits_ood
+    >>> from skuq.nets import MLP
+    >>> d = load_digits_ood()
+    >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
+    ...                           max_epochs=10, train_split=None, verbose=0)
+    >>> est = CVPClassifier(net, random_state=0).fit(d.X_train, d.y_train)
+    >>> est.score(d.X_test, d.y_test) > 0.9
+    True
+    >>> sorted(est.layer_scales_)
+    ['1', '3', '5']
+    """
+
+    _extra_fit_params = ()
+
+    def __init__(
+        self, estimator, *, posterior="ivon", posterior_options=None,
+        calibration="per_layer", calibration_fraction=0.2, device="auto", batch_size=256,
+        random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.posterior = posterior
+        self.posterior_options = posterior_options
+        self.calibration = calibration
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+    @property
+    def _uses_calibration_split(self) -> bool:
+        return self.calibration is not None
+
+    # --------------------------------------------------------------- options
+    def _validate_options(self) -> None:
+        post = self.posterior
+        if isinstance(post, str):
+            check_option("posterior", post, tuple(POSTERIOR_SOURCES))
+        elif not isinstance(post, (Mapping, DiagonalWeightPosterior)):
+            raise ValueError(
+                f"posterior must be one of {tuple(POSTERIOR_SOURCES)}, a mapping "
+                "{parameter name: variance} or a DiagonalWeightPosterior; got "
+                f"{type(post).__name__}"
+            )
+        if self.calibration is not None:
+            check_option("calibration", self.calibration, ("per_layer", "global"))
+            check_positive("calibration_fraction", self.calibration_fraction)
+        if self.posterior_options is not None and not isinstance(self.posterior_options, Mapping):
+            raise ValueError("posterior_options must be a dict or None")
+
+    def _source(self):
+        return POSTERIOR_SOURCES[self.posterior] if isinstance(self.posterior, str) else None
+
+    # ------------------------------------------------------------------- fit
+    def _train_skorch(self, net, X, y):
+        source = self._source()
+        if source is not None and source.prepare_net is not None:
+            net = source.prepare_net(net, len(X), **(self.posterior_options or {}))
+        return super()._train_skorch(net, X, y)
+
+    def _resolve_posterior(self, X, y) -> DiagonalWeightPosterior:
+        post = self.posterior
+        if isinstance(post, DiagonalWeightPosterior):
+            return DiagonalWeightPosterior(variances_from_mapping(self.model_, post.variances))
+        if isinstance(post, Mapping):
+            return DiagonalWeightPosterior(variances_from_mapping(self.model_, post))
+        result = self._source().fit(
+            self.model_, self.net_, X, y, device=self.device_, batch_size=self.batch_size,
+            **(self.posterior_options or {}),
+        )
+        if isinstance(result, Mapping):
+            result = DiagonalWeightPosterior(dict(result))
+        return result
+
+    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
+        self.posterior_ = self._resolve_posterior(X, y)
+        self.propagator_ = MomentPropagator(self.model_, self.posterior_.variances)
+        self.layer_scales_ = {}
+        if self.calibration is None:
+            with torch.no_grad():  # fail in fit, not in predict, on an unsupported layer
+                self.propagator_(torch.as_tensor(X[:2]).to(self.device_))
+            return
+        if len(X_cal) < MIN_CALIBRATION_ROWS:
+            raise ValueError(
+                f"the calibration split has {len(X_cal)} rows; fitting the variance scales "
+                f"needs at least {MIN_CALIBRATION_ROWS}. Give more data, raise "
+                "calibration_fraction, pass larger X_cal/y_cal, or use calibration=None"
+            )
+        batches = list(iter_batches(X_cal, y_cal, batch_size=self.batch_size,
+                                    device=self.device_))
+        self.layer_scales_ = fit_layer_scales(self.propagator_, batches, self.calibration)
+
+    # --------------------------------------------------------------- predict
+    def _predict_batch(self, x: Tensor) -> OutputDistribution:
+        with torch.no_grad():
+            out = self.propagator_(x, layer_scales=self.layer_scales_)
+        return OutputDistribution.gaussian(out.mean.float(), out.variance.float())

@@ -1,0 +1,700 @@
+"""The built-in propagation rules (registered on import).
+
+Supported out of the box:
+
+* weights: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``F.linear`` (exact
+  for independent inputs and weights); ``nn.BatchNorm1d/2d`` in eval mode
+  (affine, exact); ``nn.LayerNorm``, ``F.layer_norm`` and ``nn.RMSNorm`` (the
+  expected-statistic rule); ``nn.MultiheadAttention``,
+  ``F.scaled_dot_product_attention``, ``nn.TransformerEncoderLayer`` and
+  ``nn.TransformerEncoder`` (attention weights from the means, variance
+  through the values and the output projection);
+* activations: ReLU, LeakyReLU (exact), GELU, SiLU, sigmoid, tanh (see
+  :mod:`skuq.cvp.moments`), ELU and Softplus (Gauss-Hermite quadrature);
+  softmax is applied to the means (the attention convention);
+* structure: ``+``/``-`` (variances add), products (independent factors),
+  ``@`` (independent factors), division by constants, indexing, flatten,
+  reshape/view, permute/transpose, (un)squeeze, cat/stack, chunk/split,
+  mean/sum, average pooling (exact), max pooling (Clark's moment matching,
+  folded over the window), dropout and identity (eval mode).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import moments as mom
+from .engine import Moments, PropagationContext, UnsupportedLayerError, register_rule
+
+__all__ = ["linear_moments", "elementwise_rule", "linearized_rule"]
+
+
+def _sq(t: Tensor) -> Tensor:
+    return t * t
+
+
+def _add_var(*terms: Tensor | None) -> Tensor | None:
+    out = None
+    for t in terms:
+        if t is not None:
+            out = t if out is None else out + t
+    return out
+
+
+# ---------------------------------------------------------------- weights
+def linear_moments(
+    x: Moments,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    weight_var: Tensor | None = None,
+    bias_var: Tensor | None = None,
+) -> Moments:
+    """Moments of ``x W^T + b`` with independent Gaussian ``x``, ``W`` and ``b``.
+
+    ``mean = mu W^T + b``, ``var = mu^2 s_W^T + v (W^2 + s_W)^T + s_b``: exact
+    for independent inputs and weights (``s`` = variances).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.cvp import Moments
+    >>> from skuq.cvp.rules import linear_moments
+    >>> out = linear_moments(Moments(torch.ones(1, 2), torch.ones(1, 2)),
+    ...                      torch.ones(1, 2), None, torch.ones(1, 2), None)
+    >>> out.mean, out.var  # 2, 2 * (1 * 1 + 1 * (1 + 1))
+    (tensor([[2.]]), tensor([[6.]]))
+    """
+    b = None if bias is None else Moments(bias, bias_var)
+    return _linear_fn(None, F.linear, x, Moments(weight, weight_var), b)
+
+
+def _linear_cat(x: Moments, w: Tensor, wv: Tensor) -> Tensor:
+    """``mu^2 @ s_W^T + v @ (W^2 + s_W)^T`` as one matmul (last-dim features)."""
+    return F.linear(torch.cat([_sq(x.mean), x.var], dim=-1), torch.cat([wv, _sq(w) + wv], dim=1))
+
+
+@register_rule(nn.Linear)
+def _linear(ctx: PropagationContext, m: nn.Linear, x: Moments) -> Moments:
+    return _linear_fn(ctx, F.linear, x, ctx.param(m.weight), ctx.param(m.bias))
+
+
+@register_rule(F.linear)
+def _linear_fn(ctx, fn, x: Moments, weight, bias=None) -> Moments:
+    w = weight if isinstance(weight, Moments) else Moments(weight)
+    b = bias if isinstance(bias, Moments) or bias is None else Moments(bias)
+    mean = F.linear(x.mean, w.mean, None if b is None else b.mean)
+    if x.var is not None and w.var is not None:
+        var = _linear_cat(x, w.mean, w.var)
+    elif x.var is not None:
+        var = F.linear(x.var, _sq(w.mean))
+    elif w.var is not None:
+        var = F.linear(_sq(x.mean), w.var)
+    else:
+        var = None
+    if b is not None and b.var is not None:
+        var = b.var.expand_as(mean) if var is None else var + b.var
+    return Moments(mean, var)
+
+
+@register_rule(nn.Conv1d, nn.Conv2d)
+def _conv(ctx: PropagationContext, m: nn.Module, x: Moments) -> Moments:
+    w, wv = m.weight, ctx.param_var(m.weight)
+    b, bv = m.bias, ctx.param_var(m.bias)
+
+    def conv(inp, weight):
+        return m._conv_forward(inp, weight, None)
+
+    mean = conv(x.mean, w)
+    shape = (1, -1) + (1,) * (mean.ndim - 2)
+    if b is not None:
+        mean = mean + b.view(shape)
+    terms = []
+    if x.var is not None:
+        terms.append(conv(x.var, _sq(w) if wv is None else _sq(w) + wv))
+    if wv is not None:
+        terms.append(conv(_sq(x.mean), wv))
+    if bv is not None:
+        terms.append(bv.view(shape).expand_as(mean))
+    return Moments(mean, _add_var(*terms))
+
+
+def _affine_moments(a: Moments, gamma: Moments | None, beta: Moments | None) -> Moments:
+    """``a * gamma + beta`` elementwise, all independent."""
+    mean, var = a.mean, a.var
+    if gamma is not None:
+        g2 = _sq(gamma.mean) if gamma.var is None else _sq(gamma.mean) + gamma.var
+        var = None if var is None else var * g2
+        if gamma.var is not None:
+            var = _add_var(var, _sq(a.mean) * gamma.var)
+        mean = mean * gamma.mean
+    if beta is not None:
+        mean = mean + beta.mean
+        if beta.var is not None:
+            var = _add_var(var, beta.var.expand_as(mean))
+    return Moments(mean, var)
+
+
+@register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
+def _batchnorm(ctx: PropagationContext, m: nn.modules.batchnorm._BatchNorm, x: Moments):
+    if m.training or m.running_mean is None:
+        raise UnsupportedLayerError(
+            f"{type(m).__name__} must be in eval mode with running statistics "
+            "(track_running_stats=True) to be propagated exactly"
+        )
+    shape = (1, -1) + (1,) * (x.mean.ndim - 2)
+    scale = torch.rsqrt(m.running_var + m.eps).view(shape)
+    a = Moments((x.mean - m.running_mean.view(shape)) * scale,
+                None if x.var is None else x.var * _sq(scale))
+    gamma = beta = None
+    if m.affine:
+        gamma = Moments(m.weight.view(shape), _view(ctx.param_var(m.weight), shape))
+        beta = Moments(m.bias.view(shape), _view(ctx.param_var(m.bias), shape))
+    return _affine_moments(a, gamma, beta)
+
+
+def _view(t: Tensor | None, shape) -> Tensor | None:
+    return None if t is None else t.view(shape)
+
+
+def layer_norm_moments(x: Moments, normalized_shape, eps: float) -> Moments:
+    """The expected-statistic LayerNorm rule (without the affine part).
+
+    ``E[s^2] = Var_d(mu) + (1 - 1/D) mean_d(v)``; mean ``(mu - mean_d mu) /
+    sqrt(E[s^2] + eps)``, variance ``v / (E[s^2] + eps)``.
+    """
+    dims = tuple(range(-len(normalized_shape), 0))
+    d = math.prod(normalized_shape)
+    mu_bar = x.mean.mean(dim=dims, keepdim=True)
+    s2 = _sq(x.mean - mu_bar).mean(dim=dims, keepdim=True)
+    if x.var is not None:
+        s2 = s2 + (1.0 - 1.0 / d) * x.var.mean(dim=dims, keepdim=True)
+    inv = torch.rsqrt(s2 + eps)
+    return Moments((x.mean - mu_bar) * inv, None if x.var is None else x.var * _sq(inv))
+
+
+@register_rule(nn.LayerNorm)
+def _layernorm(ctx: PropagationContext, m: nn.LayerNorm, x: Moments) -> Moments:
+    a = layer_norm_moments(x, m.normalized_shape, m.eps)
+    return _affine_moments(a, ctx.param(m.weight), ctx.param(m.bias))
+
+
+@register_rule(F.layer_norm)
+def _layernorm_fn(ctx, fn, x: Moments, normalized_shape, weight=None, bias=None, eps=1e-5):
+    a = layer_norm_moments(x, tuple(normalized_shape), eps)
+    w = weight if isinstance(weight, Moments) or weight is None else Moments(weight)
+    b = bias if isinstance(bias, Moments) or bias is None else Moments(bias)
+    return _affine_moments(a, w, b)
+
+
+if hasattr(nn, "RMSNorm"):
+
+    @register_rule(nn.RMSNorm)
+    def _rmsnorm(ctx: PropagationContext, m: nn.Module, x: Moments) -> Moments:
+        dims = tuple(range(-len(m.normalized_shape), 0))
+        eps = m.eps if m.eps is not None else torch.finfo(x.mean.dtype).eps
+        ms = _sq(x.mean).mean(dim=dims, keepdim=True)
+        if x.var is not None:
+            ms = ms + x.var.mean(dim=dims, keepdim=True)
+        inv = torch.rsqrt(ms + eps)
+        a = Moments(x.mean * inv, None if x.var is None else x.var * _sq(inv))
+        return _affine_moments(a, ctx.param(m.weight), None)
+
+
+# ------------------------------------------------------------ activations
+def elementwise_rule(moment_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
+                     fn: Callable[[Tensor], Tensor]):
+    """A rule for an elementwise map from a function of ``(mean, var)``.
+
+    Parameters
+    ----------
+    moment_fn : callable
+        ``moment_fn(mean, var) -> (mean, var)`` of the output for Gaussian
+        input (e.g. from :mod:`skuq.cvp.moments`).
+    fn : callable
+        The map itself, applied to deterministic inputs.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skuq.cvp import register_rule, elementwise_rule
+    >>> from skuq.cvp.moments import quadrature_moments
+    >>> class Cube(nn.Module):
+    ...     def forward(self, x):
+    ...         return x ** 3
+    >>> _ = register_rule(Cube)(elementwise_rule(
+    ...     lambda m, v: quadrature_moments(lambda t: t ** 3, m, v), lambda t: t ** 3))
+    """
+
+    def rule(ctx, target, x: Moments, *args, **kwargs) -> Moments:
+        if x.var is None:
+            return Moments(fn(x.mean))
+        return Moments(*moment_fn(x.mean, x.var))
+
+    return rule
+
+
+def linearized_rule(fn: Callable[[Tensor], Tensor]):
+    """The first-order (linearization) fallback rule for an elementwise ``fn``.
+
+    ``mean = fn(mu)``, ``var = fn'(mu)^2 v``: cheap, biased for curved ``fn``
+    under large variance. Register it only where no moment-matching rule exists.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skuq.cvp import register_rule, linearized_rule
+    >>> class Square(nn.Module):
+    ...     def forward(self, x):
+    ...         return x * x
+    >>> _ = register_rule(Square)(linearized_rule(lambda t: t * t))
+    """
+    return elementwise_rule(lambda m, v: mom.linearized_moments(fn, m, v), fn)
+
+
+def _inplace_free(rule):
+    """Activation modules and functions ignore ``inplace`` in propagation."""
+
+    def wrapped(ctx, target, x, *args, **kwargs):
+        kwargs.pop("inplace", None)
+        return rule(ctx, target, x, *args, **kwargs)
+
+    return wrapped
+
+
+register_rule(nn.ReLU, F.relu, torch.relu, "relu")(
+    _inplace_free(elementwise_rule(mom.relu_moments, torch.relu))
+)
+register_rule(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")(
+    elementwise_rule(mom.sigmoid_moments, torch.sigmoid)
+)
+register_rule(nn.Tanh, torch.tanh, F.tanh, "tanh")(elementwise_rule(mom.tanh_moments, torch.tanh))
+register_rule(nn.SiLU, F.silu)(_inplace_free(elementwise_rule(mom.silu_moments, F.silu)))
+register_rule(nn.ELU)(elementwise_rule(
+    lambda m, v: mom.quadrature_moments(F.elu, m, v), F.elu))
+register_rule(nn.Softplus)(elementwise_rule(
+    lambda m, v: mom.quadrature_moments(F.softplus, m, v), F.softplus))
+
+
+@register_rule(nn.GELU)
+def _gelu_mod(ctx, m: nn.GELU, x: Moments) -> Moments:
+    return _gelu_fn(ctx, F.gelu, x, approximate=m.approximate)
+
+
+@register_rule(F.gelu)
+def _gelu_fn(ctx, fn, x: Moments, approximate: str = "none") -> Moments:
+    # the tanh form differs from the erf form by < 1e-3 (moments use the erf form)
+    if x.var is None:
+        return Moments(F.gelu(x.mean, approximate=approximate))
+    return Moments(*mom.gelu_moments(x.mean, x.var))
+
+
+@register_rule(nn.LeakyReLU)
+def _leaky_mod(ctx, m: nn.LeakyReLU, x: Moments) -> Moments:
+    return _leaky_fn(ctx, F.leaky_relu, x, m.negative_slope)
+
+
+@register_rule(F.leaky_relu)
+def _leaky_fn(ctx, fn, x: Moments, negative_slope: float = 0.01, inplace: bool = False):
+    if x.var is None:
+        return Moments(F.leaky_relu(x.mean, negative_slope))
+    return Moments(*mom.leaky_relu_moments(x.mean, x.var, negative_slope))
+
+
+@register_rule(nn.Softmax, F.softmax, torch.softmax, "softmax")
+def _softmax(ctx, target, x: Moments, dim=None, *args, **kwargs) -> Moments:
+    """Softmax of the means, deterministic (the attention-weights convention)."""
+    if isinstance(target, nn.Softmax):
+        dim = target.dim
+    return Moments(torch.softmax(x.mean, dim=dim))
+
+
+@register_rule(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.AlphaDropout)
+def _identity(ctx, m, x, *args, **kwargs):
+    return x
+
+
+@register_rule(F.dropout)
+def _dropout_fn(ctx, fn, x, *args, **kwargs):
+    return x
+
+
+# -------------------------------------------------------------- structure
+def _is_m(a) -> bool:
+    return isinstance(a, Moments)
+
+
+def _as_m(a) -> Moments:
+    return a if isinstance(a, Moments) else Moments(torch.as_tensor(a))
+
+
+@register_rule(operator.add, torch.add, "add", operator.iadd)
+def _add(ctx, fn, a, b, *, alpha=1) -> Moments:
+    if not _is_m(a):
+        a, b = b, a
+    if not _is_m(b):
+        return Moments(a.mean + alpha * b, a.var)
+    var = _add_var(a.var, None if b.var is None else (alpha * alpha) * b.var)
+    mean = a.mean + alpha * b.mean
+    return Moments(mean, None if var is None else var.expand_as(mean))
+
+
+@register_rule(operator.sub, torch.sub, "sub")
+def _sub(ctx, fn, a, b) -> Moments:
+    if not _is_m(a):
+        return Moments(a - b.mean, b.var)
+    return _add(ctx, fn, a, _neg(ctx, fn, _as_m(b)))
+
+
+@register_rule(operator.neg, torch.neg, "neg")
+def _neg(ctx, fn, a) -> Moments:
+    return Moments(-a.mean, a.var)
+
+
+@register_rule(operator.mul, torch.mul, "mul", operator.imul)
+def _mul(ctx, fn, a, b) -> Moments:
+    """Product of independent factors: ``Var = v_a v_b + v_a mu_b^2 + v_b mu_a^2``."""
+    if not _is_m(a):
+        a, b = b, a
+    if not _is_m(b):
+        return Moments(a.mean * b, None if a.var is None else a.var * b * b)
+    mean = a.mean * b.mean
+    terms = []
+    if a.var is not None:
+        terms.append(a.var * _sq(b.mean))
+    if b.var is not None:
+        terms.append(b.var * _sq(a.mean))
+    if a.var is not None and b.var is not None:
+        terms.append(a.var * b.var)
+    return Moments(mean, _add_var(*terms))
+
+
+@register_rule(operator.truediv, torch.div, "div", operator.itruediv)
+def _div(ctx, fn, a, b) -> Moments:
+    if _is_m(b) and b.var is not None:
+        raise UnsupportedLayerError("CVP cannot divide by a random tensor (no moment rule)")
+    b = b.mean if _is_m(b) else b
+    return Moments(a.mean / b, None if a.var is None else a.var / (b * b))
+
+
+@register_rule(operator.matmul, torch.matmul, "matmul", torch.bmm)
+def _matmul(ctx, fn, a, b) -> Moments:
+    """``a @ b`` with independent entries: exact mean and variance."""
+    a, b = _as_m(a), _as_m(b)
+    mean = a.mean @ b.mean
+    terms = []
+    if a.var is not None:
+        terms.append(a.var @ (_sq(b.mean) if b.var is None else _sq(b.mean) + b.var))
+    if b.var is not None:
+        terms.append(_sq(a.mean) @ b.var)
+    return Moments(mean, _add_var(*terms))
+
+
+@register_rule(operator.getitem)
+def _getitem(ctx, fn, a, idx):
+    if _is_m(a):
+        return a.map(lambda t: t[idx])
+    return a[idx]
+
+
+def _structural(op: Callable):
+    def rule(ctx, target, x, *args, **kwargs):
+        return x.map(lambda t: op(t, *args, **kwargs))
+
+    return rule
+
+
+for _name in ("view", "reshape", "flatten", "permute", "transpose", "contiguous",
+              "unsqueeze", "squeeze", "expand", "expand_as", "view_as", "reshape_as",
+              "unflatten", "float", "double", "to", "clone"):
+    register_rule(_name)(_structural(lambda t, *a, _n=_name, **k: getattr(t, _n)(*a, **k)))
+for _fn in (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
+            torch.squeeze, torch.unflatten):
+    register_rule(_fn)(_structural(_fn))
+
+
+@register_rule(nn.Flatten)
+def _flatten_mod(ctx, m: nn.Flatten, x: Moments) -> Moments:
+    return x.map(m)
+
+
+@register_rule(nn.Unflatten)
+def _unflatten_mod(ctx, m: nn.Unflatten, x: Moments) -> Moments:
+    return x.map(m)
+
+
+@register_rule(torch.cat, torch.stack, torch.concat)
+def _cat(ctx, fn, tensors, *args, **kwargs) -> Moments:
+    ms = [_as_m(t) for t in tensors]
+    mean = fn([m.mean for m in ms], *args, **kwargs)
+    if all(m.var is None for m in ms):
+        return Moments(mean)
+    return Moments(mean, fn([m.variance for m in ms], *args, **kwargs))
+
+
+@register_rule("chunk", "split", torch.chunk, torch.split)
+def _chunk(ctx, target, x: Moments, *args, **kwargs):
+    op = (lambda t: getattr(t, target)(*args, **kwargs)) if isinstance(target, str) else (
+        lambda t: target(t, *args, **kwargs))
+    means = op(x.mean)
+    vars_ = op(x.var) if x.var is not None else [None] * len(means)
+    return tuple(Moments(m, v) for m, v in zip(means, vars_, strict=True))
+
+
+def _reduced_count(x: Tensor, dim, keepdim) -> int:
+    if dim is None:
+        return x.numel()
+    dims = dim if isinstance(dim, (tuple, list)) else (dim,)
+    return math.prod(x.shape[d] for d in dims)
+
+
+@register_rule("mean", torch.mean)
+def _mean(ctx, target, x: Moments, dim=None, keepdim=False, **kwargs) -> Moments:
+    """Mean of independent entries: ``var = sum(v) / n^2``."""
+    def red(t):
+        return t.mean() if dim is None else t.mean(dim=dim, keepdim=keepdim)
+
+    n = _reduced_count(x.mean, dim, keepdim)
+    return Moments(red(x.mean), None if x.var is None else red(x.var) / n)
+
+
+@register_rule("sum", torch.sum)
+def _sum(ctx, target, x: Moments, dim=None, keepdim=False, **kwargs) -> Moments:
+    def red(t):
+        return t.sum() if dim is None else t.sum(dim=dim, keepdim=keepdim)
+
+    return Moments(red(x.mean), None if x.var is None else red(x.var))
+
+
+@register_rule(getattr)
+def _getattr(ctx, fn, obj, name):
+    return getattr(obj.mean if _is_m(obj) else obj, name)
+
+
+@register_rule("size", "dim", "numel")
+def _meta(ctx, name, x, *args):
+    return getattr(x.mean, name)(*args)
+
+
+# ---------------------------------------------------------------- pooling
+def _avg_pool_var(x: Moments, pool: Callable[[Tensor], Tensor], kernel_numel: int) -> Moments:
+    """Average pooling with all weights 1/k: ``var = pool(v) / k``."""
+    mean = pool(x.mean)
+    return Moments(mean, None if x.var is None else pool(x.var) / kernel_numel)
+
+
+@register_rule(nn.AvgPool1d, nn.AvgPool2d)
+def _avgpool(ctx, m, x: Moments) -> Moments:
+    if m.padding not in (0, (0,), (0, 0)) or getattr(m, "divisor_override", None) or m.ceil_mode:
+        raise UnsupportedLayerError(
+            f"{type(m).__name__} with padding, ceil_mode or divisor_override is not "
+            "supported by CVP; register a rule to add it"
+        )
+    k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,)
+    numel = math.prod(k) if len(k) > 1 or isinstance(m, nn.AvgPool1d) else k[0] ** 2
+    return _avg_pool_var(x, m, numel)
+
+
+def _adaptive_counts(n_in: int, n_out: int, device) -> Tensor:
+    i = torch.arange(n_out, device=device)
+    start = torch.div(i * n_in, n_out, rounding_mode="floor")
+    end = -torch.div(-(i + 1) * n_in, n_out, rounding_mode="floor")
+    return (end - start).to(torch.float32)
+
+
+@register_rule(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+def _adaptive_avgpool(ctx, m, x: Moments) -> Moments:
+    mean = m(x.mean)
+    if x.var is None:
+        return Moments(mean)
+    spatial_in = x.mean.shape[2:]
+    spatial_out = mean.shape[2:]
+    count = None
+    for axis, (n_in, n_out) in enumerate(zip(spatial_in, spatial_out, strict=True)):
+        c = _adaptive_counts(n_in, n_out, mean.device).to(mean.dtype)
+        shape = [1] * len(spatial_out)
+        shape[axis] = -1
+        c = c.view(shape)
+        count = c if count is None else count * c
+    return Moments(mean, m(x.var) / count)
+
+
+@register_rule(nn.MaxPool1d, nn.MaxPool2d)
+def _maxpool(ctx, m, x: Moments) -> Moments:
+    """Max pooling by Clark's moment matching, folded over the window.
+
+    ``max(a, b)`` of two independent Gaussians is matched exactly (Clark,
+    1961); a window of k > 2 values is folded left to right, treating each
+    running maximum as Gaussian and independent of the next value (an
+    approximation). No padding, dilation or ceil_mode.
+    """
+    pad = m.padding if isinstance(m.padding, tuple) else (m.padding,)
+    dil = m.dilation if isinstance(m.dilation, tuple) else (m.dilation,)
+    if any(pad) or any(d != 1 for d in dil) or m.ceil_mode or m.return_indices:
+        raise UnsupportedLayerError(
+            f"{type(m).__name__} with padding, dilation, ceil_mode or return_indices is "
+            "not supported by CVP; register a rule to add it"
+        )
+    if x.var is None:
+        return Moments(m(x.mean))
+    if isinstance(m, nn.MaxPool2d):
+        k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
+        s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
+        n, c, h, w = x.mean.shape
+        ho, wo = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+
+        def windows(t):
+            return t.unfold(2, k[0], s[0]).unfold(3, k[1], s[1]).reshape(n, c, ho, wo, -1)
+    else:
+        k0 = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
+        s0 = m.stride if isinstance(m.stride, int) else m.stride[0]
+
+        def windows(t):
+            return t.unfold(-1, k0, s0)
+
+    mw, vw = windows(x.mean), windows(x.var)
+    mean, var = mw[..., 0], vw[..., 0]
+    for j in range(1, mw.shape[-1]):
+        mean, var = mom.max_moments(mean, var, mw[..., j], vw[..., j])
+    return Moments(mean, var)
+
+
+# -------------------------------------------------------------- attention
+def _attend(q: Tensor, k: Tensor, v: Moments, attn_mask=None, is_causal=False, scale=None):
+    """Attention weights from the means; variance through the values."""
+    d = q.shape[-1]
+    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    if is_causal:
+        lq, lk = scores.shape[-2], scores.shape[-1]
+        causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    weights = torch.softmax(scores, dim=-1)
+    mean = weights @ v.mean
+    var = None if v.var is None else _sq(weights) @ v.var
+    return Moments(mean, var), weights
+
+
+@register_rule(F.scaled_dot_product_attention)
+def _sdpa(ctx, fn, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+          scale=None, **kwargs) -> Moments:
+    q = query.mean if _is_m(query) else query
+    k = key.mean if _is_m(key) else key
+    mask = attn_mask.mean if _is_m(attn_mask) else attn_mask
+    out, _ = _attend(q, k, _as_m(value), mask, is_causal, scale)
+    return out
+
+
+@register_rule(nn.MultiheadAttention)
+def _mha(ctx, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+         need_weights=True, attn_mask=None, average_attn_weights=True, is_causal=False):
+    if m.bias_k is not None or m.add_zero_attn:
+        raise UnsupportedLayerError(
+            "nn.MultiheadAttention with add_bias_kv or add_zero_attn is not supported by CVP"
+        )
+    query, key, value = _as_m(query), _as_m(key), _as_m(value)
+    if not m.batch_first:  # (L, N, E) -> (N, L, E)
+        query, key, value = (t.map(lambda a: a.transpose(0, 1)) for t in (query, key, value))
+    e, h = m.embed_dim, m.num_heads
+    hd = e // h
+    if m._qkv_same_embed_dim:
+        wq, wk, wv = m.in_proj_weight.split(e, dim=0)
+        wvar = ctx.param_var(m.in_proj_weight)
+        wv_var = None if wvar is None else wvar[2 * e:]
+    else:
+        wq, wk, wv = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+        wv_var = ctx.param_var(m.v_proj_weight)
+    if m.in_proj_bias is not None:
+        bq, bk, bv = m.in_proj_bias.split(e, dim=0)
+        bvar = ctx.param_var(m.in_proj_bias)
+        bv_var = None if bvar is None else bvar[2 * e:]
+    else:
+        bq = bk = bv = bv_var = None
+    q = F.linear(query.mean, wq, bq)
+    k = F.linear(key.mean, wk, bk)
+    vm = _linear_fn(ctx, F.linear, value, Moments(wv, wv_var),
+                    None if bv is None else Moments(bv, bv_var))
+    n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+
+    def heads(t, length):
+        return t.reshape(n, length, h, hd).transpose(1, 2)
+
+    mask = None
+    if attn_mask is not None:
+        am = attn_mask.mean if _is_m(attn_mask) else attn_mask
+        if am.dtype == torch.bool:
+            am = torch.zeros_like(am, dtype=q.dtype).masked_fill(am, float("-inf"))
+        mask = am.view(n, h, lq, lk) if am.ndim == 3 else am
+    if key_padding_mask is not None:
+        kp = key_padding_mask.mean if _is_m(key_padding_mask) else key_padding_mask
+        if kp.dtype == torch.bool:
+            kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf"))
+        kp = kp.view(n, 1, 1, lk)
+        mask = kp if mask is None else mask + kp
+    out, weights = _attend(heads(q, lq), heads(k, lk), vm.map(lambda t: heads(t, lk)), mask,
+                           is_causal and attn_mask is None)
+    out = out.map(lambda t: t.transpose(1, 2).reshape(n, lq, e))
+    out = _linear(ctx, m.out_proj, out)
+    if not m.batch_first:
+        out = out.map(lambda t: t.transpose(0, 1))
+    attn = None
+    if need_weights:
+        attn = Moments(weights.mean(dim=1) if average_attn_weights else weights)
+    return out, attn
+
+
+@register_rule(nn.TransformerEncoderLayer)
+def _encoder_layer(ctx, m: nn.TransformerEncoderLayer, src, src_mask=None,
+                   src_key_padding_mask=None, is_causal=False):
+    def sa(x):
+        return ctx.call(m.self_attn, x, x, x, attn_mask=src_mask,
+                        key_padding_mask=src_key_padding_mask, need_weights=False,
+                        is_causal=is_causal)[0]
+
+    def ff(x):
+        act = m.activation
+        hdn = ctx.call(m.linear1, x)
+        hdn = ctx.call(act, hdn) if isinstance(act, nn.Module) else get_activation_rule(act)(
+            ctx, act, hdn)
+        return ctx.call(m.linear2, hdn)
+
+    x = _as_m(src)
+    if m.norm_first:
+        x = _add(ctx, None, x, sa(ctx.call(m.norm1, x)))
+        x = _add(ctx, None, x, ff(ctx.call(m.norm2, x)))
+    else:
+        x = ctx.call(m.norm1, _add(ctx, None, x, sa(x)))
+        x = ctx.call(m.norm2, _add(ctx, None, x, ff(x)))
+    return x
+
+
+def get_activation_rule(fn):
+    from .engine import get_rule
+
+    rule = get_rule(fn)
+    if rule is None:
+        raise UnsupportedLayerError(f"CVP has no rule for the activation {fn!r}")
+    return rule
+
+
+@register_rule(nn.TransformerEncoder)
+def _encoder(ctx, m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
+             is_causal=None):
+    x = src
+    for layer in m.layers:
+        x = ctx.call(layer, x, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                     is_causal=bool(is_causal))
+    if m.norm is not None:
+        x = ctx.call(m.norm, x)
+    return x

@@ -1,0 +1,459 @@
+"""CVP: propagation rules against Monte Carlo, end to end against weight sampling,
+the estimator, and bad input."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from skuq import CVPClassifier
+from skuq.cvp import MomentPropagator, Moments, UnsupportedLayerError, register_rule
+from skuq.cvp import moments as mom
+from skuq.nets import MLP, SmallCNN
+from tests.conftest import make_classifier_net
+
+N_MC = 1_000_000
+# input moments: tiny, moderate and large variances, means of both signs
+MU = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0], dtype=torch.float64)
+VARS = (1e-4, 0.25, 1.0, 4.0)
+
+
+_Z = torch.randn(N_MC, len(MU), generator=torch.Generator().manual_seed(0),
+                 dtype=torch.float64)
+
+
+def _mc(fn, mu, var, n=N_MC, seed=0, with_se=False):
+    x = mu + var.sqrt() * _Z[:n]
+    y = fn(x)
+    mean, v = y.mean(0), y.var(0)
+    if not with_se:
+        return mean, v
+    se_var = (((y - mean) ** 4).mean(0) - v**2).clamp_min(0).div(n).sqrt()
+    return mean, v, se_var
+
+
+def _check_var(out_var, mc_var, se_var, rtol):
+    """Relative error <= rtol, or within 4 MC standard errors where MC itself cannot
+    resolve rtol (skewed outputs, e.g. GELU far below zero)."""
+    bound = torch.maximum(rtol * mc_var.abs(), 4 * se_var)
+    assert bool(((out_var - mc_var).abs() <= bound).all()), (out_var, mc_var, se_var)
+
+
+def _rel(a, b, scale=None):
+    scale = b.abs() if scale is None else scale
+    return ((a - b).abs() / scale).max().item()
+
+
+# ----------------------------------------------------------------- elementwise
+ELEMENTWISE = {
+    "relu": (mom.relu_moments, torch.relu),
+    "leaky_relu": (lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
+                   lambda x: F.leaky_relu(x, 0.2)),
+    "gelu": (mom.gelu_moments, F.gelu),
+    "silu": (mom.silu_moments, F.silu),
+    "sigmoid": (mom.sigmoid_moments, torch.sigmoid),
+    "tanh": (mom.tanh_moments, torch.tanh),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ELEMENTWISE))
+def test_activation_moments_match_monte_carlo(name):
+    """Mean within 1 % (of the output RMS) and variance within 1 % of 1e6 MC draws."""
+    moment_fn, fn = ELEMENTWISE[name]
+    for var in VARS:
+        v = torch.full_like(MU, var)
+        mean, out_var = moment_fn(MU, v)
+        mc_mean, mc_var, se_var = _mc(fn, MU, v, with_se=True)
+        rms = (mc_mean**2 + mc_var).sqrt()
+        assert _rel(mean, mc_mean, rms.clamp_min(1e-12)) < 0.01, (name, var)
+        _check_var(out_var, mc_var, se_var, 0.01)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu", "silu"])
+def test_activation_moments_large_variance(name):
+    """Variance 100: the quadrature-based rules stay within 3 % (stated accuracy)."""
+    moment_fn, fn = ELEMENTWISE[name]
+    v = torch.full_like(MU, 100.0)
+    mean, out_var = moment_fn(MU, v)
+    mc_mean, mc_var, se_var = _mc(fn, MU, v, with_se=True)
+    rms = (mc_mean**2 + mc_var).sqrt()
+    assert _rel(mean, mc_mean, rms) < 0.01
+    _check_var(out_var, mc_var, se_var, 0.03)
+
+
+def test_relu_exact_tiny_variance_is_the_delta_method():
+    mu = torch.tensor([1.0, 5.0], dtype=torch.float32)
+    m, v = mom.relu_moments(mu, torch.full_like(mu, 1e-10))
+    torch.testing.assert_close(m, mu)
+    torch.testing.assert_close(v, torch.full_like(mu, 1e-10), rtol=1e-3, atol=0)
+
+
+def test_relu_float32_matches_float64():
+    """The ReLU rule runs in the input dtype; float32 loses nothing that matters."""
+    for var in VARS:
+        v = torch.full_like(MU, var)
+        m64, v64 = mom.relu_moments(MU, v)
+        m32, v32 = mom.relu_moments(MU.float(), v.float())
+        assert torch.allclose(m32.double(), m64, rtol=1e-5, atol=1e-7)
+        assert torch.allclose(v32.double(), v64, rtol=1e-4, atol=1e-12)
+
+
+def test_layer_scales_reach_tuple_outputs():
+    """Attention returns (output, weights): its calibration scale must still apply."""
+    torch.manual_seed(0)
+    model = _Encoder().eval()
+    x = torch.randn(4, 64)
+    prop = MomentPropagator(model, {n: torch.full_like(p, 1e-3)
+                                    for n, p in model.named_parameters()})
+    assert "attn" in prop.layer_names
+    with torch.no_grad():
+        base, rec = prop(x), {}
+        scaled = prop(x, layer_scales={"attn": 10.0}, record=rec)
+    assert bool((scaled.var > base.var).all())
+    assert "attn" in rec
+
+
+def test_linearized_fallback_is_biased_where_moment_matching_is_not():
+    mu, v = torch.tensor([0.0], dtype=torch.float64), torch.tensor([4.0], dtype=torch.float64)
+    lin_mean, _ = mom.linearized_moments(torch.relu, mu + 1e-9, v)
+    mc_mean = _mc(torch.relu, mu, v)[0][0]
+    assert abs(float(lin_mean) - float(mc_mean)) > 0.5  # E relu = 2/sqrt(2 pi) ~ 0.8
+    m, _ = mom.relu_moments(mu, v)
+    assert abs(float(m) - float(mc_mean)) < 0.01
+
+
+# ----------------------------------------------------------------- layer rules
+def _mc_module(model, x_mean, x_var, variances, n=N_MC, chunk=50_000, seed=0):
+    """MC with n independent draws of (weights, input), vectorized with torch.func.vmap."""
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def one(p, x):
+        return functional_call(model, {**p, **buffers}, (x.unsqueeze(0),))[0]
+
+    run = torch.func.vmap(one)
+    total = mean_acc = sq_acc = 0
+    with torch.no_grad():
+        for _ in range(n // chunk):
+            p = {k: t + variances[k].sqrt() * torch.randn(chunk, *t.shape, generator=g,
+                                                          dtype=t.dtype)
+                 if k in variances else t.expand(chunk, *t.shape) for k, t in params.items()}
+            x = x_mean[0] + x_var[0].sqrt() * torch.randn(chunk, *x_mean.shape[1:],
+                                                          generator=g, dtype=x_mean.dtype)
+            y = run(p, x).double()
+            mean_acc = mean_acc + y.sum(0)
+            sq_acc = sq_acc + (y * y).sum(0)
+            total += chunk
+    mean = mean_acc / total
+    return mean, sq_acc / total - mean**2
+
+
+def _input(shape, seed=1, spread=(1e-3, 2.0)):
+    g = torch.Generator().manual_seed(seed)
+    mean = torch.randn(1, *shape, generator=g, dtype=torch.float64)
+    lo, hi = np.log(spread[0]), np.log(spread[1])
+    var = torch.exp(lo + (hi - lo) * torch.rand(1, *shape, generator=g, dtype=torch.float64))
+    return mean, var
+
+
+def _variances(model, scale=0.05, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return {n: scale * torch.rand(p.shape, generator=g, dtype=p.dtype)
+            for n, p in model.named_parameters()}
+
+
+def _check_layer(model, shape, tol_mean=0.01, tol_var=0.01, n=N_MC, **kw):
+    torch.manual_seed(0)
+    model = model.double().eval()
+    x_mean, x_var = _input(shape, **kw)
+    variances = _variances(model)
+    out = MomentPropagator(model, variances)(Moments(x_mean, x_var))
+    mc_mean, mc_var = _mc_module(model, x_mean, x_var, variances, n=n)
+    rms = (mc_mean**2 + mc_var).sqrt()
+    assert _rel(out.mean[0], mc_mean, rms) < tol_mean
+    assert _rel(out.var[0], mc_var) < tol_var
+
+
+def test_linear_rule_exact():
+    _check_layer(nn.Linear(6, 4), (6,))
+
+
+def test_conv_rules_exact():
+    # 2e5 draws (vmapped convolutions are slow on CPU): MC error about 0.3 %
+    _check_layer(nn.Conv2d(2, 3, 3, padding=1), (2, 4, 4), n=200_000, tol_mean=0.015,
+                 tol_var=0.015)
+    _check_layer(nn.Conv1d(2, 3, 3, stride=2), (2, 7), n=200_000, tol_mean=0.015, tol_var=0.015)
+
+
+def test_batchnorm_rule_exact():
+    bn = nn.BatchNorm2d(3).eval()
+    bn.running_mean.normal_()
+    bn.running_var.uniform_(0.5, 2.0)
+    bn.weight.data.normal_()
+    bn.bias.data.normal_()
+    _check_layer(bn, (3, 2, 2), n=200_000, tol_mean=0.015, tol_var=0.015)
+
+
+def test_layernorm_rule_expected_statistic():
+    """An approximation (the normalizer is random); accurate for wide layers."""
+    ln = nn.LayerNorm(64)
+    ln.weight.data.normal_(1.0, 0.2)
+    _check_layer(ln, (64,), tol_mean=0.05, tol_var=0.2, spread=(1e-3, 0.3), n=200_000)
+
+
+@pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch without nn.RMSNorm")
+def test_rmsnorm_rule_expected_statistic():
+    _check_layer(nn.RMSNorm(64), (64,), tol_mean=0.05, tol_var=0.2, spread=(1e-3, 0.3),
+                 n=200_000)
+
+
+def test_pooling_rules():
+    _check_layer(nn.AvgPool2d(2), (2, 4, 4))  # exact
+    _check_layer(nn.AdaptiveAvgPool2d(1), (2, 3, 5))  # exact
+    _check_layer(nn.MaxPool1d(2), (2, 8))  # Clark: exact for two values
+    # 2x2 windows fold Clark's rule three times: an approximation whose mean stays
+    # within 5 % but whose variance can be off by a factor up to ~4 (stated in the docs)
+    _check_layer(nn.MaxPool2d(2), (2, 4, 4), tol_mean=0.05, tol_var=0.8, n=200_000)
+
+
+def test_structural_ops_and_residual_exact():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+        def forward(self, x):
+            h = x + self.a(x)  # residual: the weights noise is independent of x only
+            h = h.view(-1, 2, 3).permute(0, 2, 1).flatten(1)
+            return torch.cat([h[:, :2] * 3.0, -h[:, 2:]], dim=1).mean(dim=1, keepdim=True)
+
+    # x and a(x) are correlated, so compare on deterministic inputs (weights random)
+    _check_layer(Net(), (6,), spread=(1e-12, 1e-11), n=200_000, tol_mean=0.02, tol_var=0.02)
+
+
+def test_attention_rule_against_monte_carlo():
+    """Attention with random value/output projections (the weights from means)."""
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).double().eval()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    e = 8
+    wvar = torch.zeros_like(mha.in_proj_weight)
+    wvar[2 * e:] = 0.02
+    variances = {"in_proj_weight": wvar, "out_proj.weight": torch.full((8, 8), 0.02,
+                                                                       dtype=torch.float64)}
+
+    class Wrap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = mha
+
+        def forward(self, t):
+            return self.m(t, t, t, need_weights=False)[0]
+
+    model = Wrap()
+    variances = {f"m.{k}": v for k, v in variances.items()}
+    out = MomentPropagator(model, variances)(x)
+    mc_mean, mc_var = _mc_module(model, x, torch.zeros_like(x), variances, n=40_000,
+                                 chunk=10_000)
+    rms = (mc_mean**2 + mc_var).sqrt()
+    assert _rel(out.mean[0], mc_mean, rms) < 0.02
+    # the value projection is shared by the tokens that attention mixes; the diagonal
+    # rule drops that correlation (here -17 % to +22 % per unit)
+    ratio = out.var[0] / mc_var
+    assert 0.6 < ratio.min() and ratio.max() < 1.3, ratio
+
+
+# -------------------------------------------------------------- end to end
+class _Encoder(nn.Module):
+    """A small Transformer encoder from Linear/LayerNorm/attention, rows as tokens."""
+
+    def __init__(self, n_outputs=3, d=16):
+        super().__init__()
+        self.embed = nn.Linear(8, d)
+        self.pos = nn.Parameter(0.1 * torch.randn(8, d))
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, 2, batch_first=True)
+        self.ff = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, n_outputs)
+
+    def forward(self, x):
+        h = self.embed(x.view(x.shape[0], 8, 8)) + self.pos
+        a = self.ln1(h)
+        h = h + self.attn(a, a, a, need_weights=False)[0]
+        h = h + self.ff(self.ln2(h))
+        return self.head(self.ln3(h.mean(dim=1)))
+
+
+def _mc_predictive(model, variances, x, n=400, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    outs = []
+    with torch.no_grad():
+        for _ in range(n):
+            p = {k: t + variances[k].sqrt() * torch.randn(t.shape, generator=g)
+                 if k in variances else t for k, t in params.items()}
+            outs.append(functional_call(model, p, (x,)))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer"])
+def test_end_to_end_against_weight_sampling(kind):
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model, x = MLP(3, (32, 32)), torch.randn(64, 10)
+    elif kind == "cnn":
+        model, x = SmallCNN(3, channels=(4, 8), hidden=16, batch_norm=True), torch.randn(
+            64, 1, 8, 8)
+    else:
+        model, x = _Encoder(), torch.randn(64, 64)
+    model(x)
+    model.eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_var.uniform_(0.5, 2.0)
+    variances = {n: torch.full_like(p, 2e-3) for n, p in model.named_parameters()}
+    out = MomentPropagator(model, variances)(x)
+    samples = _mc_predictive(model, variances, x)
+    mc_var = samples.var(0)
+    ratio = (out.var.mean() / mc_var.mean()).item()
+    low = 0.5 if kind == "transformer" else 0.8  # attention weights from means: less var
+    assert low < ratio < 1.25, ratio
+    # probit predictive vs the MC average of softmax: total variation distance
+    p_cvp = torch.softmax(out.mean / (1 + torch.pi * out.var / 8).sqrt(), -1)
+    p_mc = torch.softmax(samples, -1).mean(0)
+    tv = 0.5 * (p_cvp - p_mc).abs().sum(-1).mean().item()
+    assert tv < 0.03, tv
+
+
+def test_transformer_encoder_layer_is_supported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(
+        16, 2, 32, dropout=0.0, batch_first=True), nn.Flatten(), nn.Linear(128, 3)).eval()
+    x = torch.randn(32, 8, 8)
+    variances = {n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()}
+    out = MomentPropagator(model, variances)(x)
+    samples = _mc_predictive(model, variances, x, n=300)
+    ratio = (out.var.mean() / samples.var(0).mean()).item()
+    assert 0.7 < ratio < 1.3
+    with torch.no_grad():
+        zero = MomentPropagator(model, {})(x)
+        torch.testing.assert_close(zero.mean, model(x), rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- estimator
+def test_cvp_classifier_ivon_end_to_end(digits):
+    est = CVPClassifier(make_classifier_net(max_epochs=10, lr=1.0), random_state=0)
+    est.fit(digits.X_train, digits.y_train)
+    proba = est.predict_proba(digits.X_test)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
+    assert est.score(digits.X_test, digits.y_test) > 0.9
+    assert sorted(est.layer_scales_) == ["1", "3"]
+    import ivon
+
+    assert isinstance(est.net_.optimizer_, ivon.IVON)
+    # IVON's variance formula
+    g = est.net_.optimizer_.param_groups[0]
+    expect = 1.0 / (g["ess"] * (g["hess"] + g["weight_decay"]))
+    got = torch.cat([est.posterior_.variances[n].flatten() for n, _ in
+                     est.model_.named_parameters()])
+    torch.testing.assert_close(got, expect.float())
+    # calibration lowers the held-out NLL on its own split relative to none
+    unc = est.predict_uncertainty(digits.X_ood, kind="variance")
+    assert np.isfinite(unc).all()
+
+
+def test_cvp_classifier_given_variances_and_calibration_modes(digits):
+    from sklearn.frozen import FrozenEstimator
+
+    net = make_classifier_net(max_epochs=15, module__n_outputs=5)
+    net.fit(digits.X_train, digits.y_train)
+    post = {n: 1e-2 for n, _ in net.module_.named_parameters()}
+    nll = {}
+    for cal in (None, "global", "per_layer"):
+        est = CVPClassifier(FrozenEstimator(net), posterior=post, calibration=cal,
+                            random_state=0).fit(digits.X_test, digits.y_test)
+        p = est.predict_proba(digits.X_test)
+        nll[cal] = -np.log(p[np.arange(len(p)), digits.y_test]).mean()
+        if cal == "global":
+            assert len(set(est.layer_scales_.values())) == 1
+    # fitted on this very split, calibration cannot be worse than none
+    assert nll["global"] <= nll[None] + 1e-4
+    assert nll["per_layer"] <= nll["global"] + 1e-3
+
+
+def test_user_rule_registration():
+    class Erfcx(nn.Module):
+        def forward(self, x):
+            return torch.special.erfcx(x)
+
+    model = nn.Sequential(nn.Linear(3, 2), Erfcx())
+    with pytest.raises(UnsupportedLayerError, match=r"erfcx.*register_rule"):
+        MomentPropagator(model, {"0.weight": 0.1})(torch.ones(1, 3))
+
+    from skuq.cvp import elementwise_rule
+    from skuq.cvp.moments import quadrature_moments
+
+    register_rule(Erfcx)(elementwise_rule(
+        lambda m, v: quadrature_moments(torch.special.erfcx, m, v), torch.special.erfcx))
+    out = MomentPropagator(model, {"0.weight": 0.1})(torch.ones(1, 3))
+    assert out.var.shape == (1, 2) and bool((out.var > 0).all())
+
+
+# --------------------------------------------------------------- bad input
+def test_unsupported_layer_error_names_it(digits):
+    class Weird(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(64, 5)
+
+        def forward(self, x):
+            return torch.special.erfcx(self.lin(x))
+
+    est = CVPClassifier(Weird(), posterior={"lin.weight": 1e-3}, calibration=None)
+    with pytest.raises(UnsupportedLayerError, match=r"erfcx.*register_rule"):
+        est.fit(digits.X_train, digits.y_train)
+
+    with pytest.raises(UnsupportedLayerError, match=r"'1' of type Hardshrink|Hardshrink"):
+        MomentPropagator(nn.Sequential(nn.Linear(3, 3), nn.Hardshrink()),
+                         {"0.weight": 0.1})(torch.ones(1, 3))
+
+
+def test_missing_ivon_says_how_to_install(digits, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ivon", None)
+    est = CVPClassifier(make_classifier_net(max_epochs=1), posterior="ivon")
+    with pytest.raises(ImportError, match=r"pip install skuq\[ivon\]"):
+        est.fit(digits.X_train, digits.y_train)
+
+
+def test_ivon_posterior_needs_ivon_trained_net(digits):
+    from sklearn.frozen import FrozenEstimator
+
+    net = make_classifier_net(max_epochs=1, module__n_outputs=5)
+    net.fit(digits.X_train, digits.y_train)
+    with pytest.raises(TypeError, match="IVON optimizer"):
+        CVPClassifier(FrozenEstimator(net), posterior="ivon").fit(digits.X_test, digits.y_test)
+
+
+def test_calibration_split_too_small(digits):
+    net = make_classifier_net(max_epochs=1)
+    X, y = digits.X_train, digits.y_train
+    with pytest.raises(ValueError, match="at least 2"):
+        CVPClassifier(net, posterior={"1.weight": 1e-3}).fit(X, y, X_cal=X[:1], y_cal=y[:1])
+    with pytest.raises(ValueError, match="too few rows"):
+        CVPClassifier(net, posterior={"1.weight": 1e-3}, calibration_fraction=0.001).fit(X, y)
+
+
+def test_bad_options(digits):
+    X, y = digits.X_train, digits.y_train
+    with pytest.raises(ValueError, match="posterior must be one of"):
+        CVPClassifier(make_classifier_net(), posterior="swag").fit(X, y)
+    with pytest.raises(ValueError, match="calibration must be one of"):
+        CVPClassifier(make_classifier_net(), calibration="layer").fit(X, y)
+    with pytest.raises(ValueError, match="does not have"):
+        CVPClassifier(make_classifier_net(max_epochs=1), posterior={"nope": 1.0}).fit(X, y)
