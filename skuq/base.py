@@ -289,7 +289,8 @@ class BaseUQEstimator(BaseEstimator):
         self.model_ = logit_model(module, outputs) if self._is_classifier() else module
         self._check_output_width(X[: min(len(X), 2)])
 
-    def _train_skorch(self, net, X, y):
+    def _prepare_skorch(self, net):
+        """An unfitted clone of ``net`` set to train on ``device_`` with ``n_outputs_`` outputs."""
         net = clone(net)
         params = {"device": str(self.device_)}
         module = net.module
@@ -297,10 +298,16 @@ class BaseUQEstimator(BaseEstimator):
             if "module__n_outputs" not in net.get_params():
                 params["module__n_outputs"] = self.n_outputs_
         net.set_params(**params)
-        y_net = y.reshape(len(y), -1) if not self._is_classifier() else y
+        return net
+
+    def _net_target(self, y: np.ndarray) -> np.ndarray:
+        """``y`` in the shape the skorch net trains on (2-d for regression)."""
+        return y.reshape(len(y), -1) if not self._is_classifier() else y
+
+    def _train_skorch(self, net, X, y):
         seed = None if self.random_state is None else self._seed
         train = check_memory(self.memory).cache(_train_net)
-        return train(net, X, y_net, seed)
+        return train(self._prepare_skorch(net), X, self._net_target(y), seed)
 
     def _check_output_width(self, x: np.ndarray) -> None:
         with torch.no_grad():
