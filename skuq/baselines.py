@@ -240,9 +240,10 @@ class _MCDropoutBase(BaseUQEstimator):
     """Shared part of the MC dropout classifier and regressor."""
 
     #: how ``benchmarks/compare.py`` builds this estimator's net: MC dropout needs
-    #: a net with dropout, so it trains its own with this (skuq.nets) parameter
-    #: (p = 0.1 chosen on the digits validation split, see docs/benchmarks)
-    _benchmark_hints = {"net_params": {"module__dropout": 0.1}}
+    #: a net with dropout, so it trains its own with this (skuq.nets) parameter.
+    #: p = 0.05 had the lowest validation NLL on the digits split among
+    #: {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5} (validation rows, never the test split)
+    _benchmark_hints = {"net_params": {"module__dropout": 0.05}}
 
     def _validate_options(self) -> None:
         check_positive_int("n_samples", self.n_samples)
