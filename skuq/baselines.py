@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 import torch
 from joblib import Parallel, delayed
-from sklearn.utils.validation import check_memory
+from sklearn.utils.validation import check_is_fitted, check_memory
 from torch import Tensor
 
 from ._utils import check_positive, check_positive_int, iter_batches
@@ -23,7 +23,7 @@ from .base import (
     _train_net,
     logit_model,
 )
-from .ensembles import EnsembleModule, mc_dropout_samples
+from .ensembles import EnsembleModule, dropout_modules, mc_dropout_mode, mc_dropout_samples
 from .outputs import OutputDistribution
 
 __all__ = [
@@ -249,8 +249,6 @@ class _MCDropoutBase(BaseUQEstimator):
         check_positive_int("n_samples", self.n_samples)
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        from .ensembles import dropout_modules, mc_dropout_mode
-
         with mc_dropout_mode(self.model_):  # raises the clear error for a net without dropout
             pass
         self.n_dropout_layers_ = len(dropout_modules(self.model_))
@@ -261,6 +259,7 @@ class _MCDropoutBase(BaseUQEstimator):
         # Dropout masks come from torch's global RNG: seed a private copy of it
         # once per call, so that predictions are reproducible and the user's
         # global RNG state is left untouched.
+        check_is_fitted(self, "model_")
         devices = [self.device_] if self.device_.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self._seed)
@@ -469,6 +468,14 @@ class DeepEnsembleClassifier(UQClassifierMixin, _DeepEnsembleBase):
         The members' logit modules (its ``forward`` is the mean logit).
     member_seeds_ : ndarray of shape (n_estimators,)
         The seed each member was trained with (drawn from ``random_state``).
+
+    Notes
+    -----
+    Each member seeds torch's global generator before training, so members
+    are reproducible with process-based joblib backends (the default
+    ``loky``, Dask, Ray). The ``"threading"`` backend shares that generator
+    between members trained at the same time, so their seeds then no longer
+    pin them down.
 
     Examples
     --------

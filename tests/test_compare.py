@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
@@ -119,6 +120,8 @@ def test_mc_dropout_core_refuses_a_net_without_dropout():
 
 def test_mc_dropout_estimator_bad_input():
     X, y = _xy(30)
+    with pytest.raises(NotFittedError):
+        MCDropoutClassifier(_tiny_dropout_net()).predict_proba(X)
     with pytest.raises(ValueError, match="module__dropout"):
         MCDropoutClassifier(make_classifier_net(max_epochs=1), device="cpu").fit(X, y)
     with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
