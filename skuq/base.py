@@ -323,6 +323,7 @@ class BaseUQEstimator(BaseEstimator):
     # ----------------------------------------------------------------- predict
     def _generator(self) -> torch.Generator:
         """A fresh generator per call, so that predictions are reproducible."""
+        check_is_fitted(self, "model_")  # NotFittedError, not AttributeError, before fit
         return make_generator(self._seed, self.device_)
 
     def _iter_distributions(self, X):
@@ -402,7 +403,8 @@ class UQClassifierMixin(ClassifierMixin):
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label under the predictive distribution."""
-        return self.classes_[self.predict_proba(X).argmax(axis=1)]
+        proba = self.predict_proba(X)  # raises NotFittedError before classes_ is read
+        return self.classes_[proba.argmax(axis=1)]
 
     def predict_uncertainty(self, X, kind: str = "entropy") -> np.ndarray:
         """One uncertainty score per row; higher means less certain.

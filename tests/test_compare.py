@@ -120,8 +120,11 @@ def test_mc_dropout_core_refuses_a_net_without_dropout():
 
 def test_mc_dropout_estimator_bad_input():
     X, y = _xy(30)
+    for method in ("predict", "predict_proba", "predict_uncertainty"):
+        with pytest.raises(NotFittedError):
+            getattr(MCDropoutClassifier(_tiny_dropout_net()), method)(X)
     with pytest.raises(NotFittedError):
-        MCDropoutClassifier(_tiny_dropout_net()).predict_proba(X)
+        DeepEnsembleClassifier(make_classifier_net()).predict(X)
     with pytest.raises(ValueError, match="module__dropout"):
         MCDropoutClassifier(make_classifier_net(max_epochs=1), device="cpu").fit(X, y)
     with pytest.raises(ValueError, match="n_samples must be an int >= 1"):
