@@ -188,13 +188,27 @@ def test_ensemble_is_reproducible_clone_and_pickle(ensemble, digits):
     assert clone(est).get_params()["n_estimators"] == 3
 
 
-def test_ensemble_parallel_training_matches_sequential():
+def test_ensemble_members_go_through_the_active_joblib_backend():
+    """A custom joblib backend (as Dask or Ray register) receives every member."""
+    from joblib import parallel_config, register_parallel_backend
+    from joblib._parallel_backends import SequentialBackend
+
+    calls = []
+
+    class Recording(SequentialBackend):
+        def configure(self, n_jobs=1, parallel=None, **kwargs):
+            calls.append(n_jobs)
+            return super().configure(n_jobs=n_jobs, parallel=parallel, **kwargs)
+
+    register_parallel_backend("skuq_recording", Recording)
     X, y = _xy(40)
     net = make_classifier_net(max_epochs=2, hidden=(4,))
-    kw = dict(n_estimators=2, random_state=5, device="cpu")
+    kw = dict(n_estimators=3, random_state=5, device="cpu")
     seq = DeepEnsembleClassifier(net, **kw).fit(X, y)
-    par = DeepEnsembleClassifier(net, n_jobs=2, **kw).fit(X, y)
-    np.testing.assert_allclose(par.predict_proba(X), seq.predict_proba(X), rtol=1e-6)
+    with parallel_config(backend="skuq_recording"):
+        rec = DeepEnsembleClassifier(net, n_jobs=2, **kw).fit(X, y)
+    assert calls == [2]  # the ensemble's n_jobs reached the active backend
+    np.testing.assert_allclose(rec.predict_proba(X), seq.predict_proba(X), rtol=1e-6)
 
 
 def test_ensemble_bad_input():
