@@ -664,7 +664,7 @@ def main(argv=None) -> dict:
         f"torch threads {args.threads})"
     header = (
         f"## skuq comparison ({profile} profile)\n\n"
-        f"`PYTHONPATH=. python benchmarks/compare.py {' '.join(argv or sys.argv[1:])}`\n\n"
+        f"`{' '.join(['PYTHONPATH=. python benchmarks/compare.py', *(argv or sys.argv[1:])])}`\n\n"
         f"skuq {skuq.__version__}, torch {torch.__version__}, device: {dev}; "
         f"{n_seeds} seed(s), mean ± std over seeds; total wall time {total / 60:.1f} min.\n"
         "Every estimator at its default options; the net is trained once per task and seed "

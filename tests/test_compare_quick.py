@@ -56,3 +56,22 @@ def test_compare_hints_and_bad_method_name(tmp_path):
         compare._hints(Bad)
     with pytest.raises(SystemExit):
         compare.main(["--quick", "--methods", "NoSuchClassifier", "--out-dir", str(tmp_path)])
+
+
+def test_a_failing_method_becomes_a_failed_row_not_a_crash():
+    from skuq import MAPClassifier
+
+    compare = _load_compare()
+
+    class BrokenClassifier(MAPClassifier):
+        def _fit_uq(self, X, y, X_cal=None, y_cal=None):
+            raise RuntimeError("boom")
+
+    data = compare.task_digits(0, compare.PROFILES["quick"]["digits"])
+    methods = [("MAPClassifier", MAPClassifier), ("BrokenClassifier", BrokenClassifier)]
+    runs = compare.run_task("digits", data, methods, 0, compare.torch.device("cpu"),
+                            lambda *a: None)
+    assert [r.error for r in runs] == ["", "RuntimeError: boom"]
+    md = compare.markdown(compare.aggregate(runs), {"digits": "classifier"},
+                          {"classifier": ["MAPClassifier", "BrokenClassifier"]}, "")
+    assert "| BrokenClassifier | failed: RuntimeError: boom |" in md
