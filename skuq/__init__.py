@@ -1,6 +1,14 @@
 """skuq: uncertainty quantification for PyTorch networks with a scikit-learn face."""
 
-from .baselines import MAPClassifier, MAPRegressor, TemperatureScalingClassifier
+from .baselines import (
+    DeepEnsembleClassifier,
+    DeepEnsembleRegressor,
+    MAPClassifier,
+    MAPRegressor,
+    MCDropoutClassifier,
+    MCDropoutRegressor,
+    TemperatureScalingClassifier,
+)
 from .cvp import CVPClassifier
 from .laplace import LaplaceClassifier, LaplaceRegressor
 from .outputs import OutputDistribution
@@ -9,10 +17,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CVPClassifier",
+    "DeepEnsembleClassifier",
+    "DeepEnsembleRegressor",
     "LaplaceClassifier",
     "LaplaceRegressor",
     "MAPClassifier",
     "MAPRegressor",
+    "MCDropoutClassifier",
+    "MCDropoutRegressor",
     "OutputDistribution",
     "TemperatureScalingClassifier",
 ]

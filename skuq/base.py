@@ -306,17 +306,24 @@ class BaseUQEstimator(BaseEstimator):
         self.model_ = logit_model(module, outputs) if self._is_classifier() else module
         self._check_output_width(X[: min(len(X), 2)])
 
-    def _train_skorch(self, net, X, y):
+    def _prepare_skorch(self, net):
+        """An unfitted clone of ``net`` set to train on ``device_`` with ``n_outputs_`` outputs."""
         net = clone(net)
         params = {"device": str(self.device_)}
         module = net.module
         if _takes_n_outputs(module) and "module__n_outputs" not in net.get_params():
             params["module__n_outputs"] = self.n_outputs_
         net.set_params(**params)
-        y_net = y.reshape(len(y), -1) if not self._is_classifier() else y
+        return net
+
+    def _net_target(self, y: np.ndarray) -> np.ndarray:
+        """``y`` in the shape the skorch net trains on (2-d for regression)."""
+        return y.reshape(len(y), -1) if not self._is_classifier() else y
+
+    def _train_skorch(self, net, X, y):
         seed = None if self.random_state is None else self._seed
         train = check_memory(self.memory).cache(_train_net)
-        return train(net, X, y_net, seed)
+        return train(self._prepare_skorch(net), X, self._net_target(y), seed)
 
     def _check_output_width(self, x: np.ndarray) -> None:
         with torch.no_grad():
@@ -332,7 +339,7 @@ class BaseUQEstimator(BaseEstimator):
     # ----------------------------------------------------------------- predict
     def _generator(self) -> torch.Generator:
         """A fresh generator per call, so that predictions are reproducible."""
-        check_is_fitted(self, "model_")
+        check_is_fitted(self, "model_")  # NotFittedError, not AttributeError, before fit
         return make_generator(self._seed, self.device_)
 
     def _iter_distributions(self, X):
@@ -417,7 +424,7 @@ class UQClassifierMixin(ClassifierMixin):
 
     def predict(self, X) -> np.ndarray:
         """Most probable class label under the predictive distribution."""
-        proba = self.predict_proba(X)
+        proba = self.predict_proba(X)  # raises NotFittedError before classes_ is read
         return self.classes_[proba.argmax(axis=1)]
 
     def predict_uncertainty(self, X, kind: str = "entropy") -> np.ndarray:

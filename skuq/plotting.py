@@ -6,7 +6,7 @@ import numpy as np
 
 from .metrics import _check_proba, expected_calibration_error, risk_coverage_curve
 
-__all__ = ["reliability_diagram", "risk_coverage_plot"]
+__all__ = ["reliability_diagram", "risk_coverage_plot", "uncertainty_histogram"]
 
 
 def _axes(ax):
@@ -54,4 +54,38 @@ def risk_coverage_plot(errors, confidence, *, ax=None, label=None):
     ax.set_ylabel("selective risk")
     if label:
         ax.legend()
+    return ax
+
+
+def uncertainty_histogram(
+    scores_in, scores_out, *, bins: int = 30, ax=None, label=None, xlabel="uncertainty"
+):
+    """Overlaid histograms of an uncertainty score on in-distribution and OOD rows.
+
+    Both histograms share the bin edges and are normalized to unit area, so
+    sets of different sizes compare; the title carries the OOD AUROC (see
+    :func:`skuq.metrics.ood_auroc`). Returns the matplotlib ``Axes``.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> from skuq.plotting import uncertainty_histogram
+    >>> ax = uncertainty_histogram([0.1, 0.2, 0.3], [0.5, 0.6, 0.9], label="MAP")
+    >>> ax.get_title()
+    'MAP (OOD AUROC 1.000)'
+    """
+    from .metrics import _check_scores, ood_auroc
+
+    s_in, s_out = _check_scores(scores_in, scores_out)
+    ax = _axes(ax)
+    lo, hi = min(s_in.min(), s_out.min()), max(s_in.max(), s_out.max())
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, bins + 1)
+    ax.hist(s_in, bins=edges, density=True, alpha=0.55, label="in-distribution")
+    ax.hist(s_out, bins=edges, density=True, alpha=0.55, label="OOD")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("density")
+    auroc = ood_auroc(s_in, s_out)
+    ax.set_title(f"{label or 'model'} (OOD AUROC {auroc:.3f})")
+    ax.legend()
     return ax

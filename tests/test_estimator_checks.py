@@ -33,7 +33,17 @@ COMMON_EXPECTED_FAILURES = {
         "above the check's 1e-7 tolerance)"
     ),
 }
-EXPECTED_FAILURES: dict[str, dict[str, str]] = {}
+_RANDOM_MASKS = "dropout masks depend on each row's position in the batch"
+EXPECTED_FAILURES: dict[str, dict[str, str]] = {
+    "MCDropoutClassifier": {
+        "check_methods_sample_order_invariance": _RANDOM_MASKS,
+        "check_methods_subset_invariance": _RANDOM_MASKS,
+    },
+    "MCDropoutRegressor": {
+        "check_methods_sample_order_invariance": _RANDOM_MASKS,
+        "check_methods_subset_invariance": _RANDOM_MASKS,
+    },
+}
 
 
 def make_check_instance(name: str, cls: type):
