@@ -10,6 +10,7 @@ from .baselines import (
     TemperatureScalingClassifier,
 )
 from .cvp import CVPClassifier
+from .l2m import L2MClassifier, L2MRegressor
 from .laplace import LaplaceClassifier, LaplaceRegressor
 from .outputs import OutputDistribution
 
@@ -19,6 +20,8 @@ __all__ = [
     "CVPClassifier",
     "DeepEnsembleClassifier",
     "DeepEnsembleRegressor",
+    "L2MClassifier",
+    "L2MRegressor",
     "LaplaceClassifier",
     "LaplaceRegressor",
     "MAPClassifier",

@@ -89,23 +89,22 @@ def _cached_curvature(weights, X, y, batch_size, device, **options):
 
 # --------------------------------------------------------------------- the base
 class _BaseLaplace(BaseUQEstimator):
-    """Shared fitting and prediction of the two Laplace estimators."""
-
-    _likelihood = "classification"
+    """Shared fitting and prediction of the Laplace-family estimators."""
 
     @property
     def _uses_calibration_split(self) -> bool:  # a held-out split only when asked for
         return isinstance(self.prior_precision, str) and self.prior_precision == "heldout"
 
     def _validate_options(self) -> None:
-        check_option("subset_of_weights", self.subset_of_weights, SUBSETS)
-        check_option("hessian_structure", self.hessian_structure, STRUCTURES)
-        check_option("curvature", self.curvature, CURVATURES)
+        self._validate_curvature_options()
+        self._validate_posterior_options()
+
+    def _validate_posterior_options(self) -> None:
+        """Options of the prior, the predictive and the likelihood."""
         check_option("pred_type", self.pred_type, PRED_TYPES)
         check_option("prior_structure", self.prior_structure, PRIOR_STRUCTURES)
         check_positive("temperature", self.temperature)
         check_positive_int("n_samples", self.n_samples)
-        check_positive_int("rank", self.rank)
         pp = self.prior_precision
         if isinstance(pp, str):
             check_option("prior_precision", pp, PRIOR_METHODS)
@@ -120,6 +119,14 @@ class _BaseLaplace(BaseUQEstimator):
                 )
         if pp == "heldout":
             check_positive("calibration_fraction", self.calibration_fraction)
+        self._validate_likelihood_options()
+
+    def _validate_curvature_options(self) -> None:
+        """Options of the weight subset and of how its curvature is computed."""
+        check_option("subset_of_weights", self.subset_of_weights, SUBSETS)
+        check_option("hessian_structure", self.hessian_structure, STRUCTURES)
+        check_option("curvature", self.curvature, CURVATURES)
+        check_positive_int("rank", self.rank)
         if self.subset_of_weights == "subnetwork":
             if self.hessian_structure != "full":
                 raise ValueError(
@@ -138,7 +145,6 @@ class _BaseLaplace(BaseUQEstimator):
             )
         if self.hessian_structure == "lowrank" and self.prior_structure != "scalar":
             raise ValueError("hessian_structure='lowrank' supports prior_structure='scalar' only")
-        self._validate_likelihood_options()
 
     def _validate_likelihood_options(self) -> None:
         pass
@@ -152,12 +158,7 @@ class _BaseLaplace(BaseUQEstimator):
             self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
             example_input=x0,
         )
-        gen = self._generator() if self.hessian_structure == "lowrank" else None
-        curv = _cached_curvature(
-            weights, X, y, self.batch_size, self.device_, likelihood=self._likelihood,
-            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
-            generator=gen,
-        )
+        curv = self._curvature(weights, X, y)
         pp = self.prior_precision
         init = 1.0 if isinstance(pp, str) else np.asarray(pp, dtype=float)
         group_sizes = weights.group_sizes()
@@ -183,6 +184,15 @@ class _BaseLaplace(BaseUQEstimator):
             self.prior_precision_ = float(self.prior_precision_)
         self.n_params_ = weights.n_params
 
+    def _curvature(self, weights, X, y):
+        """The curvature of the summed training loss (a hook: L2M reads it from the optimizer)."""
+        gen = self._generator() if self.hessian_structure == "lowrank" else None
+        return _cached_curvature(
+            weights, X, y, self.batch_size, self.device_, likelihood=self._likelihood,
+            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
+            generator=gen,
+        )
+
     def _refit_all_rows(self, X, y, X_cal, y_cal) -> None:
         """Retrain the net on training + held-out rows and rebuild the posterior there."""
         delta = self.posterior_.prior_precision
@@ -194,11 +204,7 @@ class _BaseLaplace(BaseUQEstimator):
             self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
             example_input=x0,
         )
-        curv = _cached_curvature(
-            weights, X_all, y_all, self.batch_size, self.device_, likelihood=self._likelihood,
-            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
-            generator=self._generator() if self.hessian_structure == "lowrank" else None,
-        )
+        curv = self._curvature(weights, X_all, y_all)
         self.weights_ = weights
         self.posterior_ = posterior_from_curvature(
             curv, weights.vector(), prior_precision=delta, group_sizes=weights.group_sizes(),
@@ -262,7 +268,55 @@ class _BaseLaplace(BaseUQEstimator):
         return OutputDistribution.gaussian(dist.mean.float(), dist.covariance.float())
 
 
-class LaplaceClassifier(UQClassifierMixin, _BaseLaplace):
+class _ClassificationLikelihood:
+    """The softmax cross-entropy parts of a Laplace-family estimator."""
+
+    _likelihood = "classification"
+
+    def _validate_likelihood_options(self) -> None:
+        check_option("link_approx", self.link_approx, LINKS)
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        if dist.is_sampled or self.link_approx != "probit":
+            p = dist.probabilities(self.link_approx, self.n_samples, self._generator())
+        else:
+            p = probit_probabilities(dist.mean, dist.variance)
+        p = p.double().clamp_min(1e-12)
+        return float(-torch.log(p[torch.arange(len(y)), y.long()]).sum())
+
+
+class _RegressionLikelihood:
+    """The Gaussian-likelihood parts of a Laplace-family estimator (noise ``sigma_noise``)."""
+
+    _likelihood = "regression"
+
+    def _validate_likelihood_options(self) -> None:
+        if isinstance(self.sigma_noise, str):
+            check_option("sigma_noise", self.sigma_noise, ("marglik",))
+        else:
+            check_positive("sigma_noise", self.sigma_noise)
+
+    def _fit_sigma(self) -> bool:
+        return self.sigma_noise == "marglik"
+
+    def _initial_sigma(self) -> float:
+        if self.sigma_noise != "marglik":
+            return float(self.sigma_noise)
+        return self._rms
+
+    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
+        self._fit_noise_from_residuals(X, y)
+        self._rms = float(np.sqrt(np.mean(np.asarray(self.sigma_noise_) ** 2)))
+        super()._fit_uq(X, y, X_cal, y_cal)
+        self.sigma_noise_ = self.posterior_.sigma_noise
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        var = dist.variance.double() + self.posterior_.sigma_noise**2
+        r = y.reshape(dist.output_mean.shape).double() - dist.output_mean.double()
+        return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).sum())
+
+
+class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLaplace):
     """Laplace approximation over a trained classification network.
 
     Fits ``N(theta*, (H / T + delta I)^-1)`` over a subset of the weights, with
@@ -343,8 +397,6 @@ class LaplaceClassifier(UQClassifierMixin, _BaseLaplace):
     (270, 5)
     """
 
-    _likelihood = "classification"
-
     def __init__(
         self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
         prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
@@ -371,19 +423,7 @@ class LaplaceClassifier(UQClassifierMixin, _BaseLaplace):
         self.verbose = verbose
         self.memory = memory
 
-    def _validate_likelihood_options(self) -> None:
-        check_option("link_approx", self.link_approx, LINKS)
-
-    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
-        if dist.is_sampled or self.link_approx != "probit":
-            p = dist.probabilities(self.link_approx, self.n_samples, self._generator())
-        else:
-            p = probit_probabilities(dist.mean, dist.variance)
-        p = p.double().clamp_min(1e-12)
-        return float(-torch.log(p[torch.arange(len(y)), y.long()]).sum())
-
-
-class LaplaceRegressor(UQRegressorMixin, _BaseLaplace):
+class LaplaceRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseLaplace):
     """Laplace approximation over a trained regression network (Gaussian likelihood).
 
     As :class:`LaplaceClassifier`, with the GGN of the Gaussian likelihood
@@ -427,8 +467,6 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
     True
     """
 
-    _likelihood = "regression"
-
     def __init__(
         self, estimator, *, sigma_noise="marglik", subset_of_weights="last_layer",
         hessian_structure="kron", prior_precision="marglik", prior_structure="scalar",
@@ -454,28 +492,3 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
         self.random_state = random_state
         self.verbose = verbose
         self.memory = memory
-
-    def _validate_likelihood_options(self) -> None:
-        if isinstance(self.sigma_noise, str):
-            check_option("sigma_noise", self.sigma_noise, ("marglik",))
-        else:
-            check_positive("sigma_noise", self.sigma_noise)
-
-    def _fit_sigma(self) -> bool:
-        return self.sigma_noise == "marglik"
-
-    def _initial_sigma(self) -> float:
-        if self.sigma_noise != "marglik":
-            return float(self.sigma_noise)
-        return self._rms
-
-    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        self._fit_noise_from_residuals(X, y)
-        self._rms = float(np.sqrt(np.mean(np.asarray(self.sigma_noise_) ** 2)))
-        super()._fit_uq(X, y, X_cal, y_cal)
-        self.sigma_noise_ = self.posterior_.sigma_noise
-
-    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
-        var = dist.variance.double() + self.posterior_.sigma_noise**2
-        r = y.reshape(dist.output_mean.shape).double() - dist.output_mean.double()
-        return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).sum())

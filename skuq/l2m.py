@@ -1,0 +1,488 @@
+"""L2M: a diagonal Laplace posterior read from the optimizer's second moment.
+
+Adam-family optimizers already keep ``v``, an average of squared mini-batch
+gradients, for every weight (Perone et al., 2021). Near a minimum the mean
+gradient vanishes and ``v`` is the gradient *noise*: for the mean loss over a
+batch of ``B`` rows, ``E[g_B^2] ~ (1/B) (1/N) sum_n g_n^2``, so
+
+    sum_n g_n^2  ~  N * B * v_hat
+
+is the diagonal empirical Fisher of the summed loss over the ``N`` training
+rows (``scale="fisher"``, the default). The curvature comes for free: fitting
+reads optimizer state and never passes over the training data again. The
+posterior and the predictive are those of the diagonal Laplace
+(:class:`skuq.posterior.DiagPosterior`, :mod:`skuq.predictive`).
+
+The core (:func:`second_moments`, :func:`l2m_curvature`) is plain torch; the
+estimators :class:`L2MClassifier` and :class:`L2MRegressor` put the
+scikit-learn face on it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.frozen import FrozenEstimator
+from torch import Tensor, nn
+
+from ._utils import check_option, check_positive, check_positive_int, iter_batches
+from .base import UQClassifierMixin, UQRegressorMixin, _is_skorch_net
+from .curvature import Curvature, WeightSubset, sum_loss
+from .laplace import _BaseLaplace, _ClassificationLikelihood, _RegressionLikelihood
+
+__all__ = [
+    "L2MClassifier",
+    "L2MRegressor",
+    "SCALES",
+    "SECOND_MOMENT_OPTIMIZERS",
+    "l2m_curvature",
+    "second_moments",
+]
+
+SCALES = ("fisher", "n_train")
+
+
+def _ema_moment(key: str, beta) -> callable:
+    """Reader of an exponential moving average of g^2 kept under ``key``."""
+
+    def read(state: dict, group: dict, bias_correction: bool) -> Tensor:
+        v = state[key]
+        if not bias_correction:
+            return v
+        step = float(state["step"])
+        return v / (1.0 - beta(group) ** step)
+
+    return read
+
+
+def _adagrad_moment(state: dict, group: dict, bias_correction: bool) -> Tensor:
+    # ``sum`` accumulates g^2 from ``initial_accumulator_value``: its mean over steps is v
+    return (state["sum"] - group["initial_accumulator_value"]) / float(state["step"])
+
+
+def _adamax_moment(state: dict, group: dict, bias_correction: bool) -> Tensor:
+    # Adamax keeps a decaying running max of |g|, not an average: its square bounds v above
+    return state["exp_inf"] ** 2
+
+
+#: optimizer class -> reader ``(state, param_group, bias_correction) -> v_hat``
+SECOND_MOMENT_OPTIMIZERS: dict[type, callable] = {
+    torch.optim.Adam: _ema_moment("exp_avg_sq", lambda g: g["betas"][1]),
+    torch.optim.AdamW: _ema_moment("exp_avg_sq", lambda g: g["betas"][1]),
+    torch.optim.NAdam: _ema_moment("exp_avg_sq", lambda g: g["betas"][1]),
+    torch.optim.RAdam: _ema_moment("exp_avg_sq", lambda g: g["betas"][1]),
+    torch.optim.RMSprop: _ema_moment("square_avg", lambda g: g["alpha"]),
+    torch.optim.Adagrad: _adagrad_moment,
+    torch.optim.Adamax: _adamax_moment,
+}
+
+
+def _reader(optimizer) -> callable:
+    for cls in type(optimizer).__mro__:
+        if cls in SECOND_MOMENT_OPTIMIZERS:
+            return SECOND_MOMENT_OPTIMIZERS[cls]
+    names = ", ".join(sorted(c.__name__ for c in SECOND_MOMENT_OPTIMIZERS))
+    raise TypeError(
+        f"L2M reads the second moment of the gradients that the optimizer keeps, but "
+        f"{type(optimizer).__name__} keeps none. Train the net with one of: {names} "
+        "(e.g. optimizer=torch.optim.Adam), or use LaplaceClassifier(hessian_structure='diag')"
+    )
+
+
+def second_moments(
+    optimizer: torch.optim.Optimizer, params: list[Tensor], bias_correction: bool = True
+) -> list[Tensor]:
+    """The optimizer's estimate of ``E[g^2]`` for each of ``params``.
+
+    Parameters
+    ----------
+    optimizer : torch.optim.Optimizer
+        An optimizer of :data:`SECOND_MOMENT_OPTIMIZERS` that has taken steps
+        over ``params``.
+    params : list of Tensor
+        Parameters (the optimizer's own tensors, matched by identity).
+    bias_correction : bool, default=True
+        Divide exponential moving averages by ``1 - beta2^t`` (Adam) or
+        ``1 - alpha^t`` (RMSprop), which undoes their start at zero.
+
+    Returns
+    -------
+    list of Tensor
+        One tensor per parameter, of its shape.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.l2m import second_moments
+    >>> w = torch.nn.Parameter(torch.zeros(2))
+    >>> opt = torch.optim.Adam([w], betas=(0.9, 0.5))
+    >>> w.grad = torch.tensor([1.0, 2.0]); opt.step()
+    >>> second_moments(opt, [w])[0]  # (1 - 0.5) g^2 / (1 - 0.5^1) = g^2
+    tensor([1., 4.])
+    """
+    read = _reader(optimizer)
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    out = []
+    for p in params:
+        state = optimizer.state.get(p)
+        if id(p) not in group_of:
+            raise ValueError(
+                "the optimizer does not hold all the network's trainable parameters; give "
+                "the optimizer that trained this network"
+            )
+        if not state or "step" not in state:
+            raise ValueError(
+                "the optimizer has no second-moment state: the net was never trained with "
+                "it (or its state was dropped, e.g. by a save that kept only the weights). "
+                "Train it first, or keep the optimizer state"
+            )
+        v = read(state, group_of[id(p)], bias_correction).detach()
+        out.append(v.to(p.dtype).reshape(p.shape))
+    return out
+
+
+def l2m_curvature(
+    weights: WeightSubset,
+    optimizer: torch.optim.Optimizer,
+    *,
+    n_train: int,
+    train_batch_size: int,
+    scale: str | float = "fisher",
+    likelihood: str = "classification",
+    n_outputs: int,
+    loss: float = 0.0,
+    bias_correction: bool = True,
+) -> Curvature:
+    """The diagonal curvature of the summed training loss from optimizer state.
+
+    Parameters
+    ----------
+    weights : WeightSubset
+        All trainable weights of the network (no subnetwork).
+    optimizer : torch.optim.Optimizer
+        The optimizer that trained them, minimizing the *mean* loss of a batch.
+    n_train, train_batch_size : int
+        ``N`` and the training batch size ``B``.
+    scale : {"fisher", "n_train"} or float, default="fisher"
+        ``h = c * v_hat`` with ``c = N B`` (``"fisher"``: the empirical Fisher
+        of the summed loss when the mean gradient has vanished, see the
+        module docstring), ``c = N`` (``"n_train"``), or ``c`` given.
+    likelihood : {"classification", "regression"}
+        For regression the net trains on ``MSELoss`` (mean over rows and the
+        ``C`` outputs), whose gradient is ``2/C`` that of ``0.5 * SSE``; the
+        result is rescaled by ``C^2 / 4`` to skuq's unit-noise convention.
+    n_outputs : int
+    loss : float
+        Summed training loss at the weights (cross-entropy, or ``0.5 * SSE``),
+        for the marginal likelihood.
+    bias_correction : bool, default=True
+
+    Returns
+    -------
+    Curvature
+        ``structure="diag"``, ``curvature="l2m"``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.curvature import select_weights
+    >>> from skuq.l2m import l2m_curvature
+    >>> lin = torch.nn.Linear(3, 2)
+    >>> opt = torch.optim.Adam(lin.parameters())
+    >>> torch.nn.functional.cross_entropy(lin(torch.randn(8, 3)), torch.ones(8).long()).backward()
+    >>> opt.step()
+    >>> c = l2m_curvature(select_weights(lin), opt, n_train=8, train_batch_size=8, n_outputs=2)
+    >>> c.diag.shape, c.curvature
+    (torch.Size([8]), 'l2m')
+    """
+    if weights.indices is not None:
+        raise ValueError("L2M covers whole parameter tensors, not a subnetwork")
+    if isinstance(scale, str):
+        check_option("scale", scale, SCALES)
+        factor = float(n_train) * (float(train_batch_size) if scale == "fisher" else 1.0)
+    else:
+        check_positive("scale", scale)
+        factor = float(scale)
+    if likelihood == "regression":
+        factor *= n_outputs**2 / 4.0
+    v = torch.cat([m.reshape(-1) for m in second_moments(optimizer, weights.params(),
+                                                         bias_correction)])
+    if not bool(torch.isfinite(v).all()):
+        raise FloatingPointError(
+            "the optimizer's second moments contain NaN or inf: training diverged"
+        )
+    return Curvature(
+        "diag", "l2m", likelihood, int(n_train), int(n_outputs), float(loss),
+        diag=factor * v.clamp_min(0), info={"factor": factor},
+    )
+
+
+# -------------------------------------------------------------------- estimators
+class _BaseL2M(_BaseLaplace):
+    """Diagonal Laplace whose curvature is read from the trained net's optimizer."""
+
+    # the Laplace machinery's structure options, fixed for L2M
+    subset_of_weights = "all"
+    hessian_structure = "diag"
+    curvature = "l2m"
+    subnetwork_indices = None
+    rank = 1
+
+    _extra_fit_params = ("optimizer",)
+
+    def _validate_curvature_options(self) -> None:
+        if isinstance(self.scale, str):
+            check_option("scale", self.scale, SCALES)
+        else:
+            check_positive("scale", self.scale)
+        if not isinstance(self.bias_correction, (bool, np.bool_)):
+            raise ValueError(f"bias_correction must be True or False, got {self.bias_correction!r}")
+        if self.train_batch_size is not None:
+            check_positive_int("train_batch_size", self.train_batch_size)
+
+    def fit(self, X, y, **fit_params):
+        """Train the wrapped net (unless trained), then read its optimizer's second moments.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        optimizer : torch.optim.Optimizer, optional
+            For a plain ``torch.nn.Module``: the optimizer that trained it
+            (a skorch net's own ``optimizer_`` is used otherwise).
+        X_cal, y_cal : array-like, optional
+            Held-out rows for ``prior_precision="heldout"``.
+
+        Returns
+        -------
+        self
+        """
+        self._optimizer_arg = fit_params.pop("optimizer", None)
+        try:
+            return super().fit(X, y, **fit_params)
+        finally:
+            del self._optimizer_arg
+
+    def _trained_optimizer(self):
+        if self._optimizer_arg is not None:
+            return self._optimizer_arg
+        opt = getattr(self.net_, "optimizer_", None)
+        if opt is None:
+            raise TypeError(
+                "L2M reads the optimizer state of the training run; a plain torch.nn.Module "
+                "carries none. Pass the optimizer that trained it: fit(X, y, optimizer=opt)"
+            )
+        return opt
+
+    def _train_batch_size(self, n_train: int) -> int:
+        if self.train_batch_size is not None:
+            return min(int(self.train_batch_size), n_train)
+        net = self.net_
+        if not _is_skorch_net(net):
+            if self.scale == "fisher":
+                raise ValueError(
+                    "scale='fisher' needs the batch size the net was trained with: set "
+                    "train_batch_size (a skorch net tells it itself)"
+                )
+            return 1
+        params = net.get_params()
+        b = params.get("iterator_train__batch_size", net.batch_size)
+        return n_train if b is None or b < 0 else min(int(b), n_train)
+
+    def _check_criterion_reduction(self) -> None:
+        reduction = getattr(getattr(self.net_, "criterion_", None), "reduction", "mean")
+        if reduction != "mean" and isinstance(self.scale, str):
+            raise ValueError(
+                f"L2M's scale={self.scale!r} assumes the net minimized the mean loss of a "
+                f"batch, but its criterion uses reduction={reduction!r}: train with "
+                "reduction='mean' or give scale as a float"
+            )
+
+    def _training_loss(self, X, y) -> float:
+        """Summed training loss for the evidence: skorch's history, else one forward pass."""
+        history = getattr(self.net_, "history", None)
+        if self._likelihood == "classification" and history and "train_loss" in history[-1]:
+            return float(history[-1]["train_loss"]) * len(X)
+        loss = 0.0
+        with torch.no_grad():
+            for xb, yb in iter_batches(X, y, batch_size=self.batch_size, device=self.device_):
+                loss += float(sum_loss(self.model_(xb).double(), yb, self._likelihood))
+        return loss
+
+    def _curvature(self, weights, X, y) -> Curvature:
+        optimizer = self._trained_optimizer()
+        self._check_criterion_reduction()
+        n_train = len(X)
+        return l2m_curvature(
+            weights, optimizer, n_train=n_train, train_batch_size=self._train_batch_size(n_train),
+            scale=self.scale, likelihood=self._likelihood, n_outputs=self.n_outputs_,
+            loss=self._training_loss(X, y), bias_correction=self.bias_correction,
+        )
+
+
+_SHARED_DOC = """
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        A net trained (or to be trained in ``fit``) with one of
+        :data:`SECOND_MOMENT_OPTIMIZERS` (skorch's ``optimizer=torch.optim.Adam``
+        ...). A ``FrozenEstimator`` keeps its net's optimizer state; a plain
+        module needs ``fit(X, y, optimizer=...)``.
+    scale : {"fisher", "n_train"} or float, default="fisher"
+        Curvature ``h = c * v_hat``. ``"fisher"``: ``c = N B`` with ``B`` the
+        training batch size, which makes ``h`` the diagonal empirical Fisher of
+        the summed loss once training has converged (the mean gradient is then
+        ~0 and ``v`` is the variance of a batch-mean gradient, ``1/B`` of the
+        per-row one). ``"n_train"``: ``c = N``, the plain reading of the L2M
+        paper, which is ``B`` times less curvature. A float is used as is.
+        Grid-searchable without retraining.
+    bias_correction : bool, default=True
+        Divide Adam's (or RMSprop's) moving average by ``1 - beta2^t``.
+    train_batch_size : int or None, default=None
+        ``B`` for ``scale="fisher"``; read from the skorch net when None.
+    prior_precision : float, array of float, "marglik" or "heldout", default="marglik"
+        As in :class:`~skuq.LaplaceClassifier`; ``"marglik"`` costs O(P) per
+        step and no pass over data.
+    prior_structure, pred_type, n_samples, temperature, calibration_fraction
+        As in :class:`~skuq.LaplaceClassifier`.
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+"""
+
+
+class L2MClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseL2M):
+    __doc__ = """Diagonal Laplace for free from the optimizer's second moment (L2M).
+
+    After the net is trained with Adam (or AdamW, NAdam, RAdam, RMSprop,
+    Adagrad, Adamax), each weight's average squared gradient ``v`` is read
+    from the optimizer, bias-corrected, and scaled into a diagonal curvature
+    ``h`` (see ``scale``); the posterior is ``N(theta*, diag(1 / (h + delta)))``
+    and predictions use the linearized (``"glm"``) or sampled (``"nn"``) net,
+    exactly as :class:`~skuq.LaplaceClassifier` with ``subset_of_weights="all"``
+    and ``hessian_structure="diag"``. Fitting makes no pass over the training
+    data: the training loss for the evidence comes from skorch's history.
+    """ + _SHARED_DOC + """    link_approx : {"probit", "mc", "bridge"}, default="probit"
+
+    Attributes
+    ----------
+    classes_ : ndarray
+    posterior_ : skuq.posterior.DiagPosterior
+    prior_precision_ : float or ndarray
+    n_params_ : int
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from skuq import L2MClassifier
+    >>> from skuq.datasets import load_digits_ood
+    >>> from skuq.nets import MLP
+    >>> d = load_digits_ood()
+    >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
+    ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
+    ...                           train_split=None, verbose=0)
+    >>> est = L2MClassifier(net, random_state=0).fit(d.X_train, d.y_train)
+    >>> est.predict_proba(d.X_test).shape
+    (270, 5)
+    """
+
+    def __init__(
+        self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
+        prior_precision="marglik", prior_structure="scalar", pred_type="glm",
+        link_approx="probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
+        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.scale = scale
+        self.bias_correction = bias_correction
+        self.train_batch_size = train_batch_size
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.pred_type = pred_type
+        self.link_approx = link_approx
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+
+class L2MRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseL2M):
+    __doc__ = """L2M for regression nets trained on ``MSELoss`` with an Adam-family optimizer.
+
+    As :class:`L2MClassifier`; the gradient of the mean squared error is
+    rescaled to the Gaussian likelihood's (see :func:`l2m_curvature`), the
+    noise ``sigma_noise_`` starts from the RMS training residual (one forward
+    pass) and is fitted with the prior by the marginal likelihood.
+    """ + _SHARED_DOC + """    sigma_noise : float or "marglik", default="marglik"
+
+    Attributes
+    ----------
+    sigma_noise_ : float or ndarray
+    posterior_, prior_precision_, n_params_
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from skuq import L2MRegressor
+    >>> from skuq.datasets import make_gap_regression
+    >>> from skuq.nets import MLP
+    >>> d = make_gap_regression()
+    >>> net = NeuralNetRegressor(MLP, optimizer=torch.optim.Adam, lr=1e-2,
+    ...                          max_epochs=50, train_split=None, verbose=0)
+    >>> est = L2MRegressor(net, random_state=0).fit(d.X, d.y)
+    >>> mean, std = est.predict(d.X_test, return_std=True)
+    >>> mean.shape == std.shape == (len(d.X_test),)
+    True
+    """
+
+    def __init__(
+        self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
+        sigma_noise="marglik", prior_precision="marglik", prior_structure="scalar",
+        pred_type="glm", n_samples=100, temperature=1.0, calibration_fraction=0.2,
+        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.scale = scale
+        self.bias_correction = bias_correction
+        self.train_batch_size = train_batch_size
+        self.sigma_noise = sigma_noise
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.pred_type = pred_type
+        self.n_samples = n_samples
+        self.temperature = temperature
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+
+def _l2m_source(model: nn.Module, net, X, y, *, device, batch_size, optimizer=None, **options):
+    """CVP posterior source ``"l2m"``: the L2M diagonal posterior of the trained net.
+
+    ``options`` are :class:`L2MClassifier` parameters (``scale``,
+    ``prior_precision``, ...); a plain module needs its ``optimizer``.
+    """
+    from .cvp.posterior import DiagonalWeightPosterior
+
+    wrapped = FrozenEstimator(net) if _is_skorch_net(net) else model
+    est = L2MClassifier(wrapped, device=device, batch_size=batch_size, **options)
+    est.fit(X, y, **({} if optimizer is None else {"optimizer": optimizer}))
+    variances = est.posterior_.marginal_variance().detach()
+    return DiagonalWeightPosterior(est.weights_.unflatten(variances))
+
+
+def _register_cvp_source() -> None:
+    from .cvp.posterior import register_posterior_source
+
+    register_posterior_source("l2m", _l2m_source)
+
+
+_register_cvp_source()
