@@ -2,7 +2,10 @@
 
 All functions take arrays (never estimators). Probability matrices have one
 column per class in sorted label order -- the order of ``classes_`` and of
-``predict_proba`` -- exactly as :func:`sklearn.metrics.log_loss` expects.
+``predict_proba`` -- exactly as :func:`sklearn.metrics.log_loss` expects: when
+``y_true`` lacks a class (a small batch), pass ``labels=`` (e.g. ``classes_``);
+it is never guessed. Rows must be probabilities (in [0, 1], summing to 1), not
+logits.
 """
 
 from __future__ import annotations
@@ -26,8 +29,19 @@ __all__ = [
 ]
 
 
+#: how far a row of ``y_proba`` may sum from 1, and a value stray outside [0, 1]
+_SUM_TOL, _RANGE_TOL = 1e-3, 1e-6
+
+
 def _check_proba(y_true, y_proba, labels=None):
-    """Validate ``(y_true, y_proba)`` and return class indices and probabilities."""
+    """Validate ``(y_true, y_proba)`` and return class indices and probabilities.
+
+    Column ``k`` of ``y_proba`` is the ``k``-th label in sorted order: of
+    ``labels`` when given, else of the distinct labels in ``y_true``. Without
+    ``labels`` every column's class must therefore occur in ``y_true``; when a
+    class is missing (a small batch, labels 1..C) which column is which class
+    is ambiguous, and ``labels=`` is required rather than guessed.
+    """
     y_true = np.asarray(y_true)
     y_proba = np.asarray(y_proba, dtype=np.float64)
     if y_proba.ndim != 2:
@@ -36,15 +50,31 @@ def _check_proba(y_true, y_proba, labels=None):
         raise ValueError(f"y_true has {len(y_true)} rows but y_proba has {len(y_proba)}")
     if not np.all(np.isfinite(y_proba)):
         raise ValueError("y_proba contains NaN or inf")
+    if len(y_proba) and (y_proba.min() < -_RANGE_TOL or y_proba.max() > 1 + _RANGE_TOL):
+        raise ValueError(
+            f"y_proba has values in [{y_proba.min():.4g}, {y_proba.max():.4g}], outside "
+            "[0, 1]: these are not probabilities; pass predict_proba output, not logits"
+        )
+    sums = y_proba.sum(axis=1)
+    bad = np.abs(sums - 1) > _SUM_TOL
+    if np.any(bad):
+        row = int(np.argmax(bad))
+        raise ValueError(
+            f"{int(bad.sum())} rows of y_proba do not sum to 1 (row {row} sums to "
+            f"{sums[row]:.6g}); pass predict_proba output, not logits or unnormalized scores"
+        )
     if labels is None:
         labels = np.unique(y_true)
-        n_cols = y_proba.shape[1]
-        # integer labels that index the columns need no labels= (a batch may lack a class)
-        if len(labels) != n_cols and np.issubdtype(labels.dtype, np.integer) and (
-            labels.min() >= 0 and labels.max() < n_cols
-        ):
-            labels = np.arange(n_cols)
+        if len(labels) != y_proba.shape[1]:
+            raise ValueError(
+                f"y_true has {len(labels)} distinct labels {labels.tolist()[:10]} but y_proba "
+                f"has {y_proba.shape[1]} columns, so which column is which class is "
+                "ambiguous; pass labels= (e.g. the estimator's classes_, or "
+                f"list(range({y_proba.shape[1]})) when y_true holds column indices)"
+            )
     labels = np.asarray(labels)
+    if len(np.unique(labels)) != len(labels) or np.any(np.sort(labels) != labels):
+        raise ValueError(f"labels must be sorted and distinct, got {labels.tolist()}")
     if y_proba.shape[1] != len(labels):
         raise ValueError(
             f"y_proba has {y_proba.shape[1]} columns but there are {len(labels)} labels "
@@ -172,7 +202,7 @@ def aurc(y_true, y_proba, *, labels=None) -> float:
     Examples
     --------
     >>> from skuq.metrics import aurc
-    >>> aurc([0, 0], [[0.9, 0.1], [0.4, 0.6]])  # second row wrong: (0 + 1/2) / 2
+    >>> aurc([0, 0], [[0.9, 0.1], [0.4, 0.6]], labels=[0, 1])  # row 2 wrong: (0 + 1/2) / 2
     0.25
     """
     coverage, risk, _ = risk_coverage_curve(*_selective_inputs(y_true, y_proba, labels))
@@ -188,7 +218,7 @@ def coverage_at_risk(y_true, y_proba, *, risk: float = 0.01, labels=None) -> flo
     Examples
     --------
     >>> from skuq.metrics import coverage_at_risk
-    >>> coverage_at_risk([0, 0, 0], [[.9, .1], [.8, .2], [.3, .7]], risk=0.0)
+    >>> coverage_at_risk([0, 0, 0], [[.9, .1], [.8, .2], [.3, .7]], risk=0.0, labels=[0, 1])
     0.6666666666666666
     """
     if not 0 <= risk <= 1:

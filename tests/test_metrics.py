@@ -52,14 +52,60 @@ def test_string_labels_use_sorted_order():
     )
 
 
-def test_integer_labels_index_columns_when_a_class_is_missing():
-    assert metrics.negative_log_likelihood([1, 1], [[0.5, 0.5, 0.0], [0.2, 0.4, 0.4]]) == (
-        pytest.approx(-(math.log(0.5) + math.log(0.4)) / 2)
+def test_a_batch_lacking_a_class_needs_labels_and_is_never_guessed():
+    # labels 1 and 2 with three columns: columns 0..2 or classes 1..3? Refuse to guess.
+    p = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]]
+    for metric in (metrics.negative_log_likelihood, metrics.expected_calibration_error,
+                   metrics.brier_score, metrics.aurc):
+        with pytest.raises(ValueError, match="pass labels="):
+            metric([1, 2], p)
+    with pytest.raises(ValueError, match="pass labels="):
+        metrics.negative_log_likelihood([0, 0], p)
+    # with labels= each reading gives its own, right answer
+    assert metrics.negative_log_likelihood([1, 2], p, labels=[1, 2, 3]) == pytest.approx(
+        -math.log(0.9)
+    )
+    assert metrics.negative_log_likelihood([1, 2], p, labels=[0, 1, 2]) == pytest.approx(
+        -math.log(0.05)
     )
 
 
+def test_labels_must_be_sorted_like_the_columns():
+    with pytest.raises(ValueError, match="sorted"):
+        metrics.negative_log_likelihood([0, 1], [[0.9, 0.1], [0.2, 0.8]], labels=[1, 0])
+
+
+def test_integer_labels_all_present_map_to_columns_in_sorted_order():
+    # labels 1..3, all present: column k is the k-th smallest label, as log_loss reads it
+    p = [[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.1, 0.3, 0.6]]
+    expected = -(math.log(0.7) + math.log(0.8) + math.log(0.6)) / 3
+    assert metrics.negative_log_likelihood([1, 2, 3], p) == pytest.approx(expected)
+    assert expected == pytest.approx(log_loss([1, 2, 3], p))
+
+
+@pytest.mark.parametrize(
+    "y_proba",
+    [
+        [[2.0, -1.0], [0.5, 0.5]],  # logits: outside [0, 1]
+        [[0.3, 0.3], [0.5, 0.5]],  # in [0, 1] but a row sums to 0.6
+        [[0.6, 0.6], [0.5, 0.5]],  # a row sums to 1.2
+    ],
+)
+def test_inputs_that_are_not_probabilities_are_refused(y_proba):
+    for metric in (metrics.negative_log_likelihood, metrics.expected_calibration_error,
+                   metrics.brier_score, metrics.coverage_at_risk):
+        with pytest.raises(ValueError, match="pass predict_proba output, not logits"):
+            metric([0, 1], y_proba)
+
+
+def test_float32_rounding_in_row_sums_is_accepted():
+    p = np.array([[0.1, 0.2, 0.7], [0.3, 0.3, 0.4]], dtype=np.float32) * (1 + 1e-5)
+    assert np.isfinite(metrics.negative_log_likelihood([0, 1], p, labels=[0, 1, 2]))
+
+
 def test_nll_clips_zero_probabilities():
-    assert metrics.negative_log_likelihood([0], [[0.0, 1.0]]) == pytest.approx(-math.log(1e-12))
+    value = metrics.negative_log_likelihood([0], [[0.0, 1.0]], labels=[0, 1])
+    assert value == pytest.approx(-math.log(1e-12))
 
 
 def test_risk_coverage_curve_never_cuts_ties():
@@ -114,7 +160,7 @@ def test_fpr_at_95_tpr_by_hand():
     [
         (lambda: metrics.expected_calibration_error([0, 1], [[0.5, 0.5]]), "rows"),
         (lambda: metrics.expected_calibration_error([0, 1, 2], [[1, 0], [0, 1], [1, 0]]), "labels"),
-        (lambda: metrics.negative_log_likelihood([0], [[np.nan, 1.0]]), "NaN"),
+        (lambda: metrics.negative_log_likelihood([0, 1], [[np.nan, 1.0]] * 2), "NaN"),
         (lambda: metrics.ood_auroc([], [1.0]), "at least one"),
         (lambda: metrics.coverage_at_risk([0], [[1.0, 0.0]], risk=2), "risk must be"),
         (lambda: metrics.expected_calibration_error([0, 1], [[1, 0], [0, 1]], n_bins=0), "n_bins"),
