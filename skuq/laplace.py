@@ -54,17 +54,55 @@ def clear_curvature_cache() -> None:
     _CACHE.clear()
 
 
+def _architecture(model: torch.nn.Module) -> str:
+    """What the forward pass computes besides the weights: module tree, classes, modes.
+
+    ``repr`` names the layers and their settings (a ``Tanh`` is not a ``ReLU``); the
+    class's qualified name and the bytecode of its ``forward`` tell apart classes
+    with the same repr (a redefined class in a notebook); ``training`` switches
+    dropout and batch norm.
+    """
+    parts = [repr(model)]
+    for name, m in model.named_modules():
+        cls = type(m)
+        code = getattr(getattr(cls, "forward", None), "__code__", None)
+        parts.append(repr((name, cls.__module__, cls.__qualname__, m.training, _code_key(code))))
+    return "\n".join(parts)
+
+
+def _code_key(code):
+    """Bytecode, constants and names of a code object (nested ones alike, without addresses)."""
+    if code is None:
+        return None
+    consts = tuple(_code_key(c) if hasattr(c, "co_code") else c for c in code.co_consts)
+    return (code.co_code, consts, code.co_names)
+
+
+def _option_key(value):
+    """A stable stand-in for an option: a generator by its device and state, not its address."""
+    if isinstance(value, torch.Generator):
+        state = hashlib.sha1(value.get_state().cpu().numpy().tobytes()).hexdigest()
+        return ("torch.Generator", str(value.device), state)
+    if isinstance(value, dict):
+        return {k: _option_key(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_option_key(v) for v in value)
+    return value
+
+
 def _fingerprint(weights, X, y, options) -> str:
     h = hashlib.sha1()
+    h.update(_architecture(weights.model).encode())
     for name, p in weights.model.named_parameters():
         h.update(name.encode())
         h.update(p.detach().cpu().numpy().tobytes())
     for b_name, b in weights.model.named_buffers():
         h.update(b_name.encode())
         h.update(b.detach().cpu().numpy().tobytes())
-    h.update(np.ascontiguousarray(X).tobytes())
-    h.update(np.ascontiguousarray(y).tobytes())
-    h.update(repr(options).encode())
+    for arr in (np.ascontiguousarray(X), np.ascontiguousarray(y)):
+        h.update(repr((arr.shape, arr.dtype.str)).encode())
+        h.update(arr.tobytes())
+    h.update(repr(_option_key(options)).encode())
     if weights.indices is not None:
         h.update(weights.indices.cpu().numpy().tobytes())
     h.update(repr(weights.names).encode())

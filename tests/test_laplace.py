@@ -13,6 +13,7 @@ from torch import nn
 
 import skuq.laplace as skuq_laplace
 from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier
+from skuq.curvature import compute_curvature
 from skuq.metrics import ood_auroc
 from tests.conftest import make_classifier_net
 
@@ -116,7 +117,10 @@ def test_regressor_matches_laplace_torch(gap_data):
                                    float(la.log_marginal_likelihood()), rtol=2e-3)
 
 
-def test_grid_search_computes_curvature_once_per_fold(digits, monkeypatch):
+@pytest.mark.parametrize("structure", ["kron", "lowrank"])
+def test_grid_search_computes_curvature_once_per_fold(digits, monkeypatch, structure):
+    """Only posterior parameters change: one curvature per fold (lowrank too: its
+    generator enters the cache key by its seed state, not by its address)."""
     calls = []
     original = skuq_laplace.compute_curvature
 
@@ -128,13 +132,29 @@ def test_grid_search_computes_curvature_once_per_fold(digits, monkeypatch):
     skuq_laplace.clear_curvature_cache()
     net = make_classifier_net(max_epochs=3, hidden=(16,), module__n_outputs=5)
     net.fit(digits.X_train, digits.y_train)
-    est = LaplaceClassifier(FrozenEstimator(net), hessian_structure="kron", prior_precision=1.0)
+    est = LaplaceClassifier(FrozenEstimator(net), hessian_structure=structure,
+                            prior_precision=1.0, random_state=0)
     grid = {"prior_precision": list(np.logspace(-2, 3, 8))}
     search = GridSearchCV(est, grid, cv=5, scoring="neg_log_loss").fit(
         digits.X_train[:300], digits.y_train[:300]
     )
     assert len(calls) == 5 + 1  # one per fold, plus the refit on all rows
     assert search.best_estimator_.prior_precision_ == search.best_params_["prior_precision"]
+
+
+def test_cache_tells_architectures_apart(trained):
+    """A Tanh and a ReLU net with the same weights have different curvatures."""
+    model, X, y, _, _ = trained
+    relu = nn.Sequential(nn.Linear(64, 10), nn.ReLU(), nn.Linear(10, 5))
+    relu.load_state_dict(model.state_dict())
+    skuq_laplace.clear_curvature_cache()
+    curvs = []
+    for net in (model, relu):
+        est = _ours(net, X, y, "all", "diag", 1.0)
+        direct = compute_curvature(est.weights_, [(X, y)], structure="diag").diag
+        torch.testing.assert_close(est.posterior_.h, direct, rtol=1e-5, atol=1e-6)
+        curvs.append(direct)
+    assert (curvs[0] - curvs[1]).abs().max() > 1e-2 * curvs[0].abs().max()
 
 
 def test_nll_loss_net_gets_uncertainty(digits):
