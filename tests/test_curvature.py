@@ -225,6 +225,21 @@ def test_lowrank_recovers_top_eigenpairs():
     torch.testing.assert_close(curv5.eigvals, top, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lowrank_with_a_cuda_generator():
+    """The estimators make their generator on the model's device: a CUDA one there."""
+    model = _mlp().cuda()
+    x, y = _data(model, n=12)
+    x, y = x.cuda(), y.cuda()
+    w = select_weights(model)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params,
+                             generator=gen)
+    assert curv.eigvecs.device.type == "cuda"
+    torch.testing.assert_close(curv.dense().cpu(), brute_ggn(model.cpu(), x.cpu()),
+                               rtol=1e-8, atol=1e-9)
+
+
 def test_last_layer_and_subnetwork_subsets_are_submatrices():
     model = _mlp()
     x, y = _data(model)

@@ -408,9 +408,10 @@ def _lowrank_curvature(weights, batches, likelihood, curvature, rank, generator,
     P = weights.n_params
     k = min(rank, P)
     m = min(P, k + 10)
-    omega = torch.randn(P, m, generator=generator, dtype=weights.dtype, device="cpu").to(
-        weights.device
-    )
+    # drawn where the generator lives (a CUDA generator cannot fill a CPU tensor), then moved
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    omega = torch.randn(P, m, generator=generator, dtype=weights.dtype, device=draw_device)
+    omega = omega.to(weights.device)
     data = list(batches) if not callable(batches) else None
 
     def passes():
