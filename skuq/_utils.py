@@ -112,7 +112,8 @@ def check_finite(t: Tensor, what: str) -> Tensor:
     if not bool(torch.isfinite(t).all()):
         raise FloatingPointError(
             f"{what} contains NaN or inf. The network or its posterior is numerically "
-            "unstable on these inputs: check the inputs are scaled, raise the prior "
-            "precision, or use float64 (set the net's dtype)."
+            "unstable on these inputs: scale the inputs (e.g. a StandardScaler in a "
+            "Pipeline), shrink the posterior variance (raise prior_precision), or, for a "
+            "net that diverged in training, lower its lr."
         )
     return t

@@ -67,10 +67,23 @@ def _is_skorch_net(obj) -> bool:
 
 
 def _train_net(net, X: np.ndarray, y: np.ndarray, seed: int | None):
-    """Fit a (cloned) skorch net. Module level so that ``joblib.Memory`` can cache it."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    return net.fit(X, y)
+    """Fit a (cloned) skorch net. Module level so that ``joblib.Memory`` can cache it.
+
+    With a ``seed``, training draws from a private copy of torch's global RNG
+    (``torch.random.fork_rng``) seeded with it: the run is reproducible and the
+    caller's global RNG state, CPU and the CUDA device trained on, is left as it was.
+    """
+    if seed is None:  # the caller's RNG drives training, as a plain skorch fit would
+        return net.fit(X, y)
+    device = torch.device(net.device or "cpu")
+    cuda = []
+    if device.type == "cuda":
+        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda):
+        torch.default_generator.manual_seed(seed)
+        for index in cuda:
+            torch.cuda.default_generators[index].manual_seed(seed)
+        return net.fit(X, y)
 
 
 class _LogOfProbabilities(nn.Module):
@@ -123,6 +136,11 @@ def _criterion_outputs(net) -> str:
     criterion = net.criterion
     cls = criterion if inspect.isclass(criterion) else type(criterion)
     return "probabilities" if issubclass(cls, nn.NLLLoss) else "logits"
+
+
+def _n_rows(a) -> int:
+    """Rows of an array-like (a list, a pandas object, an array)."""
+    return len(a) if hasattr(a, "__len__") else len(np.asarray(a))
 
 
 # ---------------------------------------------------------------------- the base
@@ -208,7 +226,12 @@ class BaseUQEstimator(BaseEstimator):
         if (X_cal is None) != (y_cal is None):
             raise ValueError("give both X_cal and y_cal, or neither")
         if X_cal is not None:
-            X_cal = self._validate_predict_data(X_cal)
+            X_cal = self._validate_predict_data(X_cal, what="X_cal")
+            if len(X_cal) != _n_rows(y_cal):
+                raise ValueError(
+                    f"X_cal has {len(X_cal)} rows but y_cal has {_n_rows(y_cal)}; "
+                    "give one target per calibration row"
+                )
             y_cal = self._encode_target(np.asarray(y_cal), fitting=False)
         elif self._uses_calibration_split:
             X, y, X_cal, y_cal = self._calibration_split(X, y)
@@ -239,10 +262,17 @@ class BaseUQEstimator(BaseEstimator):
             multi_output=not self._is_classifier(),
             y_numeric=not self._is_classifier(),
         )
+        self._input_shape = tuple(X.shape[1:])  # per row; n_features_in_ sees only shape[1]
         return _writable_float32(X), self._encode_target(y, fitting=True)
 
-    def _validate_predict_data(self, X) -> np.ndarray:
+    def _validate_predict_data(self, X, what: str = "X") -> np.ndarray:
         X = validate_data(self, X, reset=False, allow_nd=True, dtype=[np.float32, np.float64])
+        expected = getattr(self, "_input_shape", None)
+        if expected is not None and tuple(X.shape[1:]) != expected:
+            raise ValueError(
+                f"{what} has rows of shape {tuple(X.shape[1:])} but {type(self).__name__} was "
+                f"fitted on rows of shape {expected}; give inputs shaped like the training data"
+            )
         return _writable_float32(X)
 
     def _is_classifier(self) -> bool:
@@ -475,7 +505,9 @@ class UQRegressorMixin(RegressorMixin):
 
     def _moments(self, X):
         dist = self.predict_distribution(X)
-        return dist.output_mean, dist.variance
+        # a variance is >= 0; float error can leave a tiny negative one (-1e-9), which
+        # sqrt would turn into NaN
+        return dist.output_mean, dist.variance.clamp_min(0.0)
 
     def _shape(self, a: Tensor) -> np.ndarray:
         out = a.double().numpy()
@@ -534,7 +566,12 @@ class UQRegressorMixin(RegressorMixin):
                 n += len(xb)
         sigma = (sq / max(n, 1)).sqrt().clamp_min(1e-6)
         if not bool(torch.isfinite(sigma).all()):
-            raise FloatingPointError("the trained net gives non-finite residuals on y")
+            raise FloatingPointError(
+                "the trained net gives non-finite residuals on y, so the noise level "
+                "sigma_noise_ cannot be estimated: check that y is finite and of moderate "
+                "scale (standardize it, e.g. with sklearn.compose.TransformedTargetRegressor) "
+                "and that the net trained stably (lower lr, scale the inputs)"
+            )
         self.sigma_noise_ = sigma.numpy() if self.n_outputs_ > 1 else float(sigma[0])
 
 

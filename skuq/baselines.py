@@ -11,6 +11,7 @@ import numbers
 import numpy as np
 import torch
 from joblib import Parallel, delayed
+from scipy.optimize import minimize_scalar
 from sklearn.utils.validation import check_is_fitted, check_memory
 from torch import Tensor
 
@@ -137,26 +138,41 @@ class MAPRegressor(UQRegressorMixin, BaseUQEstimator):
             return OutputDistribution.point_mass(self.model_(x).float())
 
 
-def fit_temperature(logits: Tensor, y: Tensor, max_iter: int = 200) -> float:
+_NONFINITE_TEMPERATURE = (
+    "cannot fit the temperature: the net's logits on the calibration rows are NaN or "
+    "inf. Scale the inputs (e.g. a StandardScaler in a Pipeline), retrain the net with "
+    "a lower lr, or pass a fixed temperature="
+)
+#: the search interval for ``log T``: T in [e^-5, e^5] ~ [0.0067, 148]
+LOG_TEMPERATURE_BOUNDS = (-5.0, 5.0)
+
+
+def fit_temperature(
+    logits: Tensor, y: Tensor, max_iter: int = 200, bounds=LOG_TEMPERATURE_BOUNDS
+) -> float:
     """The temperature ``T > 0`` minimizing the NLL of ``softmax(logits / T)``.
 
-    Optimized over ``log T`` with L-BFGS (the NLL is smooth and, in ``1/T``,
-    convex), starting from ``T = 1``.
+    A bounded 1-D search (Brent's method, ``scipy.optimize.minimize_scalar``) over
+    ``log T`` in ``bounds``. The NLL is convex in ``1/T``, hence unimodal in
+    ``log T``, so the search finds the global minimizer on the interval. Data
+    that the net separates perfectly pushes ``T`` towards 0 without a finite
+    minimum; the bound stops it at ``exp(bounds[0])`` instead of running away.
     """
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    logits, y = logits.double(), y.long()
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+    logits, y = logits.double(), torch.as_tensor(y).long()
+    if len(logits) == 0:
+        raise ValueError("no calibration rows to fit the temperature on")
+    if not bool(torch.isfinite(logits).all()):
+        raise FloatingPointError(_NONFINITE_TEMPERATURE)
 
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(logits / log_t.exp(), y)
-        loss.backward()
-        return loss
+    def nll(log_t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(logits / np.exp(log_t), y))
 
-    opt.step(closure)
-    t = float(log_t.detach().exp())
-    if not np.isfinite(t) or t <= 0:
-        raise FloatingPointError("temperature fit diverged; check the calibration data")
+    res = minimize_scalar(
+        nll, bounds=bounds, method="bounded", options={"xatol": 1e-6, "maxiter": max_iter}
+    )
+    t = float(np.exp(res.x))
+    if not (np.isfinite(res.fun) and np.isfinite(t)):
+        raise FloatingPointError(_NONFINITE_TEMPERATURE)
     return t
 
 

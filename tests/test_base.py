@@ -15,8 +15,11 @@ from sklearn.preprocessing import StandardScaler
 from skorch import NeuralNetClassifier
 
 from skuq import MAPClassifier, MAPRegressor, TemperatureScalingClassifier
+from skuq._utils import check_finite
+from skuq.baselines import LOG_TEMPERATURE_BOUNDS, fit_temperature
 from skuq.metrics import get_scorer
 from skuq.nets import MLP
+from skuq.outputs import OutputDistribution
 from tests.conftest import make_classifier_net, make_regressor_net
 
 
@@ -150,6 +153,29 @@ def test_memory_trains_the_net_once_per_fold_in_a_grid_search(small, tmp_path):
     assert CountingMLP.n_built == 3 * 2 + 1  # without memory, once per candidate and fold
 
 
+def test_fit_leaves_the_callers_global_torch_rng_untouched(small):
+    X, y = small
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    MAPClassifier(make_classifier_net(max_epochs=2), random_state=0).fit(X, y)
+    assert torch.equal(torch.get_rng_state(), before)
+    # and the caller's stream goes on as if fit had not run
+    expected = torch.randn(3, generator=torch.Generator().set_state(before))
+    torch.testing.assert_close(torch.randn(3), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_fit_on_cuda_leaves_the_callers_cuda_rng_untouched(small):
+    X, y = small
+    torch.cuda.manual_seed(123)
+    before_cpu, before_cuda = torch.get_rng_state(), torch.cuda.get_rng_state()
+    a = MAPClassifier(make_classifier_net(max_epochs=2), device="cuda", random_state=0).fit(X, y)
+    assert torch.equal(torch.get_rng_state(), before_cpu)
+    assert torch.equal(torch.cuda.get_rng_state(), before_cuda)
+    b = MAPClassifier(make_classifier_net(max_epochs=2), device="cuda", random_state=0).fit(X, y)
+    np.testing.assert_allclose(a.predict_proba(X), b.predict_proba(X), atol=1e-6)
+
+
 def test_random_state_makes_training_reproducible(small):
     X, y = small
     a = MAPClassifier(make_classifier_net(max_epochs=3), random_state=3).fit(X, y)
@@ -194,6 +220,28 @@ def test_regressor_band_and_uncertainty_parts(gap_data):
     assert est.sigma_noise_ == pytest.approx(np.sqrt(np.mean(residual**2)), rel=1e-4)
 
 
+class _RoundingRegressor(MAPRegressor):
+    """A MAP regressor whose epistemic variance came out as -1e-9 (float rounding)."""
+
+    def _predict_batch(self, x):
+        with torch.no_grad():
+            mean = self.model_(x).float()
+        return OutputDistribution.gaussian(mean, torch.full_like(mean, -1e-9))
+
+
+def test_tiny_negative_variance_gives_zero_not_nan(gap_data):
+    est = _RoundingRegressor(make_regressor_net(max_epochs=2), random_state=0)
+    est.fit(gap_data.X, gap_data.y)
+    est.sigma_noise_ = 1e-6  # a net that fits its data exactly: noise variance 1e-12
+    _, std = est.predict(gap_data.X_test, return_std=True)
+    assert np.all(np.isfinite(std)) and np.all(std >= 0)
+    for kind in ("std", "variance", "epistemic_variance"):
+        u = est.predict_uncertainty(gap_data.X_test, kind)
+        assert np.all(np.isfinite(u)) and np.all(u >= 0), kind
+    np.testing.assert_array_equal(est.predict_uncertainty(gap_data.X_test, "epistemic_variance"),
+                                  0.0)
+
+
 def test_multi_output_regression(gap_data):
     y2 = np.c_[gap_data.y, -gap_data.y]
     est = MAPRegressor(make_regressor_net(max_epochs=5), random_state=0).fit(gap_data.X, y2)
@@ -218,6 +266,51 @@ def test_wrong_number_of_features_at_predict(fitted_map, small):
     X, _ = small
     with pytest.raises(ValueError, match="features"):
         fitted_map.predict(X[:, :10])
+
+
+def test_image_inputs_of_another_shape_are_refused_naming_both_shapes(small):
+    X, y = small
+    images = X.reshape(-1, 1, 8, 8)
+    est = MAPClassifier(make_classifier_net(max_epochs=2), random_state=0).fit(images, y)
+    assert est.predict_proba(images[:5]).shape == (5, 5)
+    bigger = np.zeros((5, 1, 16, 16), dtype=np.float32)
+    with pytest.raises(ValueError, match=r"shape \(1, 16, 16\).*\(1, 8, 8\)"):
+        est.predict(bigger)
+    # same number of pixels, so a flattening net would silently give garbage
+    with pytest.raises(ValueError, match=r"shape \(1, 4, 16\).*\(1, 8, 8\)"):
+        est.predict_proba(X[:5].reshape(-1, 1, 4, 16))
+
+
+def test_calibration_images_of_another_shape_are_refused(small):
+    X, y = small
+    images = X.reshape(-1, 1, 8, 8)
+    est = TemperatureScalingClassifier(make_classifier_net(max_epochs=2), random_state=0)
+    with pytest.raises(ValueError, match=r"X_cal has rows of shape \(1, 4, 16\)"):
+        est.fit(images, y, X_cal=X[:50].reshape(-1, 1, 4, 16), y_cal=y[:50])
+
+
+def test_x_cal_and_y_cal_of_different_lengths_are_refused(small):
+    X, y = small
+    est = TemperatureScalingClassifier(make_classifier_net(max_epochs=2), random_state=0)
+    with pytest.raises(ValueError, match="X_cal has 50 rows but y_cal has 40"):
+        est.fit(X, y, X_cal=X[:50], y_cal=y[:40])
+
+
+def test_non_finite_outputs_are_explained_with_advice_that_can_be_followed():
+    with pytest.raises(FloatingPointError) as info:
+        check_finite(torch.tensor([0.0, float("nan")]), "the predicted output variance")
+    message = str(info.value)
+    assert "the predicted output variance contains NaN or inf" in message
+    assert "scale the inputs" in message and "prior_precision" in message
+    assert "float64" not in message  # inputs are cast to float32: not advice one can follow
+
+
+def test_non_finite_residuals_say_what_to_do(small):
+    X, _ = small
+    module = torch.nn.Sequential(torch.nn.Linear(64, 1))
+    y = np.full(len(X), 1e30)  # float32 can hold it, its square overflows
+    with pytest.raises(FloatingPointError, match="non-finite residuals.*standardize"):
+        MAPRegressor(module).fit(X, y)
 
 
 def test_a_single_class_is_refused(small):
@@ -285,3 +378,78 @@ def test_cuda_device_when_available(small):
     est = MAPClassifier(make_classifier_net(3), device="cuda").fit(*small)
     assert next(est.model_.parameters()).is_cuda
     assert est.predict_proba(small[0]).shape == (len(small[0]), 5)
+
+
+# --------------------------------------------------------- temperature scaling
+def _grid_temperature(logits: torch.Tensor, y: np.ndarray):
+    """The NLL minimizer over a dense grid of log T (step 1e-3 on the search interval)."""
+    log_t = torch.arange(*LOG_TEMPERATURE_BOUNDS, 1e-3, dtype=torch.float64)
+    z = logits.double()[None] / log_t.exp()[:, None, None]
+    target = torch.as_tensor(y).long().expand(len(log_t), -1)
+    nll = torch.nn.functional.cross_entropy(z.transpose(1, 2), target, reduction="none")
+    nll = nll.mean(dim=1)
+    best = int(nll.argmin())
+    return float(log_t[best].exp()), float(nll[best])
+
+
+def _nll(logits, y, t):
+    return float(torch.nn.functional.cross_entropy(logits.double() / t, torch.as_tensor(y)))
+
+
+@pytest.fixture(scope="module")
+def trained_module(digits):
+    net = make_classifier_net(max_epochs=10, module__n_outputs=5)
+    return net.fit(digits.X_train[:300], digits.y_train[:300]).module_
+
+
+def test_fitted_temperature_is_the_nll_minimizer_on_x_cal(trained_module, digits):
+    X_cal, y_cal = digits.X_test[:200], digits.y_test[:200].copy()
+    y_cal[::3] = (y_cal[::3] + 1) % 5  # a third mislabelled: T must differ from fit's X
+    est = TemperatureScalingClassifier(trained_module).fit(
+        digits.X_train[:300], digits.y_train[:300], X_cal=X_cal, y_cal=y_cal
+    )
+    with torch.no_grad():
+        logits = trained_module(torch.as_tensor(X_cal))
+    t_grid, nll_grid = _grid_temperature(logits, y_cal)
+    assert est.temperature_ == pytest.approx(t_grid, rel=2e-3)
+    assert _nll(logits, y_cal, est.temperature_) <= nll_grid + 1e-9
+    # the temperature is the one of X_cal, not of fit's X (which all calibrate otherwise)
+    with torch.no_grad():
+        train_logits = trained_module(torch.as_tensor(digits.X_train[:300]))
+    t_train, _ = _grid_temperature(train_logits, digits.y_train[:300])
+    assert abs(np.log(est.temperature_) - np.log(t_train)) > 0.5
+    np.testing.assert_allclose(
+        est.predict_proba(X_cal), torch.softmax(logits / est.temperature_, -1).numpy(),
+        atol=1e-6,
+    )
+
+
+@pytest.mark.parametrize("margin", [1.0, 5.0, 20.0])
+def test_separable_calibration_data_gets_a_bounded_nll_minimizing_temperature(margin):
+    # every row right by a wide margin: the NLL falls monotonically as T -> 0
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(100, 5, generator=gen, dtype=torch.float64)
+    y = logits.argmax(1)
+    logits[torch.arange(100), y] += 3
+    logits = logits * margin
+    t = fit_temperature(logits, y)
+    low, high = np.exp(LOG_TEMPERATURE_BOUNDS)
+    assert low * (1 - 1e-6) <= t <= high * (1 + 1e-6)
+    _, nll_grid = _grid_temperature(logits, y.numpy())
+    assert _nll(logits, y, t) <= nll_grid + 1e-9
+
+
+def test_nll_of_random_logits_is_minimized_against_a_grid():
+    gen = torch.Generator().manual_seed(1)
+    logits = 3 * torch.randn(300, 4, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 4, (300,), generator=gen)  # labels unrelated: T large
+    t_grid, nll_grid = _grid_temperature(logits, y.numpy())
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(t_grid, rel=2e-3)
+    assert _nll(logits, y, t) <= nll_grid + 1e-9
+
+
+def test_non_finite_calibration_logits_say_what_to_do():
+    logits = torch.tensor([[0.0, float("inf")], [1.0, 0.0]])
+    with pytest.raises(FloatingPointError, match="Scale the inputs.*fixed temperature="):
+        fit_temperature(logits, torch.tensor([0, 1]))
