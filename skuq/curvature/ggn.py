@@ -17,14 +17,23 @@ Two routes compute it:
   Jacobians from :func:`~skuq.curvature.jacobians` in row chunks of at most
   ``max_elements`` entries, contracted with ``Lambda = L L^T``.
 
-K-FAC convention (the one laplace-torch 0.3 uses through curvlinops):
-"expand" K-FAC with the exact expectation over classes (type-2 Fisher),
-weight and bias in separate blocks. For a Linear/Conv2d weight
+K-FAC convention: "expand" K-FAC with the exact expectation over classes
+(type-2 Fisher), weight and bias in separate blocks. For a Linear/Conv2d weight
 ``H_W ~= G (x) A`` in the row-major layout of ``W.reshape(out, -1)``, with
 ``A = 1/(N T) sum_{n,t} a_nt a_nt^T`` (layer inputs; ``T`` = positions per
 sample: spatial locations of a convolution, 1 for a dense layer on vectors)
 and ``G = sum_{n,t,c} g_ntc g_ntc^T`` (output gradients after ``Lambda``'s
-square root). The bias block is ``G`` itself, which is exact.
+square root). The bias block is the exact GGN block
+``sum_{n,c} (sum_t g_ntc) (sum_t g_ntc)^T`` -- the bias acts at every
+position, so its gradient sums over them -- whose diagonal is what
+``structure="diag"`` gives.
+
+laplace-torch 0.3 (through curvlinops) uses the same weight blocks, and the
+same bias blocks for Linear layers on vectors (``T = 1``, where the exact block
+is ``G``). For a bias shared over ``T > 1`` positions (Conv2d; Linear on
+sequences) it uses ``G = sum_{n,t,c} g_ntc g_ntc^T`` instead, which drops the
+cross-position terms ``t != t'``; skuq keeps the exact block, so K-FAC
+posteriors of such nets differ from laplace-torch's in those bias blocks only.
 """
 
 from __future__ import annotations
