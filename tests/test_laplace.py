@@ -230,7 +230,11 @@ def test_cache_tells_architectures_apart(trained):
 
 
 def test_nll_loss_net_gets_uncertainty(digits):
-    """skorch's default NLLLoss: the module outputs probabilities; we use their logits."""
+    """skorch's default NLLLoss: the module outputs probabilities; we use their logits.
+
+    The Laplace predictive of the NLLLoss net is that of the same weights without the
+    softmax (a logit net), and not that of its probabilities taken as logits.
+    """
 
     class SoftmaxMLP(nn.Sequential):
         def __init__(self, n_outputs=5, hidden=None):
@@ -238,13 +242,24 @@ def test_nll_loss_net_gets_uncertainty(digits):
                              nn.Softmax(dim=-1))
 
     net = make_classifier_net(max_epochs=10, module=SoftmaxMLP, criterion=nn.NLLLoss)
-    lap = LaplaceClassifier(net, random_state=0).fit(digits.X_train, digits.y_train)
-    base = MAPClassifier(net, random_state=0).fit(digits.X_train, digits.y_train)
-    auroc = ood_auroc(lap.predict_uncertainty(digits.X_test),
-                      lap.predict_uncertainty(digits.X_ood))
+    net.fit(digits.X_train, digits.y_train)
+    logit_net = nn.Sequential(*copy.deepcopy(list(net.module_.children())[:-1]))
+    prob_net = copy.deepcopy(net.module_)  # a bare module: its outputs are taken as logits
+    X, y, X_test = digits.X_train, digits.y_train, digits.X_test
+    kw = dict(subset_of_weights="all", prior_precision=1.0, random_state=0)
+    lap = LaplaceClassifier(FrozenEstimator(net), **kw).fit(X, y)
+    p = lap.predict_proba(X_test)
+    p_logit = LaplaceClassifier(logit_net, **kw).fit(X, y).predict_proba(X_test)
+    np.testing.assert_allclose(p, p_logit, atol=1e-5, rtol=0)
+    p_wrong = LaplaceClassifier(prob_net, **kw).fit(X, y).predict_proba(X_test)
+    assert np.abs(p - p_wrong).max() > 0.1
+    # and end to end, the net trained inside fit
+    lap = LaplaceClassifier(net, random_state=0).fit(X, y)
+    base = MAPClassifier(net, random_state=0).fit(X, y)
+    auroc = ood_auroc(lap.predict_uncertainty(X_test), lap.predict_uncertainty(digits.X_ood))
     assert auroc > 0.85
-    assert lap.score(digits.X_test, digits.y_test) > 0.95
-    assert base.score(digits.X_test, digits.y_test) > 0.95
+    assert lap.score(X_test, digits.y_test) > 0.95
+    assert base.score(X_test, digits.y_test) > 0.95
 
 
 def test_subnetwork_uses_given_indices(trained):
