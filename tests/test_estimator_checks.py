@@ -3,7 +3,8 @@
 Estimators are discovered from the registry (``skuq.base.all_estimators``), so
 a new method is checked as soon as it is exported. Each is built with its
 default options around a tiny, fast net; per-class construction tweaks and the
-expected failures (each with its reason) are listed below.
+expected failures (each with its reason, per estimator and only where the
+check really fails) are listed below.
 """
 
 from __future__ import annotations
@@ -25,16 +26,8 @@ EST_KWARGS: dict[str, dict] = {
     "DeepEnsembleRegressor": {"n_estimators": 2},
 }
 
-#: checks every net-based estimator fails, and why
-COMMON_EXPECTED_FAILURES = {
-    "check_sample_weight_equivalence_on_dense_data": (
-        "fit has no sample_weight: the wrapped net's loss is unweighted"
-    ),
-    "check_methods_subset_invariance": (
-        "float32 BLAS kernels round differently for other batch shapes (~1e-7, "
-        "above the check's 1e-7 tolerance)"
-    ),
-}
+#: checks an estimator fails on every run, and why (strict: an unexpected pass is
+#: an error, so that a fixed check is noticed and its entry removed)
 _RANDOM_MASKS = "dropout masks depend on each row's position in the batch"
 EXPECTED_FAILURES: dict[str, dict[str, str]] = {
     "MCDropoutClassifier": {
@@ -44,6 +37,16 @@ EXPECTED_FAILURES: dict[str, dict[str, str]] = {
     "MCDropoutRegressor": {
         "check_methods_sample_order_invariance": _RANDOM_MASKS,
         "check_methods_subset_invariance": _RANDOM_MASKS,
+    },
+}
+#: checks whose outcome depends on the machine (not strict): float32 matmul kernels
+#: differ with the batch shape, and the check allows only 1e-7
+MAY_FAIL: dict[str, dict[str, str]] = {
+    "MAPClassifier": {
+        "check_methods_subset_invariance": (
+            "float32 BLAS kernels round differently for other batch shapes (1.8e-7 "
+            "on 3 of 60 probabilities on the CI CPU, above the check's 1e-7)"
+        ),
     },
 }
 
@@ -56,10 +59,6 @@ def make_check_instance(name: str, cls: type):
 
 
 ESTIMATORS = [make_check_instance(name, cls) for name, cls in all_estimators()]
-
-
-def expected_failures(estimator) -> dict[str, str]:
-    return {**COMMON_EXPECTED_FAILURES, **EXPECTED_FAILURES.get(type(estimator).__name__, {})}
 
 
 def _check_id(value) -> str:
@@ -75,13 +74,22 @@ def _check_id(value) -> str:
     return getattr(func, "__name__", str(value))
 
 
-CHECKS = [
-    case
-    for est in ESTIMATORS
-    for case in estimator_checks_generator(
-        est, expected_failed_checks=expected_failures(est), mark="xfail"
-    )
-]
+def _cases(estimator):
+    """The checks for one estimator, the expected failures marked xfail with their reason."""
+    name = type(estimator).__name__
+    for est, check in estimator_checks_generator(estimator, mark=None):
+        check_name = _check_id(check)
+        if check_name in EXPECTED_FAILURES.get(name, {}):
+            reason, strict = EXPECTED_FAILURES[name][check_name], True
+        elif check_name in MAY_FAIL.get(name, {}):
+            reason, strict = MAY_FAIL[name][check_name], False
+        else:
+            yield est, check
+            continue
+        yield pytest.param(est, check, marks=pytest.mark.xfail(reason=reason, strict=strict))
+
+
+CHECKS = [case for est in ESTIMATORS for case in _cases(est)]
 
 
 @pytest.mark.parametrize("estimator, check", CHECKS, ids=_check_id)
@@ -96,3 +104,16 @@ def test_every_public_estimator_is_checked():
     public = {n for n in skuq.__all__ if n.endswith(("Classifier", "Regressor"))}
     assert public <= checked, f"not covered by the estimator checks: {public - checked}"
     assert "MAPClassifier" in checked
+
+
+def test_expected_failures_name_estimators_and_checks_that_are_run():
+    run = {
+        type(e).__name__: {_check_id(c) for _, c in estimator_checks_generator(e, mark=None)}
+        for e in ESTIMATORS
+    }
+    for table in (EXPECTED_FAILURES, MAY_FAIL):
+        for name, failures in table.items():
+            assert name in run, f"{name} is not a checked estimator"
+            assert set(failures) <= run[name], (
+                f"{name}: no such check is run: {set(failures) - run[name]}"
+            )
