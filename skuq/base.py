@@ -82,7 +82,8 @@ def _train_net(net, X: np.ndarray, y: np.ndarray, seed: int | None):
     with torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
         for index in cuda:
-            torch.cuda.default_generators[index].manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         return net.fit(X, y)
 
 
