@@ -36,6 +36,23 @@ def trained(digits):
     return model, X, y, torch.as_tensor(digits.X_test[:60]), torch.as_tensor(digits.X_ood[:60])
 
 
+@pytest.fixture(scope="module")
+def tiny():
+    """A 67-weight MLP on 200 synthetic rows: small enough for laplace-torch's full GGN."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 4)
+    with torch.no_grad():
+        y = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))(3 * X).argmax(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    model.eval()
+    return model, X, y
+
+
 def _oracle(model, X, y, subset, structure, prior):
     la = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights=subset,
                          hessian_structure=structure, prior_precision=prior)
@@ -148,14 +165,36 @@ def test_cnn_kron_probabilities_match_laplace_torch():
                                float(la.log_marginal_likelihood()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("subset,structure", [("all", "diag"), ("last_layer", "kron"),
-                                              ("last_layer", "full")])
-def test_marglik_prior_precision_matches_laplace_torch(trained, subset, structure):
-    model, X, y, _, _ = trained
+@pytest.mark.parametrize("data,subset,structure", [
+    ("trained", "all", "diag"), ("trained", "last_layer", "kron"),
+    ("trained", "last_layer", "full"), ("tiny", "all", "full"),
+])
+def test_marglik_prior_precision_matches_laplace_torch(request, data, subset, structure):
+    model, X, y = request.getfixturevalue(data)[:3]
     la = _oracle(model, X, y, subset, structure, 1.0)
     la.optimize_prior_precision(pred_type="glm", method="marglik", n_steps=400, lr=0.05)
     est = _ours(model, X, y, subset, structure, "marglik")
     np.testing.assert_allclose(est.prior_precision_, float(la.prior_precision), rtol=2e-3)
+
+
+@pytest.mark.parametrize("structure", ["full", "kron", "diag"])
+def test_layerwise_marglik_against_brute_force(tiny, structure):
+    """prior_structure="layerwise": one precision per parameter tensor, against a float64
+    maximization of the evidence over laplace-torch's dense curvature (float32 nets: 1e-3)."""
+    from tests.test_posterior import brute_layerwise_marglik_optimum
+
+    model, X, y = tiny
+    la = _oracle(model, X, y, "all", structure, 1.0)
+    H = {"full": lambda: la.H, "kron": lambda: la.H_facs.to_matrix(),
+         "diag": lambda: torch.diag(la.H)}[structure]()
+    sizes = [p.numel() for p in model.parameters()]
+    expected = brute_layerwise_marglik_optimum(H.detach().double().numpy(),
+                                               la.mean.detach().double().numpy(), sizes)
+    est = _ours(model, X, y, "all", structure, "marglik", prior_structure="layerwise")
+    assert est.prior_precision_.shape == (4,)
+    np.testing.assert_allclose(est.prior_precision_, expected, rtol=1e-3)
+    scalar = _ours(model, X, y, "all", structure, "marglik").prior_precision_
+    assert np.abs(expected / scalar - 1).max() > 0.2  # the per-layer optimum is another one
 
 
 def test_regressor_matches_laplace_torch(gap_data):
