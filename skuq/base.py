@@ -16,6 +16,7 @@ uncertainty measures, regression bands, refusing to return NaN -- lives here.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from abc import abstractmethod
 
@@ -158,10 +159,12 @@ class BaseUQEstimator(BaseEstimator):
         The network. An unfitted skorch net is cloned and trained in ``fit``;
         a skorch net wrapped in :class:`sklearn.frozen.FrozenEstimator` is used
         as trained and never retrained; a ``torch.nn.Module`` is used as is
-        (assumed trained, returning logits or regression means).
+        (assumed trained, returning logits or regression means). A trained
+        net is put in eval mode; it is copied, never moved, when it lives on
+        another device than ``device``.
     device : str or torch.device, default="auto"
-        ``"auto"`` uses CUDA when available, else the CPU; the wrapped net is
-        moved (and trained) there.
+        ``"auto"`` uses CUDA when available, else the CPU; a net trained in
+        ``fit`` is trained there.
     batch_size : int, default=256
         Rows per pass in every loop over data, so memory stays flat in N.
     random_state : int, RandomState or None
@@ -329,10 +332,14 @@ class BaseUQEstimator(BaseEstimator):
             module, outputs = net.module_, _criterion_outputs(net)
         else:
             raise TypeError(f"cannot use a FrozenEstimator around {type(est).__name__}")
-        module.to(self.device_)
-        module.eval()
         if not any(True for _ in module.parameters()):
             raise ValueError("the wrapped network has no parameters")
+        if self._net_is_prefit() and next(module.parameters()).device != self.device_:
+            # the user's trained net stays where it is (a skorch net keeps its own
+            # device setting); the copy moves
+            module = copy.deepcopy(module)
+        module.to(self.device_)
+        module.eval()
         self.net_ = net
         self.model_ = logit_model(module, outputs) if self._is_classifier() else module
         self._check_output_width(X[: min(len(X), 2)])

@@ -152,6 +152,7 @@ def l2m_curvature(
     n_outputs: int,
     loss: float = 0.0,
     bias_correction: bool = True,
+    params: list[Tensor] | None = None,
 ) -> Curvature:
     """The diagonal curvature of the summed training loss from optimizer state.
 
@@ -176,6 +177,9 @@ def l2m_curvature(
         Summed training loss at the weights (cross-entropy, or ``0.5 * SSE``),
         for the marginal likelihood.
     bias_correction : bool, default=True
+    params : list of Tensor, optional
+        The optimizer's own tensors for ``weights`` when the weights' model is a
+        copy of the trained one (e.g. on another device); default the weights'.
 
     Returns
     -------
@@ -205,8 +209,9 @@ def l2m_curvature(
         factor = float(scale)
     if likelihood == "regression":
         factor *= n_outputs**2 / 4.0
-    v = torch.cat([m.reshape(-1) for m in second_moments(optimizer, weights.params(),
-                                                         bias_correction)])
+    params = weights.params() if params is None else params
+    v = torch.cat([m.reshape(-1).to(weights.device)
+                   for m in second_moments(optimizer, params, bias_correction)])
     if not bool(torch.isfinite(v).all()):
         raise FloatingPointError(
             "the optimizer's second moments contain NaN or inf: training diverged"
@@ -309,6 +314,17 @@ class _BaseL2M(_BaseLaplace):
                 loss += float(sum_loss(self.model_(xb).double(), yb, self._likelihood))
         return loss
 
+    def _optimizer_params(self, weights) -> list[Tensor]:
+        """The tensors the optimizer keeps state for, in the order of ``weights``.
+
+        ``model_`` may be a copy on another device (or a logit wrapper) of the
+        trained module; parameters correspond by position.
+        """
+        origin = self.net_.module_ if _is_skorch_net(self.net_) else self.net_
+        names = [n for n, _ in self.model_.named_parameters()]
+        by_name = dict(zip(names, origin.parameters(), strict=True))
+        return [by_name[n] for n in weights.names]
+
     def _curvature(self, weights, X, y) -> Curvature:
         optimizer = self._trained_optimizer()
         self._check_criterion_reduction()
@@ -317,6 +333,7 @@ class _BaseL2M(_BaseLaplace):
             weights, optimizer, n_train=n_train, train_batch_size=self._train_batch_size(n_train),
             scale=self.scale, likelihood=self._likelihood, n_outputs=self.n_outputs_,
             loss=self._training_loss(X, y), bias_correction=self.bias_correction,
+            params=self._optimizer_params(weights),
         )
 
 

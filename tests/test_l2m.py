@@ -304,3 +304,30 @@ def test_l2m_and_the_ggn_diagonal_agree_in_scale(trained):
                             prior_precision=1.0).fit(X.numpy(), y.numpy())
     log_ratio = torch.log(l2m.posterior_.h.sum() / ggn.posterior_.h.sum())
     assert abs(float(log_ratio)) < np.log(10)
+
+
+class _SoftmaxNet(nn.Module):
+    """Outputs probabilities (skorch's NLLLoss convention): skuq wraps it for logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden, self.out = nn.Linear(64, 16), nn.Linear(16, 5)
+
+    def forward(self, x):
+        return torch.softmax(self.out(torch.tanh(self.hidden(x))), dim=-1)
+
+
+def test_a_probability_net_wrapped_for_logits_keeps_its_optimizer_state(digits):
+    """The logit wrapper renames the parameters; their state is found all the same."""
+    from skorch import NeuralNetClassifier
+
+    net = NeuralNetClassifier(_SoftmaxNet, optimizer=torch.optim.Adam, max_epochs=3,
+                              batch_size=50, train_split=None, verbose=0)
+    net.fit(digits.X_train, digits.y_train)
+    est = L2MClassifier(FrozenEstimator(net), prior_precision=1.0).fit(
+        digits.X_train, digits.y_train)
+    assert est.weights_.names[0].startswith("module.")
+    v = torch.cat([m.reshape(-1) for m in second_moments(
+        net.optimizer_, list(net.module_.parameters()))])
+    np.testing.assert_allclose(est.posterior_.h.numpy(),
+                               (len(digits.X_train) * 50 * v).numpy(), rtol=1e-6)
