@@ -95,8 +95,10 @@ class _LogOfProbabilities(nn.Module):
         super().__init__()
         self.module = module
 
-    def forward(self, *args, **kwargs):
-        return torch.log(self.module(*args, **kwargs).clamp_min(1e-30))
+    def forward(self, x):
+        # one named input (not *args), so that torch.fx can trace it (CVP); CVP
+        # fuses log(softmax(.).clamp_min(eps)) into one log-softmax
+        return torch.log(self.module(x).clamp_min(1e-30))
 
 
 def logit_model(module: nn.Module, outputs: str) -> nn.Module:
