@@ -3,6 +3,7 @@
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .calibration import fit_layer_scales, probit_nll
 from .engine import (
+    CorrelatedFactorsWarning,
     MomentPropagator,
     Moments,
     PropagationContext,
@@ -21,6 +22,7 @@ from .rules import elementwise_rule, linear_moments, linearized_rule
 
 __all__ = [
     "CVPClassifier",
+    "CorrelatedFactorsWarning",
     "DiagonalWeightPosterior",
     "IVONTrainingMixin",
     "fit_layer_scales",

@@ -13,12 +13,18 @@ function, or by tensor-method name; :func:`register_rule` adds or replaces one.
 
 from __future__ import annotations
 
+import math
+import operator
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import moments as mom
 
 __all__ = [
     "Moments",
@@ -27,6 +33,7 @@ __all__ = [
     "register_rule",
     "get_rule",
     "UnsupportedLayerError",
+    "CorrelatedFactorsWarning",
 ]
 
 
@@ -65,6 +72,10 @@ class Moments:
 
 class UnsupportedLayerError(TypeError):
     """Raised when a traced node has no propagation rule."""
+
+
+class CorrelatedFactorsWarning(UserWarning):
+    """A product whose factors share a random ancestor is propagated as if independent."""
 
 
 # -------------------------------------------------------------------- registry
@@ -197,6 +208,202 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     return torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
 
 
+# ----------------------------------------------------------------- graph passes
+def _is_call(node, fns=(), methods=()) -> bool:
+    if not isinstance(node, torch.fx.Node):
+        return False
+    if node.op == "call_function":
+        try:
+            return node.target in fns
+        except TypeError:  # unhashable target
+            return False
+    return node.op == "call_method" and node.target in methods
+
+
+def _softmax_input(gm: torch.fx.GraphModule, node):
+    """``(x, dim)`` when ``node`` is a softmax over ``x`` along an explicit ``dim``."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.Softmax and mod.dim is not None and len(node.args) == 1:
+            return node.args[0], mod.dim
+        return None
+    if not _is_call(node, (F.softmax, torch.softmax), ("softmax",)):
+        return None
+    if node.kwargs.get("dtype") is not None or any(
+        isinstance(a, torch.dtype) for a in node.args
+    ):
+        return None
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    return (node.args[0], dim) if isinstance(dim, int) else None
+
+
+def _clamp_floor(node):
+    """``(input, eps)`` when ``node`` is ``clamp_min(input, eps)`` (or ``clamp(min=eps)``)
+    with a positive number ``eps`` and no upper bound."""
+    if _is_call(node, (torch.clamp_min,), ("clamp_min",)):
+        eps = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+    elif _is_call(node, (torch.clamp, torch.clip), ("clamp", "clip")):
+        pos = dict(zip(("min", "max"), node.args[1:], strict=False))
+        if node.kwargs.get("max", pos.get("max")) is not None:
+            return None
+        eps = node.kwargs.get("min", pos.get("min"))
+    else:
+        return None
+    if isinstance(eps, (int, float)) and not isinstance(eps, bool) and eps > 0:
+        return node.args[0], float(eps)
+    return None
+
+
+def fuse_log_softmax(gm: torch.fx.GraphModule) -> int:
+    """Rewrite ``log(softmax(x))`` and ``log(softmax(x).clamp_min(eps))`` as one
+    ``log_softmax`` (``log_softmax(x).clamp_min(log eps)``: the same values).
+
+    skorch's ``NLLLoss`` nets output probabilities and skuq takes their log
+    (``skuq.base.logit_model``); fused, the moments are those of one
+    linearized log-softmax instead of a pseudo-Gaussian probability passed
+    through a clamp and a log. Returns the number of rewrites.
+    """
+    graph = gm.graph
+    count = 0
+    for node in list(graph.nodes):
+        if not _is_call(node, (torch.log,), ("log",)) or len(node.args) != 1 or node.kwargs:
+            continue
+        inner, eps = node.args[0], None
+        floor = _clamp_floor(inner)
+        if floor is not None:
+            inner, eps = floor
+        found = _softmax_input(gm, inner)
+        if found is None:
+            continue
+        x, dim = found
+        with graph.inserting_before(node):
+            new = graph.call_function(F.log_softmax, (x,), {"dim": dim})
+            if eps is not None:
+                new = graph.call_function(torch.clamp_min, (new, math.log(eps)))
+        node.replace_all_uses_with(new)
+        dead = [node, node.args[0]] + ([inner] if eps is not None else [])
+        for n in dead:
+            if not n.users:
+                graph.erase_node(n)
+        count += 1
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+# elementwise maps of one tensor (other arguments plain constants), for products
+# of two functions of one tensor such as x * sigmoid(x)
+_UNARY_FNS = {
+    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.relu, F.relu, F.gelu, F.silu,
+    F.softplus, F.elu, F.leaky_relu, F.mish, torch.exp, torch.erf, torch.neg, operator.neg,
+    torch.abs, torch.sin, torch.cos, torch.square,
+}
+_UNARY_METHODS = {"sigmoid", "tanh", "relu", "exp", "erf", "neg", "abs", "sin", "cos", "square"}
+_UNARY_MODULES = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+                  nn.LeakyReLU, nn.Mish, nn.Identity)
+_ARITH_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
+              torch.sub, torch.mul, torch.div}
+_ARITH_METHODS = {"add", "sub", "mul", "div"}
+_MUL_FNS, _MUL_METHODS = {operator.mul, torch.mul, operator.imul}, {"mul"}
+# sums of two functions of one tensor (h - h / 2) are handled like products
+_SUM_FNS = {operator.add, torch.add, operator.iadd, operator.sub, torch.sub, operator.isub}
+_SUM_METHODS = {"add", "sub"}
+_META_METHODS = {"size", "dim", "numel"}
+_MATMUL_FNS, _MATMUL_METHODS = {operator.matmul, torch.matmul, torch.bmm}, {"matmul", "bmm"}
+
+
+def _flat_args(node) -> list:
+    flat: list = []
+    torch.fx.node.map_aggregate((node.args, node.kwargs), flat.append)
+    return flat
+
+
+def _unary_parent(gm: torch.fx.GraphModule, node):
+    """The one tensor an elementwise node is a function of, or None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    flat = _flat_args(node)
+    nodes = [a for a in flat if isinstance(a, torch.fx.Node)]
+    if len(nodes) != 1:
+        return None
+    plain = all(isinstance(a, (int, float, bool, str, type(None))) for a in flat
+                if not isinstance(a, torch.fx.Node))
+    if not plain:
+        return None
+    if node.op == "call_module":
+        ok = isinstance(gm.get_submodule(node.target), _UNARY_MODULES)
+    elif _is_call(node, _UNARY_FNS, _UNARY_METHODS):
+        ok = node.args and node.args[0] is nodes[0]
+    else:
+        ok = _is_call(node, _ARITH_FNS, _ARITH_METHODS)
+    return nodes[0] if ok else None
+
+
+def _is_sigmoid(gm: torch.fx.GraphModule, node) -> bool:
+    if node.op == "call_module":
+        return type(gm.get_submodule(node.target)) is nn.Sigmoid
+    return _is_call(node, (torch.sigmoid, F.sigmoid), ("sigmoid",))
+
+
+def _eval_chain(gm: torch.fx.GraphModule, chain: list, root, t: Tensor) -> Tensor:
+    """Evaluate the elementwise nodes ``chain`` (root side first) on ``t`` for ``root``."""
+    vals = {root: t}
+    for n in chain:
+        args = torch.fx.node.map_arg(n.args, lambda a: vals[a])
+        kwargs = dict(torch.fx.node.map_arg(n.kwargs, lambda a: vals[a]))
+        kwargs.pop("inplace", None)
+        if n.op == "call_module":
+            out = gm.get_submodule(n.target)(*args, **kwargs)
+        elif n.op == "call_method":
+            out = getattr(args[0], n.target)(*args[1:], **kwargs)
+        else:
+            out = n.target(*args, **kwargs)
+        vals[n] = out
+    return vals[chain[-1]] if chain else t
+
+
+def _elementwise_product(gm: torch.fx.GraphModule, node):
+    """For ``a * b`` (or ``a + b``, ``a - b``) with both operands elementwise
+    functions of one tensor ``r`` (``x * torch.sigmoid(x)``): ``(r, g)`` with
+    ``a * b = g(r)``; else None."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    if _is_call(node, _MUL_FNS, _MUL_METHODS):
+        node_fn = operator.mul
+    elif _is_call(node, _SUM_FNS, _SUM_METHODS):
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        node_fn = operator.sub if "sub" in name else operator.add
+    else:
+        return None
+    a, b = node.args
+    if not (isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node)) or a is b:
+        return None
+
+    def lineage(n):
+        out = [n]
+        while (p := _unary_parent(gm, out[-1])) is not None:
+            out.append(p)
+        return out
+
+    la, lb = lineage(a), lineage(b)
+    common = next((n for n in la if n in lb), None)
+    if common is None:
+        return None
+    chain_a = la[: la.index(common)][::-1]
+    chain_b = lb[: lb.index(common)][::-1]
+    if (node_fn is operator.mul and sorted(map(len, (chain_a, chain_b))) == [0, 1]
+            and _is_sigmoid(gm, (chain_a + chain_b)[0])):
+        return common, None  # x * sigmoid(x) is SiLU: its dedicated moments
+
+    def g(t):
+        return node_fn(_eval_chain(gm, chain_a, common, t), _eval_chain(gm, chain_b, common, t))
+
+    return common, g
+
+
 # --------------------------------------------------------------------- context
 class PropagationContext:
     """What a rule can ask for while propagating.
@@ -274,7 +481,23 @@ class MomentPropagator:
     ----------
     layer_names : list of str
         The calibratable layers: call sites of modules that own a parameter
-        with posterior variance (their output variance can be scaled).
+        with posterior variance (their output variance can be scaled), and
+        parameters with variance that the forward uses directly (a positional
+        embedding ``self.pos``; keyed by the parameter's name, the scale
+        multiplies its variance).
+
+    Notes
+    -----
+    Graph-level handling before the rules: ``log(softmax(x))`` (also with a
+    ``clamp_min(eps)`` in between, as skorch ``NLLLoss`` nets get it) is
+    fused into one linearized log-softmax; a product (or sum) of two
+    elementwise functions of one tensor (``h * h``, ``x * torch.sigmoid(x)``,
+    ``h - h / 2``) is propagated as one elementwise map of that tensor (exact
+    square, SiLU's moments, or Gauss-Hermite quadrature, which is accurate for
+    smooth maps); any other product or matmul whose factors share a random
+    ancestor is still propagated as if independent, with a
+    :class:`CorrelatedFactorsWarning` (sums are not warned about: a residual
+    ``x + f(x)`` is the usual, accepted case of that approximation).
 
     Examples
     --------
@@ -293,6 +516,7 @@ class MomentPropagator:
     def __init__(self, model: nn.Module, variances: Mapping[str, Tensor | float]):
         self.model = model
         self.graph_module = trace(model)
+        fuse_log_softmax(self.graph_module)
         self._prefix = "root." if _module_rule(type(model)) is not None else ""
         named = dict(model.named_parameters())
         unknown = sorted(set(variances) - set(named))
@@ -316,6 +540,15 @@ class MomentPropagator:
             self._variances[name] = v.detach().clone()
         self._check_supported()
         self.layer_names = self._layer_names()
+        gm = self.graph_module
+        self._products = {}
+        for node in gm.graph.nodes:
+            found = _elementwise_product(gm, node)
+            if found is not None:
+                self._products[node] = found
+        self._warned_modes: set[bool] = set()
+        self._warned_nodes: set[str] = set()
+        self._warn_correlated(input_random=False)
 
     # ----------------------------------------------------------- inspection
     def _check_supported(self) -> None:
@@ -335,14 +568,72 @@ class MomentPropagator:
 
     def _layer_names(self) -> list[str]:
         gm = self.graph_module
+        random = {self._prefix + k for k in self._variances}
         names = []
         for node in gm.graph.nodes:
-            if node.op == "call_module" and node.target not in names:
+            if node.target in names:
+                continue
+            if node.op == "call_module":
                 mod = gm.get_submodule(node.target)
                 own = {f"{node.target}.{n}" for n, _ in mod.named_parameters()}
-                if own & {self._prefix + k for k in self._variances}:
+                if own & random:
                     names.append(node.target)
+            elif node.op == "get_attr" and node.target in random:
+                names.append(node.target)  # a free parameter (positional embedding)
         return names
+
+    def _correlated_products(self, input_random: bool) -> list:
+        """Products and matmuls propagated as independent whose factors share a
+        random ancestor (an input with variance, a layer or parameter with variance)."""
+        gm = self.graph_module
+        random = {self._prefix + k for k in self._variances}
+        layers = set(self.layer_names)
+        sources: dict = {}
+        first_input = True
+        found = []
+        for node in gm.graph.nodes:
+            own: set = set()
+            if not _is_call(node, (getattr,), _META_METHODS):  # shapes are not random
+                for n in node.all_input_nodes:
+                    own |= sources[n]
+            if node.op == "placeholder":
+                if first_input and input_random:
+                    own.add(node.name)
+                first_input = False
+            elif node.op == "get_attr" and node.target in random:
+                own.add(node.target)
+            elif node.op == "call_module" and node.target in layers:
+                own.add(node.target)
+            sources[node] = frozenset(own)
+            if node in self._products or len(node.args) != 2:
+                continue
+            if not (_is_call(node, _MUL_FNS, _MUL_METHODS)
+                    or _is_call(node, _MATMUL_FNS, _MATMUL_METHODS)):
+                continue
+            a, b = node.args
+            if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a is not b:
+                shared = sources[a] & sources[b]
+                if shared:
+                    found.append((node.name, sorted(shared)))
+        return found
+
+    def _warn_correlated(self, input_random: bool) -> None:
+        if input_random in self._warned_modes:
+            return
+        self._warned_modes.add(input_random)
+        for name, shared in self._correlated_products(input_random):
+            if name in self._warned_nodes:
+                continue
+            self._warned_nodes.add(name)
+            warnings.warn(
+                f"CVP propagates the product {name!r} as if its two factors were "
+                f"independent, but both depend on the random {shared[:4]}: their "
+                "correlation is ignored and its mean and variance can be badly off. "
+                "Put the product in a module and register a rule for it "
+                "(skuq.cvp.register_rule(ThatModule)) to propagate it as one block.",
+                CorrelatedFactorsWarning,
+                stacklevel=3,
+            )
 
     def _var_by_id(self) -> dict[int, Tensor]:
         named = dict(self.graph_module.named_parameters())
@@ -390,15 +681,19 @@ class MomentPropagator:
         x : Tensor or Moments
             Inputs (deterministic tensor, or moments of a random input).
         layer_scales : mapping of str to scalar, optional
-            Multiplies the output variance of each named layer (calibration).
+            Multiplies the output variance of each named layer, and the
+            variance of each named free parameter (calibration).
         record : dict, optional
-            Filled with ``{layer_name: Moments}`` of every module call site.
+            Filled with ``{layer_name: Moments}`` of every module call site
+            (and of every free parameter with variance).
 
         Returns
         -------
         Moments
             Of the model output.
         """
+        if isinstance(x, Moments) and x.var is not None:
+            self._warn_correlated(input_random=True)
         ctx = PropagationContext(self._var_by_id())
         gm = self.graph_module
         env: dict = {}
@@ -420,7 +715,13 @@ class MomentPropagator:
                 obj = gm
                 for part in node.target.split("."):
                     obj = getattr(obj, part)
-                env[node] = ctx.param(obj) if isinstance(obj, Tensor) else obj
+                if isinstance(obj, Tensor):
+                    obj = ctx.param(obj)
+                    if obj.var is not None and node.target in scales:
+                        obj = Moments(obj.mean, obj.var * scales[node.target])
+                    if obj.var is not None and record is not None:
+                        record[node.target] = obj
+                env[node] = obj
             elif op == "output":
                 out = load(node.args[0])
                 if isinstance(out, (tuple, list)):
@@ -442,6 +743,12 @@ class MomentPropagator:
                     else:
                         out = rule(ctx, target, *args, **kwargs)
                     out = self._scale_and_record(node.target, out, scales, record)
+                elif node in self._products and _is_random(env[self._products[node][0]]):
+                    root, g = self._products[node]
+                    r = env[root]
+                    fn = mom.silu_moments if g is None else (
+                        lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
+                    out = Moments(*fn(r.mean, r.var))
                 else:
                     target = node.target
                     rule = get_rule(target) if op == "call_function" else _METHOD_RULES.get(

@@ -11,8 +11,10 @@ Supported out of the box:
   through the values and the output projection);
 * activations: ReLU, LeakyReLU (exact), GELU, SiLU, sigmoid, tanh (see
   :mod:`skuq.cvp.moments`), ELU and Softplus (Gauss-Hermite quadrature);
-  softmax is applied to the means (the attention convention);
-* structure: ``+``/``-`` (variances add), products (independent factors),
+  clamp (exact); softmax, log-softmax and log of a positive tensor by
+  linearization (named as such; attention weights stay softmax of the means);
+* structure: ``+``/``-`` (variances add; ``torch.add``'s ``alpha``), products
+  (independent factors; ``h * h`` and ``x ** 2`` are exact squares),
   ``@`` (independent factors), division by constants, indexing, flatten,
   reshape/view, permute/transpose, (un)squeeze, cat/stack, chunk/split,
   mean/sum, average pooling (exact), max pooling (Clark's moment matching,
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 from . import moments as mom
 from .engine import Moments, PropagationContext, UnsupportedLayerError, register_rule
 
-__all__ = ["linear_moments", "elementwise_rule", "linearized_rule"]
+__all__ = ["linear_moments", "elementwise_rule", "linearized_rule", "square_moments"]
 
 
 def _sq(t: Tensor) -> Tensor:
@@ -308,12 +310,107 @@ def _leaky_fn(ctx, fn, x: Moments, negative_slope: float = 0.01, inplace: bool =
     return Moments(*mom.leaky_relu_moments(x.mean, x.var, negative_slope))
 
 
+def _softmax_dim(ndim: int, dim):
+    # F.softmax(x) without dim: torch's legacy implicit choice
+    if dim is not None:
+        return dim
+    return 0 if ndim in (0, 1, 3) else 1
+
+
+def _log_softmax_linearized(x: Moments, dim, dtype=None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(log_softmax(mu), softmax(mu), Var)`` with the linearized variance of log-softmax.
+
+    ``d log p_k / d x_j = delta_kj - p_j``, so to first order
+    ``Var_k = sum_j (delta_kj - p_j)^2 v_j = (1 - 2 p_k) v_k + sum_j p_j^2 v_j``.
+    """
+    dim = _softmax_dim(x.mean.ndim, dim)
+    logp = torch.log_softmax(x.mean, dim=dim, dtype=dtype)
+    p = logp.exp()
+    if x.var is None:
+        return logp, p, None
+    v = x.var.to(p.dtype)
+    var = ((1.0 - 2.0 * p) * v + (_sq(p) * v).sum(dim=dim, keepdim=True)).clamp_min(0.0)
+    return logp, p, var
+
+
 @register_rule(nn.Softmax, F.softmax, torch.softmax, "softmax")
-def _softmax(ctx, target, x: Moments, dim=None, *args, **kwargs) -> Moments:
-    """Softmax of the means, deterministic (the attention-weights convention)."""
+def _softmax(ctx, target, x: Moments, dim=None, *args, dtype=None, **kwargs) -> Moments:
+    """Softmax by linearization (first order, named as such).
+
+    ``mean = softmax(mu)``, ``Var_k = p_k^2 ((1 - 2 p_k) v_k + sum_j p_j^2 v_j)``
+    (the diagonal of ``J diag(v) J^T``). A deterministic input gives the exact
+    softmax; the built-in attention rules never come here (their weights are
+    softmax of the means by convention). The linearization is accurate while
+    the logit standard deviations are small against 1; a trailing
+    ``log(softmax(x))`` is fused into a log-softmax (see
+    :class:`~skuq.cvp.MomentPropagator`).
+    """
     if isinstance(target, nn.Softmax):
         dim = target.dim
-    return Moments(torch.softmax(x.mean, dim=dim))
+    dtype = next((a for a in args if isinstance(a, torch.dtype)), dtype)  # positional
+    _, p, var = _log_softmax_linearized(x, dim, dtype)
+    return Moments(p, None if var is None else _sq(p) * var)
+
+
+@register_rule(nn.LogSoftmax, F.log_softmax, torch.log_softmax, "log_softmax")
+def _log_softmax(ctx, target, x: Moments, dim=None, *args, dtype=None, **kwargs) -> Moments:
+    """Log-softmax by linearization: ``mean = log_softmax(mu)``,
+    ``Var_k = (1 - 2 p_k) v_k + sum_j p_j^2 v_j`` (first order, named as such)."""
+    if isinstance(target, nn.LogSoftmax):
+        dim = target.dim
+    dtype = next((a for a in args if isinstance(a, torch.dtype)), dtype)
+    logp, _, var = _log_softmax_linearized(x, dim, dtype)
+    return Moments(logp, var)
+
+
+@register_rule(torch.log, "log")
+def _log(ctx, target, x) -> Moments:
+    """``log`` of a positive random tensor by linearization: ``(log mu, v / mu^2)``.
+
+    A Gaussian is not positive, so there is no exact rule; the first-order one
+    is accurate while ``sd << mu``. A random input whose mean is not positive
+    everywhere is refused.
+    """
+    if not _is_m(x):
+        return torch.log(torch.as_tensor(x))
+    if x.var is None:
+        return Moments(torch.log(x.mean))
+    if not bool((x.mean > 0).all()):
+        raise UnsupportedLayerError(
+            "CVP takes log of a random tensor by linearization, which needs a positive "
+            "mean everywhere; this input has a mean <= 0. For log(softmax(x)) use "
+            "torch.log_softmax (or log(softmax(x).clamp_min(eps)), which CVP fuses into "
+            "one); otherwise register a rule for the module that computes it "
+            "(skuq.cvp.register_rule)."
+        )
+    return Moments(torch.log(x.mean), x.var / _sq(x.mean))
+
+
+def _bound(b):
+    if _is_m(b):
+        if b.var is not None:
+            raise UnsupportedLayerError("CVP cannot clamp at a random bound (no moment rule)")
+        return b.mean
+    return b
+
+
+@register_rule(torch.clamp, torch.clip, "clamp", "clip", torch.clamp_min, "clamp_min",
+               torch.clamp_max, "clamp_max")
+def _clamp(ctx, target, x, *args, **kwargs) -> Moments:
+    """``clamp`` of a Gaussian: exact moments (:func:`skuq.cvp.moments.clamp_moments`)."""
+    name = target if isinstance(target, str) else target.__name__
+    if name in ("clamp_min", "clamp_max"):
+        key = name[-3:]
+        bounds = {key: args[0] if args else kwargs[key]}
+    else:
+        pos = dict(zip(("min", "max"), args, strict=False))
+        bounds = {k: kwargs.get(k, pos.get(k)) for k in ("min", "max")}
+    lo, hi = _bound(bounds.get("min")), _bound(bounds.get("max"))
+    if not _is_m(x):
+        return torch.clamp(torch.as_tensor(x), lo, hi)
+    if x.var is None:
+        return Moments(torch.clamp(x.mean, lo, hi))
+    return Moments(*mom.clamp_moments(x.mean, x.var, lo, hi))
 
 
 @register_rule(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.AlphaDropout)
@@ -335,32 +432,69 @@ def _as_m(a) -> Moments:
     return a if isinstance(a, Moments) else Moments(torch.as_tensor(a))
 
 
+def _scaled(a, c):
+    """``c * a`` for moments or plain values."""
+    if c == 1:
+        return a
+    if _is_m(a) and c == 0:
+        return Moments(torch.zeros_like(a.mean))
+    if _is_m(a):
+        return Moments(c * a.mean, None if a.var is None else (c * c) * a.var)
+    return c * a
+
+
 @register_rule(operator.add, torch.add, "add", operator.iadd)
 def _add(ctx, fn, a, b, *, alpha=1) -> Moments:
+    """``a + alpha b`` (``torch.add``'s ``alpha`` scales the second operand);
+    variances add for independent operands, the same tensor twice is exact."""
+    if not _is_m(a) and not _is_m(b):  # plain numbers (sizes, shapes)
+        return a + alpha * b
+    if a is b:
+        return _scaled(a, 1 + alpha)
+    b = _scaled(b, alpha)
     if not _is_m(a):
         a, b = b, a
     if not _is_m(b):
-        return Moments(a.mean + alpha * b, a.var)
-    var = _add_var(a.var, None if b.var is None else (alpha * alpha) * b.var)
-    mean = a.mean + alpha * b.mean
+        return Moments(a.mean + b, a.var)
+    var = _add_var(a.var, b.var)
+    mean = a.mean + b.mean
     return Moments(mean, None if var is None else var.expand_as(mean))
 
 
 @register_rule(operator.sub, torch.sub, "sub")
-def _sub(ctx, fn, a, b) -> Moments:
-    if not _is_m(a):
-        return Moments(a - b.mean, b.var)
-    return _add(ctx, fn, a, _neg(ctx, fn, _as_m(b)))
+def _sub(ctx, fn, a, b, *, alpha=1) -> Moments:
+    return _add(ctx, fn, a, b, alpha=-alpha)
 
 
 @register_rule(operator.neg, torch.neg, "neg")
 def _neg(ctx, fn, a) -> Moments:
+    if not _is_m(a):
+        return -a
     return Moments(-a.mean, a.var)
+
+
+def square_moments(x: Moments) -> Moments:
+    """``x * x`` (one tensor, not two factors), exact for Gaussian ``x``:
+    ``E = mu^2 + v``, ``Var = 4 mu^2 v + 2 v^2``."""
+    if x.var is None:
+        return Moments(_sq(x.mean))
+    return Moments(_sq(x.mean) + x.var, 4.0 * _sq(x.mean) * x.var + 2.0 * _sq(x.var))
 
 
 @register_rule(operator.mul, torch.mul, "mul", operator.imul)
 def _mul(ctx, fn, a, b) -> Moments:
-    """Product of independent factors: ``Var = v_a v_b + v_a mu_b^2 + v_b mu_a^2``."""
+    """Product of independent factors: ``Var = v_a v_b + v_a mu_b^2 + v_b mu_a^2``.
+
+    The same tensor on both sides (``h * h``) is an exact square
+    (:func:`square_moments`). Products of two functions of one tensor
+    (``x * torch.sigmoid(x)``) are recognised by :class:`~skuq.cvp.MomentPropagator`
+    before this rule is reached; other factors that share a random ancestor
+    are correlated, and the propagator warns about them.
+    """
+    if not _is_m(a) and not _is_m(b):  # plain numbers (sizes, shapes)
+        return a * b
+    if a is b:
+        return square_moments(a)
     if not _is_m(a):
         a, b = b, a
     if not _is_m(b):
@@ -376,11 +510,37 @@ def _mul(ctx, fn, a, b) -> Moments:
     return Moments(mean, _add_var(*terms))
 
 
+@register_rule(operator.pow, torch.pow, "pow")
+def _pow(ctx, fn, a, exponent) -> Moments:
+    """``x ** 2`` exactly (:func:`square_moments`); other powers of a random tensor
+    need a registered rule."""
+    if _is_m(exponent):
+        if exponent.var is not None:
+            raise UnsupportedLayerError("CVP cannot raise to a random power (no moment rule)")
+        exponent = exponent.mean
+    if not _is_m(a):
+        return a**exponent
+    if a.var is None:
+        return Moments(a.mean**exponent)
+    if isinstance(exponent, (int, float)) and exponent == 2:
+        return square_moments(a)
+    if isinstance(exponent, (int, float)) and exponent == 1:
+        return a
+    raise UnsupportedLayerError(
+        f"CVP has a rule for x ** 2 only, not x ** {exponent!r}; wrap the power in a module "
+        "and register a rule for it (skuq.cvp.register_rule(ThatModule) with "
+        "skuq.cvp.elementwise_rule and skuq.cvp.moments.quadrature_moments)."
+    )
+
+
 @register_rule(operator.truediv, torch.div, "div", operator.itruediv)
 def _div(ctx, fn, a, b) -> Moments:
+    if not _is_m(a) and not _is_m(b):  # plain numbers (sizes, shapes)
+        return a / b
     if _is_m(b) and b.var is not None:
         raise UnsupportedLayerError("CVP cannot divide by a random tensor (no moment rule)")
     b = b.mean if _is_m(b) else b
+    a = a if _is_m(a) else Moments(torch.as_tensor(a, dtype=b.dtype, device=b.device))
     return Moments(a.mean / b, None if a.var is None else a.var / (b * b))
 
 
