@@ -77,7 +77,8 @@ def test_probabilities_match_laplace_torch(trained, subset, structure):
 
     K-FAC convention shared with laplace-torch 0.3 (curvlinops backend): "expand"
     K-FAC with the exact class expectation, separate weight and bias blocks,
-    A averaged and G summed over rows -- so kron agrees as tightly as diag/full.
+    A averaged and G summed over rows -- so kron agrees as tightly as diag/full
+    (for Linear layers; Conv2d biases differ, see test_cnn_kron_factors_against_laplace_torch).
     """
     model, X, y, X_test, X_ood = trained
     la = _oracle(model, X, y, subset, structure, 2.0)
