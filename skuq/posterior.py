@@ -220,6 +220,9 @@ class WeightPosterior:
         mask = np.r_[np.full(n, fit_prior), [True] if fit_sigma_noise else []].astype(bool)
         if not mask.any():
             return
+        if n == 1 and fit_prior and not fit_sigma_noise:
+            self._optimize_scalar_prior(max_iter)
+            return
 
         def objective(z):
             z_t = torch.tensor(z, dtype=torch.float64, device=self.mean.device,
@@ -248,6 +251,28 @@ class WeightPosterior:
             prior_precision=(d[0] if n == 1 else d) if fit_prior else None,
             sigma_noise=float(log_s.detach().exp()) if fit_sigma_noise else None,
         )
+
+    def _optimize_scalar_prior(self, max_iter: int) -> None:
+        """One ``delta``: bounded Brent search in ``log delta``, no gradients needed.
+
+        The evidence is unimodal in ``log delta`` for a scalar prior (its
+        derivative ``P / delta - sum 1 / (s h_i + delta) - |theta|^2`` changes sign
+        once), so a 1-D search is exact and needs a few dozen O(P) evaluations.
+        """
+
+        def objective(z: float) -> float:
+            d = torch.tensor(math.exp(z), dtype=self.mean.dtype, device=self.mean.device)
+            with torch.no_grad():
+                return -float(self.log_marginal_likelihood(d))
+
+        res = scipy.optimize.minimize_scalar(
+            objective, bounds=(-25.0, 25.0), method="bounded",
+            options={"xatol": 1e-7, "maxiter": max_iter},
+        )
+        d = math.exp(float(res.x))
+        if not math.isfinite(d):
+            raise FloatingPointError("the marginal likelihood optimization diverged")
+        self.set_hyperparameters(prior_precision=d)
 
     # to implement per structure
     def _log_det(self, delta: Tensor, s) -> Tensor:
