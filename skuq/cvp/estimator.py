@@ -85,6 +85,9 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     """
 
     _extra_fit_params = ()
+    #: benchmarks/compare.py: the default IVON source trains its own net (an Adam-trained
+    #: shared net has no IVON posterior)
+    _benchmark_hints = {"shared_net": False}
 
     def __init__(
         self, estimator, *, posterior="ivon", posterior_options=None,
