@@ -23,6 +23,9 @@ The per-class hook (data, not code)
       (deep ensembles train their own members).
     * ``"init_params"``: extra constructor kwargs for this benchmark only
       (empty for every method today: defaults are the product).
+    * ``"variants"``: ``{label: hints}``, extra rows ``Cls[label]`` built with
+      those hints (their own ``init_params`` / ``shared_net`` / ``net_params``),
+      e.g. the Laplace structures a user would also try. The default row stays.
 
 Data: ``fit`` gets the training split; 20 % of it is held out as a validation
 split that estimators with ``_uses_calibration_split`` receive as
@@ -293,17 +296,33 @@ class PeakMemory:
 
 
 # ------------------------------------------------------------------ running
-def _hints(cls) -> dict:
-    hints = dict(getattr(cls, "_benchmark_hints", {}) or {})
-    unknown = set(hints) - {"net_params", "shared_net", "init_params"}
+HINT_KEYS = {"net_params", "shared_net", "init_params"}
+
+
+def _hints(cls, hints=None) -> dict:
+    hints = dict(getattr(cls, "_benchmark_hints", {}) or {}) if hints is None else dict(hints)
+    unknown = set(hints) - HINT_KEYS - {"variants"}
     if unknown:
         raise ValueError(f"{cls.__name__}._benchmark_hints has unknown keys {sorted(unknown)}")
+    for label, variant in hints.get("variants", {}).items():
+        if set(variant) - HINT_KEYS:
+            raise ValueError(f"{cls.__name__} variant {label!r} has unknown keys "
+                             f"{sorted(set(variant) - HINT_KEYS)}")
     return hints
 
 
-def _build(cls, data, frozen, seed, device):
-    """``(estimator, own_net)`` built with the class's defaults and its hints."""
+def method_rows(name, cls) -> list[tuple[str, type, dict]]:
+    """``(row name, class, hints)``: the default row, then one per declared variant."""
     hints = _hints(cls)
+    rows = [(name, cls, {k: v for k, v in hints.items() if k != "variants"})]
+    rows += [(f"{name}[{label}]", cls, variant)
+             for label, variant in hints.get("variants", {}).items()]
+    return rows
+
+
+def _build(cls, data, frozen, seed, device, hints=None):
+    """``(estimator, own_net)`` built with the class's defaults and its hints."""
+    hints = _hints(cls, hints)
     net_params = hints.get("net_params", {})
     own = bool(net_params) or not hints.get("shared_net", True)
     net = clone(data.net).set_params(**net_params) if own else frozen
@@ -380,9 +399,10 @@ def run_task(task, data, methods, seed, device, log):
     frozen = FrozenEstimator(trained.net_)
     evaluate = _evaluate_classifier if kind == "classifier" else _evaluate_regressor
     runs = []
-    for name, cls in methods:
+    for method in methods:
+        name, cls, hints = method if len(method) == 3 else (*method, None)
         try:
-            est, own = _build(cls, data, frozen, seed, device)
+            est, own = _build(cls, data, frozen, seed, device, hints)
             with PeakMemory(device) as mem:
                 t, c = time.perf_counter(), time.process_time()
                 _fit(est, data)
@@ -589,8 +609,7 @@ def _warm_up(device):
 def _own_net_note(methods_by_kind) -> str:
     notes = []
     for ms in methods_by_kind.values():
-        for name, cls in ms:
-            hints = _hints(cls)
+        for name, _cls, hints in ms:
             if hints.get("net_params"):
                 notes.append(f"{name} trains its own net with {hints['net_params']}")
             elif not hints.get("shared_net", True):
@@ -633,13 +652,14 @@ def main(argv=None) -> dict:
     methods_by_kind = {}
     for kind in ("classifier", "regressor"):
         found = [
-            (n, c) for n, c in all_estimators(kind)
-            if wanted is None or n in wanted or n == BASELINE[kind]
+            row for n, c in all_estimators(kind) for row in method_rows(n, c)
+            if wanted is None or n in wanted or row[0] in wanted or n == BASELINE[kind]
         ]
-        found.sort(key=lambda nc: (nc[0] != BASELINE[kind], nc[0]))  # MAP first
+        found.sort(key=lambda row: (row[0] != BASELINE[kind], row[0]))  # MAP first
         methods_by_kind[kind] = found
     if wanted:
-        missing = wanted - {n for ms in methods_by_kind.values() for n, _ in ms}
+        missing = wanted - {n for ms in methods_by_kind.values() for n, *_ in ms} - {
+            c.__name__ for ms in methods_by_kind.values() for _, c, _ in ms}
         if missing:
             parser.error(f"no skuq estimator named {sorted(missing)}")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -658,7 +678,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - start
 
     agg = aggregate(runs)
-    names = {k: [n for n, _ in ms] for k, ms in methods_by_kind.items()}
+    names = {k: [n for n, *_ in ms] for k, ms in methods_by_kind.items()}
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
         f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, " \
         f"torch threads {args.threads})"

@@ -435,6 +435,14 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
     (270, 5)
     """
 
+    #: benchmarks/compare.py: also the structures a user would try next
+    _benchmark_hints = {"variants": {
+        "all,diag,marglik": {"init_params": {"subset_of_weights": "all",
+                                             "hessian_structure": "diag",
+                                             "prior_precision": "marglik"}},
+        "last_layer,kron,marglik": {"init_params": {"prior_precision": "marglik"}},
+    }}
+
     def __init__(
         self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
         prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
@@ -504,6 +512,10 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
     >>> bool(std[d.in_gap].mean() > std[~d.in_gap].min())
     True
     """
+
+    _benchmark_hints = {"variants": {
+        "all,diag": {"init_params": {"subset_of_weights": "all", "hessian_structure": "diag"}},
+    }}
 
     def __init__(
         self, estimator, *, sigma_noise="marglik", subset_of_weights="last_layer",

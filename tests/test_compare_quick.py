@@ -75,3 +75,27 @@ def test_a_failing_method_becomes_a_failed_row_not_a_crash():
     md = compare.markdown(compare.aggregate(runs), {"digits": "classifier"},
                           {"classifier": ["MAPClassifier", "BrokenClassifier"]}, "")
     assert "| BrokenClassifier | failed: RuntimeError: boom |" in md
+
+
+def test_every_registered_method_and_variant_runs_in_the_quick_table(tmp_path):
+    """No estimator of the registry may fail at its defaults on the quick tasks."""
+    compare = _load_compare()
+    out = compare.main(["--quick", "--no-plots", "--out-dir", str(tmp_path)])
+    failed = {r.method: r.error for r in out["runs"] if r.error}
+    assert not failed
+    from skuq.base import all_estimators
+
+    methods = {r.method for r in out["runs"]}
+    assert {n for n, _ in all_estimators()} <= methods
+    assert "LaplaceClassifier[all,diag,marglik]" in methods
+    assert "CVPClassifier[laplace_diag]" in methods
+
+
+def test_variant_hints_are_checked():
+    compare = _load_compare()
+
+    class Bad:
+        _benchmark_hints = {"variants": {"x": {"init_parms": {}}}}
+
+    with pytest.raises(ValueError, match="variant 'x' has unknown keys"):
+        compare._hints(Bad)

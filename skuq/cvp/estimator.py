@@ -87,7 +87,9 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     _extra_fit_params = ()
     #: benchmarks/compare.py: the default IVON source trains its own net (an Adam-trained
     #: shared net has no IVON posterior)
-    _benchmark_hints = {"shared_net": False}
+    _benchmark_hints = {"shared_net": False, "variants": {
+        "laplace_diag": {"init_params": {"posterior": "laplace_diag"}},
+    }}
 
     def __init__(
         self, estimator, *, posterior="ivon", posterior_options=None,
