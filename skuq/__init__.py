@@ -13,6 +13,7 @@ from .cvp import CVPClassifier
 from .l2m import L2MClassifier, L2MRegressor
 from .laplace import LaplaceClassifier, LaplaceRegressor
 from .outputs import OutputDistribution
+from .regvar import RegVarClassifier, RegVarRegressor
 
 __version__ = "0.1.0"
 
@@ -29,5 +30,7 @@ __all__ = [
     "MCDropoutClassifier",
     "MCDropoutRegressor",
     "OutputDistribution",
+    "RegVarClassifier",
+    "RegVarRegressor",
     "TemperatureScalingClassifier",
 ]

@@ -24,6 +24,8 @@ NET_KWARGS: dict[str, dict] = {
 EST_KWARGS: dict[str, dict] = {
     "DeepEnsembleClassifier": {"n_estimators": 2},
     "DeepEnsembleRegressor": {"n_estimators": 2},
+    "RegVarClassifier": {"finetune_epochs": 2},
+    "RegVarRegressor": {"finetune_epochs": 2},
 }
 
 #: checks an estimator fails on every run, and why (strict: an unexpected pass is
@@ -46,6 +48,13 @@ MAY_FAIL: dict[str, dict[str, str]] = {
         "check_methods_subset_invariance": (
             "float32 BLAS kernels round differently for other batch shapes (1.8e-7 "
             "on 3 of 60 probabilities on the CI CPU, above the check's 1e-7)"
+        ),
+    },
+    "RegVarClassifier": {
+        "check_methods_subset_invariance": (
+            "its mean is the float32 net's logits, rounded differently for other batch "
+            "shapes (1.5e-7 on 1 of 60 probabilities, above the check's 1e-7); the "
+            "variance is taken in float64"
         ),
     },
 }
