@@ -11,7 +11,7 @@ from .baselines import (
 )
 from .cvp import CVPClassifier
 from .l2m import L2MClassifier, L2MRegressor
-from .laplace import LaplaceClassifier, LaplaceRegressor
+from .laplace import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
 from .outputs import OutputDistribution
 from .regvar import RegVarClassifier, RegVarRegressor
 
@@ -32,5 +32,6 @@ __all__ = [
     "OutputDistribution",
     "RegVarClassifier",
     "RegVarRegressor",
+    "SubnetworkLaplaceClassifier",
     "TemperatureScalingClassifier",
 ]

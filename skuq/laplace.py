@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ._utils import check_option, check_positive, check_positive_int, iter_batches
+from ._utils import (
+    check_option,
+    check_positive,
+    check_positive_int,
+    iter_batches,
+    make_generator,
+)
 from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
 from .curvature import (
     CURVATURES,
@@ -30,8 +36,21 @@ from .curvature.weights import SUBSETS
 from .outputs import LINKS, OutputDistribution, probit_probabilities
 from .posterior import PRIOR_STRUCTURES, posterior_from_curvature
 from .predictive import glm_predictive, needs_jacobians, nn_predictive
+from .subnetwork import (
+    GivenIndices,
+    LargestVariance,
+    SubnetworkSelection,
+    check_subnetwork_size,
+    resolve_selection,
+    top_k,
+)
 
-__all__ = ["LaplaceClassifier", "LaplaceRegressor", "clear_curvature_cache"]
+__all__ = [
+    "LaplaceClassifier",
+    "LaplaceRegressor",
+    "SubnetworkLaplaceClassifier",
+    "clear_curvature_cache",
+]
 
 PRED_TYPES = ("glm", "nn")
 PRIOR_METHODS = ("marglik", "heldout")
@@ -171,31 +190,84 @@ class _BaseLaplace(BaseUQEstimator):
                     "subset_of_weights='subnetwork' needs hessian_structure='full' (a subnetwork "
                     f"is an arbitrary index set); got hessian_structure={self.hessian_structure!r}"
                 )
-            if self.subnetwork_indices is None:
-                raise ValueError(
-                    "subset_of_weights='subnetwork' needs subnetwork_indices (positions in the "
-                    "flat vector of the net's trainable parameters)"
-                )
-        elif self.subnetwork_indices is not None:
-            raise ValueError(
-                "subnetwork_indices is only used with subset_of_weights='subnetwork'; got "
-                f"subset_of_weights={self.subset_of_weights!r}"
-            )
+            self._subnetwork_rule()
+        else:
+            for name in ("subnetwork_indices", "subnetwork_size"):
+                if getattr(self, name, None) is not None:
+                    raise ValueError(
+                        f"{name} is only used with subset_of_weights='subnetwork'; got "
+                        f"subset_of_weights={self.subset_of_weights!r}"
+                    )
         if self.hessian_structure == "lowrank" and self.prior_structure != "scalar":
             raise ValueError("hessian_structure='lowrank' supports prior_structure='scalar' only")
 
     def _validate_likelihood_options(self) -> None:
         pass
 
+    # ------------------------------------------------------------ subnetwork
+    def _subnetwork_rule(self) -> SubnetworkSelection:
+        """The selection rule of ``subset_of_weights="subnetwork"`` (options checked)."""
+        size, sel = self.subnetwork_size, self.subnetwork_selection
+        if size is not None and not (isinstance(size, str) and size == "auto"):
+            if not isinstance(size, numbers.Integral) or isinstance(size, bool) or size < 1:
+                raise ValueError(f"subnetwork_size must be an int >= 1 or 'auto', got {size!r}")
+        if self.subnetwork_indices is not None:
+            if not (isinstance(sel, str) and sel == "largest_variance"):
+                raise ValueError(
+                    "give the subnetwork either as subnetwork_indices or through "
+                    "subnetwork_selection, not both"
+                )
+            return GivenIndices(self.subnetwork_indices)
+        options = {}
+        if isinstance(sel, str) and sel == "largest_variance":
+            pp = self.prior_precision
+            options = dict(prior_precision=1.0 if isinstance(pp, str) else pp,
+                           curvature=self.curvature, temperature=self.temperature)
+        rule = resolve_selection(sel, **options)
+        if rule.ranks and size is None:
+            raise ValueError(
+                "subset_of_weights='subnetwork' needs subnetwork_indices (positions in the "
+                "flat vector of the net's trainable parameters) or subnetwork_size=k (the k "
+                f"weights chosen by subnetwork_selection={sel!r}; 'auto' for min(1000, P))"
+            )
+        return rule
+
+    def _select_subnetwork(self, X, y) -> torch.Tensor:
+        """Positions of the subnetwork in the trained net (``subnetwork_indices_``)."""
+        rule = self._subnetwork_rule()
+        if isinstance(rule, LargestVariance):  # its diagonal curvature through the cache
+            n_total = sum(p.numel() for p in self.model_.parameters() if p.requires_grad)
+            k = check_subnetwork_size(self.subnetwork_size, n_total)
+            curv = _cached_curvature(
+                select_weights(self.model_, "all"), X, y, self.batch_size, self.device_,
+                likelihood=self._likelihood, structure="diag", curvature=rule.curvature,
+                rank=self.rank, generator=None,
+            )
+            return top_k(rule.variances_from_curvature(self.model_, curv), k)
+
+        def batches():
+            return iter_batches(X, y, batch_size=self.batch_size, device=self.device_)
+
+        gen = make_generator(self._seed, torch.device("cpu"))
+        return rule.select(self.model_, batches, self.subnetwork_size,
+                           likelihood=self._likelihood, generator=gen)
+
+    def _weight_subset(self, X, y):
+        """The weights the posterior lives on (a subnetwork is chosen here)."""
+        x0 = torch.as_tensor(X[: min(len(X), 2)]).to(self.device_)
+        idx = None
+        if self.subset_of_weights == "subnetwork":
+            idx = self._select_subnetwork(X, y)
+            self.subnetwork_indices_ = idx.cpu().numpy()
+        return select_weights(
+            self.model_, self.subset_of_weights, subnetwork_indices=idx, example_input=x0
+        )
+
     def _initial_sigma(self) -> float:
         return 1.0
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        x0 = torch.as_tensor(X[: min(len(X), 2)]).to(self.device_)
-        weights = select_weights(
-            self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
-            example_input=x0,
-        )
+        weights = self._weight_subset(X, y)
         curv = self._curvature(weights, X, y)
         pp = self.prior_precision
         init = 1.0 if isinstance(pp, str) else np.asarray(pp, dtype=float)
@@ -237,11 +309,7 @@ class _BaseLaplace(BaseUQEstimator):
         sigma = self.posterior_.sigma_noise
         X_all, y_all = np.concatenate([X, X_cal]), np.concatenate([y, y_cal])
         self._resolve_net(X_all, y_all)
-        x0 = torch.as_tensor(X_all[: min(len(X_all), 2)]).to(self.device_)
-        weights = select_weights(
-            self.model_, self.subset_of_weights, subnetwork_indices=self.subnetwork_indices,
-            example_input=x0,
-        )
+        weights = self._weight_subset(X_all, y_all)
         curv = self._curvature(weights, X_all, y_all)
         self.weights_ = weights
         self.posterior_ = posterior_from_curvature(
@@ -373,7 +441,10 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
     subset_of_weights : {"last_layer", "all", "subnetwork"}, default="last_layer"
         Weights that get a posterior; the others stay at the MAP.
         ``"last_layer"``: the last layer the forward pass calls;
-        ``"subnetwork"``: the positions ``subnetwork_indices`` (full covariance).
+        ``"subnetwork"``: a full-covariance posterior over ``subnetwork_size``
+        weights chosen by ``subnetwork_selection`` (or the positions
+        ``subnetwork_indices``); needs ``hessian_structure="full"`` (see
+        :class:`SubnetworkLaplaceClassifier`, which sets it).
     hessian_structure : {"kron", "diag", "full", "lowrank"}, default="kron"
         Curvature structure. ``"kron"`` is K-FAC (Linear and Conv2d layers).
     prior_precision : float, array of float, "marglik" or "heldout", default="heldout"
@@ -395,9 +466,28 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         Samples for ``link_approx="mc"`` and ``pred_type="nn"``.
     temperature : float, default=1.0
         Divides the curvature and the log-likelihood (laplace-torch's convention).
+    subnetwork_size : int, "auto" or None, default=None
+        For ``subset_of_weights="subnetwork"``: ``k``, the number of weights
+        with a posterior (at most the net's trainable parameters;
+        ``"auto"``: ``min(1000, P)``). Needed by the ranking rules; the set
+        rules (``"last_layer"``, names, indices) take their whole set when it
+        is None. Can be grid-searched.
+    subnetwork_selection : str, SubnetworkSelection, list of str or array of int, \
+default="largest_variance"
+        How the subnetwork is chosen (see :mod:`skuq.subnetwork`):
+        ``"largest_variance"`` (largest marginal variance under a diagonal
+        Laplace over all weights, the 2-Wasserstein rule of Daxberger et
+        al.; with this estimator's ``curvature``, ``temperature`` and a
+        numeric ``prior_precision``, else 1), ``"largest_variance_swag"``
+        (diagonal SWAG variances from a short seeded SGD run),
+        ``"largest_magnitude"``, ``"random"`` (seeded by ``random_state``),
+        ``"last_layer"``, a list of parameter or module names, an array of
+        positions, or a rule object (e.g.
+        ``skuq.subnetwork.LargestVarianceSWAG(lr=1e-3)``).
     subnetwork_indices : array of int, optional
         For ``subset_of_weights="subnetwork"``: positions in the flat vector of
-        all trainable parameters (see :func:`skuq.curvature.select_subnetwork`).
+        all trainable parameters (see :func:`skuq.curvature.select_subnetwork`);
+        the same as passing them as ``subnetwork_selection``.
     rank : int, default=100
         Eigenpairs kept by ``hessian_structure="lowrank"``.
     calibration_fraction : float, default=0.2
@@ -418,6 +508,8 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         The prior precision used.
     n_params_ : int
         Number of weights with a posterior.
+    subnetwork_indices_ : ndarray of int64
+        For ``subset_of_weights="subnetwork"``: the chosen positions, sorted.
 
     Examples
     --------
@@ -446,9 +538,10 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
     def __init__(
         self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
         prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
-        link_approx="probit", n_samples=100, temperature=1.0, subnetwork_indices=None,
-        rank=100, calibration_fraction=0.2, device="auto", batch_size=256,
-        random_state=None, verbose=0, memory=None,
+        link_approx="probit", n_samples=100, temperature=1.0, subnetwork_size=None,
+        subnetwork_selection="largest_variance", subnetwork_indices=None, rank=100,
+        calibration_fraction=0.2, device="auto", batch_size=256, random_state=None, verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.subset_of_weights = subset_of_weights
@@ -460,6 +553,8 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         self.link_approx = link_approx
         self.n_samples = n_samples
         self.temperature = temperature
+        self.subnetwork_size = subnetwork_size
+        self.subnetwork_selection = subnetwork_selection
         self.subnetwork_indices = subnetwork_indices
         self.rank = rank
         self.calibration_fraction = calibration_fraction
@@ -485,7 +580,8 @@ class LaplaceRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseLaplace):
         when that is ``"marglik"`` too) by the Laplace marginal likelihood,
         starting from the RMS training residual.
     subset_of_weights, hessian_structure, prior_precision, prior_structure, curvature, \
-pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fraction
+pred_type, n_samples, temperature, subnetwork_size, subnetwork_selection, \
+subnetwork_indices, rank, calibration_fraction
         As in :class:`LaplaceClassifier`; the defaults here are
         ``"last_layer"``, ``"kron"`` and ``"marglik"``.
     device, batch_size, random_state, verbose, memory
@@ -494,7 +590,7 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
     Attributes
     ----------
     sigma_noise_ : float or ndarray
-    posterior_, weights_, prior_precision_, n_params_
+    posterior_, weights_, prior_precision_, n_params_, subnetwork_indices_
         As in :class:`LaplaceClassifier`.
 
     Examples
@@ -521,7 +617,8 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
         self, estimator, *, sigma_noise="marglik", subset_of_weights="last_layer",
         hessian_structure="kron", prior_precision="marglik", prior_structure="scalar",
         curvature="ggn", pred_type="glm", n_samples=100, temperature=1.0,
-        subnetwork_indices=None, rank=100, calibration_fraction=0.2, device="auto",
+        subnetwork_size=None, subnetwork_selection="largest_variance", subnetwork_indices=None,
+        rank=100, calibration_fraction=0.2, device="auto",
         batch_size=256, random_state=None, verbose=0, memory=None,
     ):
         self.estimator = estimator
@@ -534,8 +631,102 @@ pred_type, n_samples, temperature, subnetwork_indices, rank, calibration_fractio
         self.pred_type = pred_type
         self.n_samples = n_samples
         self.temperature = temperature
+        self.subnetwork_size = subnetwork_size
+        self.subnetwork_selection = subnetwork_selection
         self.subnetwork_indices = subnetwork_indices
         self.rank = rank
+        self.calibration_fraction = calibration_fraction
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+
+class SubnetworkLaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLaplace):
+    """Subnetwork inference: a full-covariance Laplace over a chosen subset of the weights.
+
+    Daxberger et al. (ICML 2021): ``subnetwork_size`` weights, chosen by
+    ``subnetwork_selection`` (by default those of largest marginal variance
+    under a diagonal Laplace over all weights, the 2-Wasserstein rule), get a
+    full-covariance GGN Laplace posterior ``N(theta*_S, (H_SS / T +
+    delta I)^-1)``; every other weight stays at the MAP. ``H_SS`` comes from
+    the Jacobian columns ``J[:, S]`` only (memory ``O(k^2 + batch C k)``), so
+    a subnetwork of thousands of weights works inside a net of millions.
+
+    The same machinery as ``LaplaceClassifier(subset_of_weights="subnetwork",
+    hessian_structure="full", ...)``, with documented defaults.
+
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        The network (see :class:`skuq.base.BaseUQEstimator`).
+    subnetwork_size : int or "auto", default="auto"
+        ``k``; ``"auto"`` is ``min(1000, P)`` (all weights of a net with
+        fewer). Can be grid-searched.
+    subnetwork_selection : str, SubnetworkSelection, list of str or array of int, \
+default="largest_variance"
+        See :class:`LaplaceClassifier` and :mod:`skuq.subnetwork`.
+    prior_precision : float, array of float, "marglik" or "heldout", default="heldout"
+        As in :class:`LaplaceClassifier` (one value per parameter tensor for
+        an array, counting only the subnetwork's entries).
+    prior_structure, curvature, pred_type, link_approx, n_samples, temperature, \
+calibration_fraction
+        As in :class:`LaplaceClassifier`.
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+    subnetwork_indices_ : ndarray of int64
+        The chosen positions in the flat vector of the trainable parameters.
+    posterior_ : skuq.posterior.FullPosterior
+    weights_ : skuq.curvature.WeightSubset
+    prior_precision_ : float or ndarray
+    n_params_ : int
+        ``k``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetClassifier
+    >>> from skuq import SubnetworkLaplaceClassifier
+    >>> from skuq.datasets import load_digits_ood
+    >>> from skuq.nets import MLP
+    >>> d = load_digits_ood()
+    >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
+    ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
+    ...                           train_split=None, verbose=0)
+    >>> est = SubnetworkLaplaceClassifier(net, subnetwork_size=200, random_state=0)
+    >>> est.fit(d.X_train, d.y_train).predict_proba(d.X_test).shape
+    (270, 5)
+    >>> est.subnetwork_indices_.shape
+    (200,)
+    """
+
+    # the Laplace machinery's structure options, fixed here
+    subset_of_weights = "subnetwork"
+    hessian_structure = "full"
+    subnetwork_indices = None
+    rank = 100
+
+    def __init__(
+        self, estimator, *, subnetwork_size="auto", subnetwork_selection="largest_variance",
+        prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
+        link_approx="probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
+        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.subnetwork_size = subnetwork_size
+        self.subnetwork_selection = subnetwork_selection
+        self.prior_precision = prior_precision
+        self.prior_structure = prior_structure
+        self.curvature = curvature
+        self.pred_type = pred_type
+        self.link_approx = link_approx
+        self.n_samples = n_samples
+        self.temperature = temperature
         self.calibration_fraction = calibration_fraction
         self.device = device
         self.batch_size = batch_size

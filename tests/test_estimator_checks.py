@@ -43,12 +43,21 @@ EXPECTED_FAILURES: dict[str, dict[str, str]] = {
 }
 #: checks whose outcome depends on the machine (not strict): float32 matmul kernels
 #: differ with the batch shape, and the check allows only 1e-7
+_SUBNET_BLAS = (
+    "per-sample Jacobians come from float32 backward matmuls over the batch, which "
+    "round differently for a row at another position (up to 5e-8 absolute, 5e-7 "
+    "relative on 4 of 60 probabilities, above the check's 1e-7)"
+)
 MAY_FAIL: dict[str, dict[str, str]] = {
     "MAPClassifier": {
         "check_methods_subset_invariance": (
             "float32 BLAS kernels round differently for other batch shapes (1.8e-7 "
             "on 3 of 60 probabilities on the CI CPU, above the check's 1e-7)"
         ),
+    },
+    "SubnetworkLaplaceClassifier": {
+        "check_methods_sample_order_invariance": _SUBNET_BLAS,
+        "check_methods_subset_invariance": _SUBNET_BLAS,
     },
     "RegVarClassifier": {
         "check_methods_subset_invariance": (

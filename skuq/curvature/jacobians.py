@@ -43,7 +43,15 @@ def jacobians(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tensor]:
     >>> J, f = jacobians(select_weights(lin), torch.ones(4, 3))
     >>> J.shape, f.shape
     (torch.Size([4, 2, 8]), torch.Size([4, 2]))
+
+    A subnetwork (``weights.indices`` set) gets only its columns ``J[:, :, S]``,
+    never the Jacobian of all weights (see
+    :mod:`skuq.curvature.subnet_jacobians`).
     """
+    if weights.indices is not None:
+        from .subnet_jacobians import subnetwork_jacobians
+
+        return subnetwork_jacobians(weights, x)
     theta = weights.vector()
 
     def single(t: Tensor, xi: Tensor) -> tuple[Tensor, Tensor]:
