@@ -1,10 +1,15 @@
 """Quickstart: train a net on digits 0-4, add uncertainty, check it on digits 5-9.
 
-Trains a small MLP (skorch) on the bundled scikit-learn digits (classes 0-4),
-fits skuq's default uncertainty estimator around it, and prints accuracy, NLL
-and ECE on held-out digits 0-4 and the OOD AUROC for telling digits 5-9 apart
--- for the bare net and for the uncertainty-aware estimator. Saves a
-reliability diagram when matplotlib is installed.
+Trains a small MLP (skorch) once on the bundled scikit-learn digits (classes
+0-4) and wraps the trained net, never retrained (``FrozenEstimator``), in two
+uncertainty estimators: temperature scaling (one temperature fitted on a
+validation split) and L2M (a diagonal Laplace posterior read from Adam's
+second moment, no pass over the data). Prints accuracy, NLL and ECE on
+held-out digits 0-4 and the OOD AUROC for telling digits 5-9 apart, for the
+bare net and both estimators, and saves a reliability diagram when matplotlib
+is installed. Expect L2M to separate digits 5-9 best and to be under-confident
+on digits 0-4 (its ECE): the trade-off of a diagonal posterior over all
+weights with its marginal-likelihood prior.
 
 Run: python examples/quickstart.py [--quick]
 """
@@ -13,26 +18,41 @@ import argparse
 import sys
 
 import torch
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import train_test_split
 from skorch import NeuralNetClassifier
 
-from skuq import MAPClassifier, TemperatureScalingClassifier
+from skuq import L2MClassifier, MAPClassifier, TemperatureScalingClassifier
 from skuq.datasets import load_digits_ood
 from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
 from skuq.nets import MLP
 
-UQ_ESTIMATOR = TemperatureScalingClassifier
+#: the uncertainty estimators shown next to the bare net, all around the same trained net
+UQ_ESTIMATORS = (TemperatureScalingClassifier, L2MClassifier)
 
 
 def main(quick: bool = False, out: str = "quickstart_reliability.png") -> dict:
     data = load_digits_ood()
+    # a validation split for the post-hoc fits; the test split is never used to tune
+    X_train, X_val, y_train, y_val = train_test_split(
+        data.X_train, data.y_train, test_size=0.2, random_state=0, stratify=data.y_train)
     net = NeuralNetClassifier(
         MLP, module__hidden=(128, 128), criterion=torch.nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam, lr=1e-3, max_epochs=10 if quick else 60,
         batch_size=64, train_split=None, verbose=0,
     )
+    bare = MAPClassifier(net, random_state=0).fit(X_train, y_train)
+    trained = FrozenEstimator(bare.net_)  # trained once, shared, never retrained
+    estimators = [bare]
+    for cls in UQ_ESTIMATORS:
+        est = cls(trained, random_state=0)
+        if est._uses_calibration_split:
+            est.fit(X_train, y_train, X_cal=X_val, y_cal=y_val)
+        else:  # L2M reads the optimizer state of the training: no data pass
+            est.fit(X_train, y_train)
+        estimators.append(est)
     rows = {}
-    for est in (MAPClassifier(net, random_state=0), UQ_ESTIMATOR(net, random_state=0)):
-        est.fit(data.X_train, data.y_train)
+    for est in estimators:
         proba = est.predict_proba(data.X_test)
         rows[type(est).__name__] = {
             "accuracy": est.score(data.X_test, data.y_test),
