@@ -844,14 +844,18 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     n_average : int, default=100
         Last iterates averaged in each fine-tune.
     variance_scale : float, default=1.0
-        Multiplies the variance. The amortized scale is not calibrated:
+        Multiplies the variance; read at predict time, so changing it on a
+        fitted estimator needs no refit. The amortized scale is not
+        calibrated: set it on held-out data (NLL over a log grid), or
         grid-search it (``GridSearchCV`` with ``memory=`` trains the net once
         per fold; the fine-tunes are redone).
     prior_precision : float or None, default=None
         ``None``: the prior is the optimizer's weight decay (``delta = N *
-        weight_decay`` per parameter group). A float replaces it by an
-        explicit ``(delta / 2) ||theta||^2`` (the optimizer's decay is then
-        switched off in the fine-tunes).
+        weight_decay`` per parameter group; 0 for a plain module). A float
+        replaces it by an explicit ``(delta / 2) ||theta||^2`` (the
+        optimizer's decay is then switched off in the fine-tunes). The exact
+        mode needs ``R`` to have a strict minimum at the trained weights: a
+        net trained without weight decay usually needs a prior here.
     exact_solver : {"lbfgs", "optimizer"}, default="lbfgs"
         ``mode="exact"``: full-batch float64 L-BFGS (the reference), or the
         net's optimizer on mini-batches (larger nets), see
