@@ -547,9 +547,10 @@ def _solve_lbfgs(weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_si
     final = float(U.grad.abs().max()) / scale
     if not final <= _LBFGS_WARN:
         warnings.warn(
-            f"exact RegVar: L-BFGS stopped at a relative gradient of {final:.1e}; raise "
-            "the iteration limit (exact_max_iter) or check that the net is trained to a "
-            "minimum of its regularized loss",
+            f"exact RegVar: L-BFGS stopped at a relative gradient of {final:.1e}, so these "
+            "variances are unreliable. Either the iteration limit (exact_max_iter) is too "
+            "low, or the trained weights are not a strict minimum of the regularized loss "
+            "(train to convergence, or add weight decay / prior_precision)",
             RegVarConvergenceWarning, stacklevel=3,
         )
     return (theta + lam * U).detach()
