@@ -14,6 +14,7 @@ from .l2m import L2MClassifier, L2MRegressor
 from .laplace import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
 from .outputs import OutputDistribution
 from .regvar import RegVarClassifier, RegVarRegressor
+from .scalla import ScaLLAClassifier
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "OutputDistribution",
     "RegVarClassifier",
     "RegVarRegressor",
+    "ScaLLAClassifier",
     "SubnetworkLaplaceClassifier",
     "TemperatureScalingClassifier",
 ]

@@ -1,0 +1,341 @@
+"""ScaLLA vs full / K-FAC / last-layer Laplace and laplace-torch's ELLA on the digits OOD split.
+
+Two nets on the same data (sklearn digits 0-4; OOD: digits 5-9), each trained
+once and shared by every method (``FrozenEstimator``):
+
+* ``small``: MLP 64-64-64-5 (8.6k weights), where the full GGN Laplace over
+  all weights is still possible;
+* ``large``: MLP 64-1024-1024-5 (1.12M weights): full Laplace is out of
+  reach (a 1.1M x 1.1M matrix), K-FAC, last-layer, ELLA and ScaLLA are not.
+
+Protocol. 20 % of the training rows are held out (stratified) as the
+validation split; the net is trained on the rest. Every method's prior
+precision is chosen the same way -- the lowest validation NLL on the log grid
+1e-4..1e4 (``prior_precision="heldout"``; ELLA through its own
+``optimize_prior_precision`` grid search) -- plus one marginal-likelihood row
+each for ScaLLA and K-FAC. The OOD digits are split in two halves by row
+parity: AUROC (predictive entropy) is always measured on the odd half, and
+the even half may serve as ScaLLA's context set. Two context sets:
+
+* ``proxy``: the training digits with their pixels permuted (one permutation
+  per row) -- an OOD proxy that never sees a digit 5-9;
+* ``OOD half``: the even half of digits 5-9 -- the optimistic case of a
+  context set drawn from the OOD distribution met at test time.
+
+ELLA: laplace-torch 0.3 ``Laplace(model, "classification",
+subset_of_weights="all", hessian_structure="gp",
+functional_approximation="nystrom", subsample_size=M, n_eigenvalues=k)``,
+``k`` = ScaLLA's ``m`` on the small net.
+
+Memory: peak bytes of the torch tensors alive during fit + predict, counted by
+:class:`LiveTensorBytes` (a ``TorchDispatchMode`` that adds each new storage
+an op returns and subtracts it when the storage is freed; torch keeps one
+Python object per storage, so storages held only by autograd or by C++ count
+until they die). Tensors that existed before (the net's weights, the data)
+are not counted. Times are wall clock on the CPU, torch with 1 thread.
+
+Run: ``PYTHONPATH=. python benchmarks/scalla.py [--quick]``; writes
+``benchmarks/results/scalla.{md,json}`` (``scalla_quick.*`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+import weakref
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.frozen import FrozenEstimator
+from sklearn.model_selection import train_test_split
+from skorch import NeuralNetClassifier
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from skuq import LaplaceClassifier, MAPClassifier, ScaLLAClassifier
+from skuq.datasets import load_digits_ood
+from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
+from skuq.nets import MLP
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# ------------------------------------------------------------------- memory
+class LiveTensorBytes(TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the ``with`` block and still alive.
+
+    Every op's outputs pass through ``__torch_dispatch__``; a storage not seen
+    before and not one of the op's inputs' (views and in-place results are
+    not allocations) is added once, and a finalizer subtracts it when torch
+    frees it. ``peak`` is the maximum of the running
+    sum, ``largest`` the largest single storage.
+
+    Examples
+    --------
+    >>> import torch
+    >>> with LiveTensorBytes() as mem:
+    ...     a = torch.zeros(1000)
+    ...     b = a + 1
+    ...     del a
+    >>> mem.peak, mem.largest
+    (8000, 4000)
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.largest = 0
+        self._sizes: dict[int, int] = {}
+
+    def _free(self, key: int) -> None:
+        self.live -= self._sizes.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = id(storage)
+            if key in self._sizes or key in inputs:  # seen, or a view / in-place result
+                continue
+            n = storage.nbytes()
+            self._sizes[key] = n
+            self.live += n
+            self.largest = max(self.largest, n)
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+# ------------------------------------------------------------------- data
+def make_data(seed: int):
+    d = load_digits_ood(random_state=seed)
+    X_tr, X_val, y_tr, y_val = train_test_split(
+        d.X_train, d.y_train, test_size=0.2, random_state=seed, stratify=d.y_train
+    )
+    rng = np.random.RandomState(seed)
+    proxy = np.stack([row[rng.permutation(row.size)] for row in d.X_train]).astype(np.float32)
+    return dict(
+        X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val, X_test=d.X_test,
+        y_test=d.y_test, X_ood_eval=d.X_ood[1::2], X_ood_context=d.X_ood[0::2], proxy=proxy,
+    )
+
+
+def train_net(data, hidden, epochs, seed):
+    torch.manual_seed(seed)
+    net = NeuralNetClassifier(
+        MLP, module__hidden=hidden, criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam, lr=1e-3, max_epochs=epochs, batch_size=64,
+        train_split=None, verbose=0,
+    )
+    t0 = time.perf_counter()
+    bare = MAPClassifier(net, random_state=seed, device="cpu").fit(data["X_train"],
+                                                                    data["y_train"])
+    return bare, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------- methods
+class ELLAWrapper:
+    """laplace-torch's ELLA behind the two calls the benchmark makes."""
+
+    def __init__(self, module, n_eigenvalues, subsample_size, grid_size, seed):
+        self.module, self.k, self.m = module, n_eigenvalues, subsample_size
+        self.grid_size, self.seed = grid_size, seed
+
+    def fit(self, data):
+        from laplace import Laplace
+        from torch.utils.data import DataLoader, TensorDataset
+
+        def loader(X, y, bs):
+            return DataLoader(TensorDataset(torch.as_tensor(X), torch.as_tensor(y).long()),
+                              batch_size=bs)
+
+        self.la = Laplace(
+            self.module, "classification", subset_of_weights="all", hessian_structure="gp",
+            functional_approximation="nystrom", subsample_size=self.m,
+            n_eigenvalues=self.k, seed=self.seed,
+        )
+        # small batches: ELLA forms full Jacobians (batch x C x P) for the Nystrom basis
+        self.la.fit(loader(data["X_train"], data["y_train"], 16))
+        self.la.optimize_prior_precision(
+            method="gridsearch", val_loader=loader(data["X_val"], data["y_val"], 128),
+            grid_size=self.grid_size,
+        )
+        self.prior_precision_ = float(self.la.prior_precision)
+        return self
+
+    def _proba(self, X):
+        out = []
+        for start in range(0, len(X), 256):
+            xb = torch.as_tensor(X[start : start + 256])
+            out.append(self.la(xb, pred_type="gp", link_approx="probit").detach())
+        return torch.cat(out).double().numpy()
+
+    def predict_proba(self, X):
+        return self._proba(X)
+
+    def predict_uncertainty(self, X):
+        p = self._proba(X)
+        return -(p * np.log(np.clip(p, 1e-12, None))).sum(1)
+
+
+def methods(size: str, cfg: dict) -> dict:
+    """label -> (builder(frozen_net, seed) -> estimator, fit kwargs key)."""
+    sc = dict(n_features=cfg["m"], surrogate_epochs=cfg["surrogate_epochs"], device="cpu")
+    out = {
+        "MAP (bare net)": (None, None),
+        "last-layer Laplace (K-FAC, heldout)": (
+            lambda net, s: LaplaceClassifier(net, random_state=s, device="cpu"), "cal"),
+        "K-FAC Laplace, all weights (heldout)": (
+            lambda net, s: LaplaceClassifier(net, subset_of_weights="all", random_state=s,
+                                             device="cpu"), "cal"),
+        "K-FAC Laplace, all weights (marglik)": (
+            lambda net, s: LaplaceClassifier(net, subset_of_weights="all",
+                                             prior_precision="marglik", random_state=s,
+                                             device="cpu"), None),
+    }
+    if size == "small":
+        out["full Laplace, all weights (heldout)"] = (
+            lambda net, s: LaplaceClassifier(net, subset_of_weights="all",
+                                             hessian_structure="full", random_state=s,
+                                             device="cpu"), "cal")
+    out["ELLA (laplace-torch, val grid)"] = ("ella", None)
+    out["ScaLLA (marglik)"] = (
+        lambda net, s: ScaLLAClassifier(net, random_state=s, **sc), None)
+    out["ScaLLA (heldout)"] = (
+        lambda net, s: ScaLLAClassifier(net, prior_precision="heldout", random_state=s, **sc),
+        "cal")
+    out["ScaLLA + proxy context (heldout)"] = (
+        lambda net, s: ScaLLAClassifier(net, prior_precision="heldout", random_state=s, **sc),
+        "cal+proxy")
+    out["ScaLLA + OOD-half context (heldout)"] = (
+        lambda net, s: ScaLLAClassifier(net, prior_precision="heldout", random_state=s, **sc),
+        "cal+ood")
+    return out
+
+
+def evaluate(est, data, fit_s, mem, predict_s):
+    p = est.predict_proba(data["X_test"])
+    pred = p.argmax(1) if not hasattr(est, "classes_") else est.classes_[p.argmax(1)]
+    return {
+        "acc": float((pred == data["y_test"]).mean()),
+        "nll": negative_log_likelihood(data["y_test"], p, labels=np.arange(5)),
+        "ece": expected_calibration_error(data["y_test"], p, labels=np.arange(5)),
+        "auroc": ood_auroc(est.predict_uncertainty(data["X_test"]),
+                           est.predict_uncertainty(data["X_ood_eval"])),
+        "fit_s": fit_s, "predict_s": predict_s, "peak_mb": mem / 2**20,
+        "prior_precision": float(np.mean(getattr(est, "prior_precision_", np.nan))),
+    }
+
+
+def run_size(size: str, cfg: dict, seed: int, log) -> dict:
+    data = make_data(seed)
+    bare, train_s = train_net(data, cfg["hidden"], cfg["epochs"], seed)
+    n_params = sum(p.numel() for p in bare.net_.module_.parameters())
+    log(f"[{size}] net {cfg['hidden']} with {n_params} weights trained in {train_s:.1f}s")
+    rows = {}
+    for label, (build, how) in methods(size, cfg).items():
+        t0 = time.perf_counter()
+        with LiveTensorBytes() as mem:
+            if build is None:
+                est = bare
+            elif build == "ella":
+                est = ELLAWrapper(bare.net_.module_, cfg["ella_k"], cfg["ella_subsample"],
+                                  cfg["ella_grid"], seed).fit(data)
+            else:
+                est = build(FrozenEstimator(bare.net_), seed)
+                kw = {}
+                if how and "cal" in how:
+                    kw.update(X_cal=data["X_val"], y_cal=data["y_val"])
+                if how and "proxy" in how:
+                    kw["context"] = data["proxy"]
+                if how and "ood" in how:
+                    kw["context"] = data["X_ood_context"]
+                est.fit(data["X_train"], data["y_train"], **kw)
+            fit_s = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            est.predict_proba(data["X_test"])
+            predict_s = time.perf_counter() - t1
+        rows[label] = evaluate(est, data, fit_s, mem.peak, predict_s)
+        r = rows[label]
+        log(f"[{size}] {label:40s} nll {r['nll']:.3f} ece {r['ece']:.3f} auroc {r['auroc']:.3f} "
+            f"fit {fit_s:.1f}s peak {r['peak_mb']:.1f}MB tau {r['prior_precision']:.3g}")
+    return {"n_params": n_params, "train_s": train_s, "rows": rows}
+
+
+PROFILES = {
+    "full": {
+        "small": dict(hidden=(64, 64), epochs=40, m=128, surrogate_epochs=50, ella_k=128,
+                      ella_subsample=256, ella_grid=33),
+        "large": dict(hidden=(1024, 1024), epochs=20, m=128, surrogate_epochs=15, ella_k=32,
+                      ella_subsample=128, ella_grid=9),
+    },
+    "quick": {
+        "small": dict(hidden=(32,), epochs=5, m=16, surrogate_epochs=2, ella_k=16,
+                      ella_subsample=32, ella_grid=5),
+        "large": dict(hidden=(256, 256), epochs=2, m=16, surrogate_epochs=1, ella_k=8,
+                      ella_subsample=16, ella_grid=3),
+    },
+}
+
+
+def markdown(results: dict, header: str) -> str:
+    lines = [header]
+    for size, res in results.items():
+        lines += ["", f"## {size} net: {res['n_params']:,} weights "
+                      f"(training {res['train_s']:.1f} s)", "",
+                  "| method | acc | NLL | ECE | OOD AUROC | prior prec. | fit s | predict s "
+                  "| peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for label, r in res["rows"].items():
+            lines.append(
+                f"| {label} | {r['acc']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} | "
+                f"{r['auroc']:.3f} | {r['prior_precision']:.3g} | {r['fit_s']:.1f} | "
+                f"{r['predict_s']:.2f} | {r['peak_mb']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny nets and loops (smoke run)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    profile = PROFILES["quick" if args.quick else "full"]
+    results = {size: run_size(size, cfg, args.seed, print) for size, cfg in profile.items()}
+    cmd = "PYTHONPATH=. python benchmarks/scalla.py" + (" --quick" if args.quick else "")
+    small, large = profile["small"], profile["large"]
+    header = (
+        f"# ScaLLA on the digits OOD split\n\n`{cmd}`: seed {args.seed}; CPU, torch 1 thread "
+        f"({platform.processor() or platform.machine()}). ScaLLA: m = {small['m']} features, "
+        f"default surrogate (MLP 256-256), {small['surrogate_epochs']} / "
+        f"{large['surrogate_epochs']} surrogate epochs (small / large net), 16 Rademacher "
+        f"probes per step. ELLA: k = {small['ella_k']} / {large['ella_k']} eigenvalues from "
+        f"{small['ella_subsample']} / {large['ella_subsample']} rows, validation grid of "
+        f"{small['ella_grid']} / {large['ella_grid']} values. OOD AUROC on the odd half of "
+        "digits 5-9 (the even half is the 'OOD-half' context set). Peak MB: torch tensors "
+        "alive during fit + predict (see the module docstring)."
+    )
+    table = markdown(results, header)
+    print(table)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    stem = "scalla_quick" if args.quick else "scalla"
+    (args.out_dir / f"{stem}.md").write_text(table)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(
+        {"command": cmd, "seed": args.seed, "profile": {k: {kk: list(v) if isinstance(v, tuple)
+                                                            else v for kk, v in c.items()}
+                                                        for k, c in profile.items()},
+         "results": results}, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
