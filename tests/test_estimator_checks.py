@@ -26,6 +26,7 @@ EST_KWARGS: dict[str, dict] = {
     "DeepEnsembleRegressor": {"n_estimators": 2},
     "RegVarClassifier": {"finetune_epochs": 2},
     "RegVarRegressor": {"finetune_epochs": 2},
+    "ScaLLAClassifier": {"surrogate_epochs": 3, "n_features": 8, "surrogate_width": 32},
 }
 
 #: checks an estimator fails on every run, and why (strict: an unexpected pass is
