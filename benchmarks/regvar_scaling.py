@@ -212,8 +212,12 @@ def plot(scal, path) -> None:
             pts = [(r["n_params"], r[k][key]) for r in scal if r[k] is not None]
             if pts:
                 p, t = np.array(pts).T
-                lab = f"{k} (slope {slope(scal, k, key):.2f})"
+                lab = (f"{k} (slope {slope(scal, k, key):.2f} all, "
+                       f"{slope(scal, k, key, largest=3):.2f} largest 3)")
                 ax.loglog(p, t, "o-", label=lab)
+        p_all = np.array([r["n_params"] for r in scal], dtype=float)
+        last = scal[-1]["RegVar amortized"][key]
+        ax.loglog(p_all, last * p_all / p_all[-1], ":", color="grey", label="linear in P")
         if key == "fit_s":
             p = [r["n_params"] for r in scal]
             ax.loglog(p, [r["train_s"] for r in scal], "k--", alpha=0.5,

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -84,7 +85,7 @@ class RegVarConvergenceWarning(UserWarning):
 
 # ----------------------------------------------------------------- helpers
 def _check_lam(lam) -> None:
-    if not (isinstance(lam, (int, float)) and not isinstance(lam, bool)
+    if not (isinstance(lam, numbers.Real) and not isinstance(lam, (bool, np.bool_))
             and math.isfinite(lam) and lam > 0):
         raise ValueError(
             f"lam must be a finite number > 0 (the size of the regularization "
