@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .curvature.ggn import _layer_plan
+from .curvature.ggn import _layer_plan, _unfold
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
 from .curvature.weights import WeightSubset
 from .outputs import OutputDistribution
@@ -71,10 +71,14 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
     and output gradients ``g_c``; the weight Jacobian of class ``c`` is
     ``g_c (x) a``, so the block-diagonal covariance contracts per layer in
     closed form (O(B C^2 (in + out)) after one transform), never forming ``J``.
+    A diagonal posterior also takes Conv2d layers: their per-sample weight
+    Jacobians ``sum_t g_c[t] a[t]^T`` (input patches ``a``) are formed one
+    layer and one chunk of rows at a time, never the Jacobian of all weights.
     ``None`` when the network has other layers or inputs with extra dims.
     """
     plan = _layer_plan(weights)
-    if isinstance(plan, str) or not all(isinstance(m, nn.Linear) for m, _ in plan):
+    layer_types = (nn.Linear, nn.Conv2d) if isinstance(posterior, DiagPosterior) else nn.Linear
+    if isinstance(plan, str) or not all(isinstance(m, layer_types) for m, _ in plan):
         return None
     modules = [m for m, _ in plan]
     inputs: dict = {}
@@ -91,7 +95,8 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
     finally:
         for h in handles:
             h.remove()
-    if any(len(outputs.get(m, [])) != 1 or inputs[m][0].ndim != 2 for m in modules):
+    if any(len(outputs.get(m, [])) != 1
+           or inputs[m][0].ndim != (4 if isinstance(m, nn.Conv2d) else 2) for m in modules):
         return None
     n_out = f.shape[1]
     outs = [outputs[m][0] for m in modules]
@@ -105,7 +110,10 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
     if isinstance(posterior, DiagPosterior):
         var = posterior.marginal_variance()
         for (mod, slices), g in zip(plan, grads, strict=True):
-            g = torch.stack(g, 1).to(dt)  # (B, C, out)
+            g = torch.stack(g, 1).to(dt)  # (B, C, out) or (B, C, O, H, W)
+            if isinstance(mod, nn.Conv2d):
+                cov += _conv_diag_glm(mod, slices, inputs[mod][0].to(dt), g, var)
+                continue
             u = 0
             if "weight" in slices:
                 a = inputs[mod][0].to(dt)
@@ -130,6 +138,25 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
                 gq = g @ posterior.eig[i][0][1]
                 cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
     return OutputDistribution.gaussian(f.detach(), cov.to(f.dtype))
+
+
+def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) -> Tensor:
+    """A Conv2d layer's share of ``J diag(var) J^T``, (B, C, C), in chunks of rows."""
+    gt = g.flatten(3)  # (B, C, O, T)
+    out = torch.zeros(g.shape[0], g.shape[1], g.shape[1], dtype=g.dtype, device=g.device)
+    if "bias" in slices:
+        gb = gt.sum(-1)
+        out += torch.einsum("bco,bdo,o->bcd", gb, gb, var[slices["bias"]])
+    if "weight" in slices:
+        patches = _unfold(mod, a)  # (B, I, T)
+        vw = var[slices["weight"]]
+        per_row = g.shape[1] * vw.numel()
+        step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
+        for s in range(0, g.shape[0], step):
+            Jw = torch.einsum("bcot,bit->bcoi", gt[s : s + step], patches[s : s + step])
+            Jw = Jw.flatten(2)
+            out[s : s + step] += torch.einsum("bcp,p,bdp->bcd", Jw, vw, Jw)
+    return out
 
 
 def needs_jacobians(weights: WeightSubset, posterior: WeightPosterior, x: Tensor) -> bool:

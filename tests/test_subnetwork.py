@@ -342,3 +342,38 @@ def test_bad_laplace_subnetwork_options(trained):
         LastLayerSelection().select(model)
     with pytest.raises(ValueError, match="subnetwork_selection must be one of"):
         resolve_selection(3.0)
+
+
+def test_heldout_grid_shortcut_equals_the_posterior(trained):
+    """The eigenbasis shortcut of the held-out grid gives the posterior's own J Sigma J^T."""
+    from skuq.laplace import _grid_functional_variance
+
+    model, X, y, X_test = trained
+    est = _subnet(model, X[:200], y[:200], subnetwork_size=40, prior_precision="heldout",
+                  subnetwork_selection="random")
+    post = est.posterior_
+    J, _ = jacobians(est.weights_, X_test[:10])
+    J = J.to(post.mean.dtype)
+    fast = _grid_functional_variance(post, J)
+    for delta in (1e-3, 1.0, 1e3):
+        post.set_hyperparameters(prior_precision=delta)
+        torch.testing.assert_close(fast(delta), post.functional_variance(J),
+                                   rtol=1e-4, atol=1e-6)
+    best = min(est.heldout_nll_, key=est.heldout_nll_.get)
+    assert est.prior_precision_ == best
+
+
+def test_diag_glm_layer_route_takes_conv_layers():
+    """The diagonal GLM predictive of a CNN without the Jacobian of all weights, exactly."""
+    from skuq.posterior import DiagPosterior
+    from skuq.predictive import glm_predictive, needs_jacobians
+
+    model, x = _nets()["cnn"]
+    w = select_weights(model)
+    post = DiagPosterior(w.vector(), torch.rand(w.n_params, dtype=torch.float64) * 10,
+                         prior_precision=0.5)
+    assert not needs_jacobians(w, post, x)
+    fast = glm_predictive(w, post, x)
+    slow = glm_predictive(w, post, x, use_features=False)
+    torch.testing.assert_close(fast.covariance, slow.covariance, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fast.mean, slow.mean, rtol=1e-12, atol=1e-12)
