@@ -69,8 +69,8 @@ def main(quick: bool = False, out: str = "regression_bands.png") -> dict:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(results), figsize=(3.6 * len(results), 3.4), sharey=True)
-    for ax, (name, r) in zip(axes, results.items(), strict=True):
+    fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True, sharey=True)
+    for ax, (name, r) in zip(axes.flat, results.items(), strict=True):
         ax.axvspan(-0.5, 0.5, color="0.93", lw=0)
         ax.fill_between(x, r["mean"] - 2 * r["std"], r["mean"] + 2 * r["std"], alpha=0.3,
                         label="±2 std")
@@ -79,9 +79,11 @@ def main(quick: bool = False, out: str = "regression_bands.png") -> dict:
         ax.scatter(d.X[:, 0], d.y, s=4, color="0.4", label="data")
         ax.set_title(name, fontsize=10)
         ax.set_ylim(-4, 4)
+    for ax in axes[1]:
         ax.set_xlabel("x")
-    axes[0].set_ylabel("y")
-    axes[0].legend(loc="lower right", fontsize=7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("y")
+    axes[0, 0].legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
