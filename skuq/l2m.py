@@ -279,20 +279,31 @@ class _BaseL2M(_BaseLaplace):
             )
         return opt
 
+    def _training_batches(self) -> list[int] | None:
+        """Sizes of the training batches of the net's last epoch (skorch history), if known."""
+        history = getattr(self.net_, "history", None)
+        if not history or "batches" not in history[-1]:
+            return None
+        sizes = [b["train_batch_size"] for b in history[-1]["batches"] if "train_batch_size" in b]
+        return sizes or None
+
+    def _n_train(self, n_rows: int) -> int:
+        """Rows the net trained on: skorch's validation split keeps some of ``fit``'s rows out."""
+        sizes = self._training_batches()
+        return int(sum(sizes)) if sizes else n_rows
+
     def _train_batch_size(self, n_train: int) -> int:
         if self.train_batch_size is not None:
             return min(int(self.train_batch_size), n_train)
-        net = self.net_
-        if not _is_skorch_net(net):
-            if self.scale == "fisher":
-                raise ValueError(
-                    "scale='fisher' needs the batch size the net was trained with: set "
-                    "train_batch_size (a skorch net tells it itself)"
-                )
-            return 1
-        params = net.get_params()
-        b = params.get("iterator_train__batch_size", net.batch_size)
-        return n_train if b is None or b < 0 else min(int(b), n_train)
+        sizes = self._training_batches()
+        if sizes:
+            return int(max(sizes))
+        if not _is_skorch_net(self.net_) and self.scale == "fisher":
+            raise ValueError(
+                "scale='fisher' needs the batch size the net was trained with: set "
+                "train_batch_size (a skorch net tells it itself)"
+            )
+        return 1
 
     def _check_criterion_reduction(self) -> None:
         reduction = getattr(getattr(self.net_, "criterion_", None), "reduction", "mean")
@@ -303,11 +314,19 @@ class _BaseL2M(_BaseLaplace):
                 "reduction='mean' or give scale as a float"
             )
 
-    def _training_loss(self, X, y) -> float:
-        """Summed training loss for the evidence: skorch's history, else one forward pass."""
+    def _training_loss(self, X, y, n_train: int) -> float:
+        """Summed training loss for the evidence.
+
+        Classification: skorch's mean training loss of the last epoch, no pass
+        over the data; a plain module has no history, so one forward pass over
+        ``X`` gives it. Regression: ``0.5 * SSE`` from the residual noise fitted
+        just before.
+        """
+        if self._likelihood == "regression":
+            return 0.5 * n_train * float(np.sum(np.square(self.sigma_noise_)))
         history = getattr(self.net_, "history", None)
-        if self._likelihood == "classification" and history and "train_loss" in history[-1]:
-            return float(history[-1]["train_loss"]) * len(X)
+        if history and "train_loss" in history[-1]:
+            return float(history[-1]["train_loss"]) * n_train
         loss = 0.0
         with torch.no_grad():
             for xb, yb in iter_batches(X, y, batch_size=self.batch_size, device=self.device_):
@@ -328,11 +347,11 @@ class _BaseL2M(_BaseLaplace):
     def _curvature(self, weights, X, y) -> Curvature:
         optimizer = self._trained_optimizer()
         self._check_criterion_reduction()
-        n_train = len(X)
+        n_train = self._n_train(len(X))
         return l2m_curvature(
             weights, optimizer, n_train=n_train, train_batch_size=self._train_batch_size(n_train),
             scale=self.scale, likelihood=self._likelihood, n_outputs=self.n_outputs_,
-            loss=self._training_loss(X, y), bias_correction=self.bias_correction,
+            loss=self._training_loss(X, y, n_train), bias_correction=self.bias_correction,
             params=self._optimizer_params(weights),
         )
 

@@ -331,3 +331,20 @@ def test_a_probability_net_wrapped_for_logits_keeps_its_optimizer_state(digits):
         net.optimizer_, list(net.module_.parameters()))])
     np.testing.assert_allclose(est.posterior_.h.numpy(),
                                (len(digits.X_train) * 50 * v).numpy(), rtol=1e-6)
+
+
+def test_a_skorch_validation_split_counts_only_the_rows_trained_on(digits):
+    """skorch's default train_split holds 20 % out: N is the rows the optimizer saw."""
+    from skorch.dataset import ValidSplit
+
+    net = make_classifier_net(max_epochs=2, batch_size=32, module__n_outputs=5,
+                              train_split=ValidSplit(5))
+    net.fit(digits.X_train, digits.y_train)
+    train_part, _ = net.get_split_datasets(digits.X_train, digits.y_train)
+    est = L2MClassifier(FrozenEstimator(net), prior_precision=1.0).fit(
+        digits.X_train, digits.y_train)
+    v = torch.cat([m.reshape(-1) for m in second_moments(
+        net.optimizer_, list(net.module_.parameters()))])
+    assert len(train_part) < len(digits.X_train)
+    np.testing.assert_allclose(est.posterior_.h.numpy(),
+                               (len(train_part) * 32 * v).numpy(), rtol=1e-6)
