@@ -25,7 +25,7 @@ def load_digits_ood(*, test_size: float = 0.3, random_state: int = 0) -> Bunch:
     --------
     >>> from skuq.datasets import load_digits_ood
     >>> d = load_digits_ood()
-    >>> d.X_train.shape[1], sorted(set(d.y_train)), len(d.X_ood) > 800
+    >>> d.X_train.shape[1], sorted(set(d.y_train.tolist())), len(d.X_ood) > 800
     (64, [0, 1, 2, 3, 4], True)
     """
     digits = load_digits()

@@ -419,7 +419,7 @@ class L2MClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseL2M):
     ...                           train_split=None, verbose=0)
     >>> est = L2MClassifier(net, random_state=0).fit(d.X_train, d.y_train)
     >>> est.predict_proba(d.X_test).shape
-    (270, 5)
+    (271, 5)
     """
 
     def __init__(

@@ -548,7 +548,7 @@ default="largest_variance"
     ...                           train_split=None, verbose=0)
     >>> est = LaplaceClassifier(net, random_state=0).fit(d.X_train, d.y_train)
     >>> est.predict_proba(d.X_test).shape
-    (270, 5)
+    (271, 5)
     """
 
     #: benchmarks/compare.py: also the structures a user would try next
@@ -724,7 +724,7 @@ calibration_fraction
     ...                           train_split=None, verbose=0)
     >>> est = SubnetworkLaplaceClassifier(net, subnetwork_size=200, random_state=0)
     >>> est.fit(d.X_train, d.y_train).predict_proba(d.X_test).shape
-    (270, 5)
+    (271, 5)
     >>> est.subnetwork_indices_.shape
     (200,)
     """

@@ -897,7 +897,7 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     ...                           train_split=None, verbose=0)
     >>> est = RegVarClassifier(net, random_state=0).fit(d.X_train, d.y_train)
     >>> est.predict_proba(d.X_test).shape
-    (270, 5)
+    (271, 5)
     """
 
     def __init__(
