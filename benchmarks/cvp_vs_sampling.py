@@ -117,7 +117,8 @@ def run(kind: str, d, epochs: int, n_mc: int) -> dict:
     if kind == "cnn":
         X_tr, X_te, X_ood = (a.reshape(-1, 1, 8, 8) for a in (X_tr, X_te, X_ood))
     torch.manual_seed(0)
-    est = CVPClassifier(make_net(kind, epochs), random_state=0).fit(X_tr, d.y_train)
+    est = CVPClassifier(make_net(kind, epochs), posterior="ivon", random_state=0).fit(
+        X_tr, d.y_train)
     torch.manual_seed(0)
     map_est = MAPClassifier(make_net(kind, epochs, optimizer=torch.optim.Adam, lr=1e-2),
                             random_state=0).fit(X_tr, d.y_train)

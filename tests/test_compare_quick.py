@@ -88,7 +88,7 @@ def test_every_registered_method_and_variant_runs_in_the_quick_table(tmp_path):
     methods = {r.method for r in out["runs"]}
     assert {n for n, _ in all_estimators()} <= methods
     assert "LaplaceClassifier[all,diag,marglik]" in methods
-    assert "CVPClassifier[laplace_diag]" in methods
+    assert "CVPClassifier[ivon]" in methods
 
 
 def test_variant_hints_are_checked():

@@ -611,7 +611,8 @@ def test_transformer_encoder_layer_is_supported():
 
 # ---------------------------------------------------------------- estimator
 def test_cvp_classifier_ivon_end_to_end(digits):
-    est = CVPClassifier(make_classifier_net(max_epochs=10, lr=1.0), random_state=0)
+    est = CVPClassifier(make_classifier_net(max_epochs=10, lr=1.0), posterior="ivon",
+                        random_state=0)
     est.fit(digits.X_train, digits.y_train)
     proba = est.predict_proba(digits.X_test)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)

@@ -35,13 +35,18 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     ----------
     estimator : skorch net, FrozenEstimator or torch.nn.Module
         See :class:`skuq.base.BaseUQEstimator`.
-    posterior : str, mapping or DiagonalWeightPosterior, default="ivon"
-        Where the weight variances come from. ``"ivon"``: an unfitted skorch
-        net is trained with the IVON optimizer (extra ``pip install
-        skuq[ivon]``) and ``sigma^2 = 1 / (ess (h + weight_decay))`` is read
-        from it; a prefit net must have been trained with IVON. Other names
+    posterior : str, mapping or DiagonalWeightPosterior, default="laplace_diag"
+        Where the weight variances come from. ``"laplace_diag"``: the diagonal
+        GGN Laplace over all weights of the trained net (marginal-likelihood
+        prior), which works for any net, trained in ``fit`` or prefit.
+        ``"ivon"``: an unfitted skorch net is trained with the IVON optimizer
+        (extra ``pip install skuq[ivon]``) and ``sigma^2 = 1 / (ess (h +
+        weight_decay))`` is read from it; a prefit net must have been trained
+        with IVON; IVON replaces the net's optimizer and learning rate, so its
+        training needs its own tuning (``posterior_options``). ``"l2m"``: the
+        L2M posterior read from an Adam-family optimizer's state. Other names
         registered with :func:`skuq.cvp.posterior.register_posterior_source`
-        work the same way (``"laplace_diag"``, ``"l2m"``). A mapping
+        work the same way. A mapping
         ``{parameter name: variance}`` (float or array) or a
         :class:`~skuq.cvp.posterior.DiagonalWeightPosterior` is used as given
         (parameters not named have zero variance).
@@ -76,7 +81,8 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     >>> from skuq.nets import MLP
     >>> d = load_digits_ood()
     >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
-    ...                           max_epochs=10, train_split=None, verbose=0)
+    ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
+    ...                           train_split=None, verbose=0)
     >>> est = CVPClassifier(net, random_state=0).fit(d.X_train, d.y_train)
     >>> est.score(d.X_test, d.y_test) > 0.9
     True
@@ -85,14 +91,14 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     """
 
     _extra_fit_params = ()
-    #: benchmarks/compare.py: the default IVON source trains its own net (an Adam-trained
-    #: shared net has no IVON posterior)
-    _benchmark_hints = {"shared_net": False, "variants": {
-        "laplace_diag": {"init_params": {"posterior": "laplace_diag"}},
+    #: benchmarks/compare.py: the IVON source trains its own net (an Adam-trained shared net
+    #: has no IVON posterior)
+    _benchmark_hints = {"variants": {
+        "ivon": {"init_params": {"posterior": "ivon"}, "shared_net": False},
     }}
 
     def __init__(
-        self, estimator, *, posterior="ivon", posterior_options=None,
+        self, estimator, *, posterior="laplace_diag", posterior_options=None,
         calibration="per_layer", calibration_fraction=0.2, device="auto", batch_size=256,
         random_state=None, verbose=0, memory=None,
     ):
