@@ -109,6 +109,17 @@ def logit_model(module: nn.Module, outputs: str) -> nn.Module:
     ``nn.Softmax`` in an ``nn.Sequential`` is dropped, which recovers the exact
     pre-softmax logits; otherwise the log of the probabilities is used
     (``softmax(log p) = p``, so those are valid logits too).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skuq.base import logit_model
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.Softmax(dim=-1))
+    >>> f = logit_model(net, "probabilities")
+    >>> x = torch.ones(1, 2)
+    >>> torch.allclose(f(x), net[0](x))
+    True
     """
     if outputs == "logits":
         return module
@@ -177,6 +188,15 @@ class BaseUQEstimator(BaseEstimator):
         Caches the trained net keyed on the net's parameters and the data, as
         ``sklearn.pipeline.Pipeline(memory=...)`` does, so that a grid search
         over posterior-only parameters trains the net once per fold.
+
+    Examples
+    --------
+    >>> from skuq import MAPClassifier, MAPRegressor
+    >>> from skuq.base import BaseUQEstimator
+    >>> issubclass(MAPClassifier, BaseUQEstimator), issubclass(MAPRegressor, BaseUQEstimator)
+    (True, True)
+    >>> MAPClassifier(estimator=None).get_params()["batch_size"]
+    256
     """
 
     #: whether this estimator fits something on a held-out split of ``fit``'s data
@@ -417,7 +437,17 @@ class BaseUQEstimator(BaseEstimator):
 
 
 class UQClassifierMixin(ClassifierMixin):
-    """Classification face: labels, probabilities through a link, uncertainty."""
+    """Classification face: labels, probabilities through a link, uncertainty.
+
+    Examples
+    --------
+    >>> from skuq import MAPClassifier
+    >>> from skuq.base import UQClassifierMixin
+    >>> issubclass(MAPClassifier, UQClassifierMixin)
+    True
+    >>> callable(MAPClassifier.predict_uncertainty)
+    True
+    """
 
     def _encode_target(self, y, fitting: bool):
         if fitting:
@@ -499,7 +529,17 @@ class UQClassifierMixin(ClassifierMixin):
 
 
 class UQRegressorMixin(RegressorMixin):
-    """Regression face: mean, epistemic variance and aleatoric noise ``sigma_noise_``."""
+    """Regression face: mean, epistemic variance and aleatoric noise ``sigma_noise_``.
+
+    Examples
+    --------
+    >>> from skuq import MAPRegressor
+    >>> from skuq.base import UQRegressorMixin
+    >>> issubclass(MAPRegressor, UQRegressorMixin)
+    True
+    >>> callable(MAPRegressor.predict_uncertainty)
+    True
+    """
 
     def _encode_target(self, y, fitting: bool):
         y = np.asarray(y, dtype=np.float32)

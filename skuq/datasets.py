@@ -48,6 +48,13 @@ def make_two_moons(
     Returns
     -------
     Bunch with ``X`` (float32, shape (n_samples, 2)), ``y`` (0/1) and ``X_ood``.
+
+    Examples
+    --------
+    >>> from skuq.datasets import make_two_moons
+    >>> d = make_two_moons(40, n_ood=10, random_state=0)
+    >>> d.X.shape, sorted(set(d.y.tolist())), d.X_ood.shape
+    ((40, 2), [0, 1], (10, 2))
     """
     X, y = make_moons(n_samples=n_samples, noise=noise, random_state=random_state)
     rng = np.random.RandomState(random_state)
@@ -71,6 +78,15 @@ def make_gap_regression(
     -------
     Bunch with ``X, y`` (training), ``X_test, y_test`` (noise-free targets on
     the grid) and ``in_gap`` (mask of grid points inside the gap).
+
+    Examples
+    --------
+    >>> from skuq.datasets import make_gap_regression
+    >>> d = make_gap_regression(50, random_state=0)
+    >>> d.X.shape[0], d.y.shape[0]
+    (50, 50)
+    >>> bool(((d.X > -0.5) & (d.X < 0.5)).any())
+    False
     """
     rng = np.random.RandomState(random_state)
     x = rng.uniform(-2, 2, 4 * n_samples)
@@ -103,6 +119,13 @@ def make_synthetic_images(
     -------
     Bunch with ``X`` (float32, shape (n_samples, 1, size, size)), ``y`` and
     ``X_ood`` (n_samples // 4 images).
+
+    Examples
+    --------
+    >>> from skuq.datasets import make_synthetic_images
+    >>> d = make_synthetic_images(20, n_classes=3, size=8, random_state=0)
+    >>> d.X.shape, d.X.dtype, d.X_ood.shape[0]
+    ((20, 1, 8, 8), dtype('float32'), 5)
     """
     rng = np.random.RandomState(random_state)
     yy, xx = np.mgrid[0:size, 0:size] / size

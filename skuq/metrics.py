@@ -133,6 +133,14 @@ def gaussian_negative_log_likelihood(y_true, y_mean, y_std) -> float:
     """Mean Gaussian negative log likelihood of regression targets.
 
     ``0.5 * log(2 pi s^2) + (y - m)^2 / (2 s^2)``, averaged over rows (and outputs).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skuq.metrics import gaussian_negative_log_likelihood
+    >>> nll = gaussian_negative_log_likelihood([0.0], [0.0], [1.0])
+    >>> bool(np.isclose(nll, 0.5 * np.log(2 * np.pi)))
+    True
     """
     y, m, s = (np.asarray(a, dtype=np.float64) for a in (y_true, y_mean, y_std))
     if np.any(s <= 0):
@@ -145,6 +153,12 @@ def brier_score(y_true, y_proba, *, labels=None) -> float:
 
     Ranges from 0 (perfect) to 2. For two classes it is twice the binary
     :func:`sklearn.metrics.brier_score_loss` of the positive class.
+
+    Examples
+    --------
+    >>> from skuq.metrics import brier_score
+    >>> brier_score([0, 1], [[1.0, 0.0], [0.5, 0.5]])
+    0.25
     """
     index, proba = _check_proba(y_true, y_proba, labels)
     onehot = np.zeros_like(proba)
@@ -174,6 +188,13 @@ def risk_coverage_curve(errors, confidence):
         Mean error over the answered rows.
     thresholds : ndarray
         The confidence at each cut (answer rows with ``confidence >= threshold``).
+
+    Examples
+    --------
+    >>> from skuq.metrics import risk_coverage_curve
+    >>> coverage, risk, thresholds = risk_coverage_curve([0, 1, 0, 1], [0.9, 0.2, 0.8, 0.5])
+    >>> coverage.tolist(), risk.tolist()
+    ([0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.3333333333333333, 0.5])
     """
     errors = np.asarray(errors, dtype=np.float64)
     confidence = np.asarray(confidence, dtype=np.float64)

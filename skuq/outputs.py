@@ -269,6 +269,14 @@ def bridge_probabilities(mean: Tensor, variance: Tensor, eps: float = 1e-12) -> 
     The logits are first centred (the bridge assumes they sum to zero; softmax
     does not care), then ``alpha_k = (1 - 2/C + exp(m_k) / C^2 * sum_l exp(-m_l))
     / v_k`` and the returned probabilities are ``alpha / sum(alpha)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.outputs import bridge_probabilities
+    >>> p = bridge_probabilities(torch.tensor([[2.0, 0.0]]), torch.tensor([[1.0, 1.0]]))
+    >>> bool(torch.isclose(p.sum(), torch.tensor(1.0))), bool(p[0, 0] > p[0, 1])
+    (True, True)
     """
     n_classes = mean.shape[-1]
     m = mean - mean.mean(dim=-1, keepdim=True)
@@ -281,7 +289,16 @@ def bridge_probabilities(mean: Tensor, variance: Tensor, eps: float = 1e-12) -> 
 
 
 def entropy(probabilities: Tensor) -> Tensor:
-    """Shannon entropy (nats) of each row of a probability matrix."""
+    """Shannon entropy (nats) of each row of a probability matrix.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.outputs import entropy
+    >>> h = entropy(torch.tensor([[0.5, 0.5], [1.0, 0.0]]))
+    >>> torch.allclose(h, torch.tensor([0.6931, 0.0]), atol=1e-4)
+    True
+    """
     p = probabilities.clamp_min(1e-30)
     return -(probabilities * p.log()).sum(dim=-1)
 
@@ -311,6 +328,16 @@ def classification_uncertainty(
         * ``"max_prob"``: ``1 - max_k p_k``.
     link, n_samples, generator
         As in :meth:`OutputDistribution.probabilities`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.outputs import OutputDistribution, classification_uncertainty
+    >>> d = OutputDistribution.gaussian(torch.zeros(2, 3), torch.ones(2, 3))
+    >>> classification_uncertainty(d, kind="variance")
+    tensor([3., 3.])
+    >>> classification_uncertainty(d, kind="entropy").shape
+    torch.Size([2])
     """
     if kind not in CLASSIFICATION_UNCERTAINTIES:
         raise ValueError(f"kind must be one of {CLASSIFICATION_UNCERTAINTIES}, got {kind!r}")

@@ -23,6 +23,17 @@ def reliability_diagram(y_true, y_proba, *, n_bins: int = 15, labels=None, ax=No
     """Accuracy against confidence in equal-width bins (top label), with the ECE.
 
     Returns the matplotlib ``Axes``.
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> from skuq.plotting import reliability_diagram
+    >>> ax = reliability_diagram([0, 1, 1], [[0.8, 0.2], [0.3, 0.7], [0.4, 0.6]], n_bins=5)
+    >>> isinstance(ax, matplotlib.axes.Axes)
+    True
+    >>> plt.close("all")
     """
     index, proba = _check_proba(y_true, y_proba, labels)
     ax = _axes(ax)
@@ -46,7 +57,19 @@ def reliability_diagram(y_true, y_proba, *, n_bins: int = 15, labels=None, ax=No
 
 
 def risk_coverage_plot(errors, confidence, *, ax=None, label=None):
-    """Selective risk against coverage (see :func:`skuq.metrics.risk_coverage_curve`)."""
+    """Selective risk against coverage (see :func:`skuq.metrics.risk_coverage_curve`).
+
+    Examples
+    --------
+    >>> import matplotlib
+    >>> matplotlib.use("Agg")
+    >>> import matplotlib.pyplot as plt
+    >>> from skuq.plotting import risk_coverage_plot
+    >>> ax = risk_coverage_plot([0, 1, 0, 1], [0.9, 0.2, 0.8, 0.5])
+    >>> isinstance(ax, matplotlib.axes.Axes)
+    True
+    >>> plt.close("all")
+    """
     ax = _axes(ax)
     coverage, risk, _ = risk_coverage_curve(errors, confidence)
     ax.step(coverage, risk, where="post", label=label)

@@ -80,7 +80,14 @@ OptimizerFactory = Callable[[list[Tensor]], torch.optim.Optimizer]
 
 
 class RegVarConvergenceWarning(UserWarning):
-    """An exact-mode fine-tune stopped before its gradient reached the tolerance."""
+    """An exact-mode fine-tune stopped before its gradient reached the tolerance.
+
+    Examples
+    --------
+    >>> from skuq.regvar import RegVarConvergenceWarning
+    >>> issubclass(RegVarConvergenceWarning, UserWarning)
+    True
+    """
 
 
 # ----------------------------------------------------------------- helpers

@@ -388,6 +388,14 @@ class SurrogateFit:
         Per epoch, the relative kernel error ``sum L_hat / sum ||K||^2_hat``
         over its steps (1 is the error of ``g = 0``).
     n_steps : int
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from skuq.scalla import SurrogateFit, SurrogateKernel
+    >>> fit = SurrogateFit(SurrogateKernel(nn.Linear(2, 6), n_outputs=2, n_features=3))
+    >>> fit.loss_history, fit.n_steps
+    ([], 0)
     """
 
     kernel: SurrogateKernel

@@ -51,3 +51,24 @@ def test_linked_benchmark_results_exist():
     for page in DOCS.rglob("*.md"):
         for target in re.findall(r"\]\(((?:\.\./)+benchmarks/results/[^)#\s]+)", page.read_text()):
             assert (page.parent / target).resolve().is_file(), (page.name, target)
+
+
+def test_every_public_name_has_a_runnable_example():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import skuq
+
+    missing = set()
+    modules = [skuq] + [importlib.import_module(info.name)
+                        for info in pkgutil.walk_packages(skuq.__path__, prefix="skuq.")]
+    for module in modules:
+        for name in getattr(module, "__all__", ()):
+            obj = getattr(module, name)
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            doc = inspect.getdoc(obj) or ""
+            if ">>>" not in doc:
+                missing.add(f"{obj.__module__}.{obj.__qualname__}")
+    assert not missing, "no doctest example in: " + ", ".join(sorted(missing))

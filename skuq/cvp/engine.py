@@ -71,11 +71,25 @@ class Moments:
 
 
 class UnsupportedLayerError(TypeError):
-    """Raised when a traced node has no propagation rule."""
+    """Raised when a traced node has no propagation rule.
+
+    Examples
+    --------
+    >>> from skuq.cvp import UnsupportedLayerError
+    >>> issubclass(UnsupportedLayerError, TypeError)
+    True
+    """
 
 
 class CorrelatedFactorsWarning(UserWarning):
-    """A product whose factors share a random ancestor is propagated as if independent."""
+    """A product whose factors share a random ancestor is propagated as if independent.
+
+    Examples
+    --------
+    >>> from skuq.cvp import CorrelatedFactorsWarning
+    >>> issubclass(CorrelatedFactorsWarning, UserWarning)
+    True
+    """
 
 
 # -------------------------------------------------------------------- registry
@@ -144,7 +158,17 @@ def _module_rule(cls: type) -> Callable | None:
 
 
 def get_rule(target) -> Callable | None:
-    """The registered rule for a module (instance or class), function or method name."""
+    """The registered rule for a module (instance or class), function or method name.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> from skuq.cvp import get_rule
+    >>> get_rule(nn.Linear) is not None
+    True
+    >>> get_rule(nn.Linear(2, 3)) is get_rule(nn.Linear)
+    True
+    """
     if isinstance(target, str):
         return _METHOD_RULES.get(target)
     if isinstance(target, nn.Module):
@@ -413,6 +437,17 @@ class PropagationContext:
     param_var : callable
         ``param_var(parameter) -> Tensor or None``: the posterior variance of a
         parameter tensor (``None`` when it is held fixed).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.cvp import PropagationContext
+    >>> w, b = torch.ones(2), torch.zeros(2)
+    >>> ctx = PropagationContext({id(w): torch.full((2,), 0.5)})
+    >>> ctx.param_var(w)
+    tensor([0.5000, 0.5000])
+    >>> ctx.param_var(b) is None
+    True
     """
 
     def __init__(self, variances: dict[int, Tensor]):

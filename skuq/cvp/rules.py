@@ -475,7 +475,17 @@ def _neg(ctx, fn, a) -> Moments:
 
 def square_moments(x: Moments) -> Moments:
     """``x * x`` (one tensor, not two factors), exact for Gaussian ``x``:
-    ``E = mu^2 + v``, ``Var = 4 mu^2 v + 2 v^2``."""
+    ``E = mu^2 + v``, ``Var = 4 mu^2 v + 2 v^2``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.cvp import Moments
+    >>> from skuq.cvp.rules import square_moments
+    >>> y = square_moments(Moments(torch.tensor([1.0]), torch.tensor([2.0])))
+    >>> y.mean, y.var
+    (tensor([3.]), tensor([16.]))
+    """
     if x.var is None:
         return Moments(_sq(x.mean))
     return Moments(_sq(x.mean) + x.var, 4.0 * _sq(x.mean) * x.var + 2.0 * _sq(x.var))
