@@ -231,10 +231,16 @@ def _unfold(mod: nn.Conv2d, a: Tensor) -> Tensor:
     return F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride)
 
 
-def _layer_io(mod: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample inputs (B, T, I) and output gradients (B, T, O) of a layer."""
+def _layer_io(
+    mod: nn.Module, a: Tensor, g: Tensor, patches: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Per-sample inputs (B, T, I) and output gradients (B, T, O) of a layer.
+
+    ``patches``: a convolution's unfolded inputs from an earlier call, reused.
+    """
     if isinstance(mod, nn.Conv2d):
-        patches = _unfold(mod, a).transpose(1, 2)
+        if patches is None:
+            patches = _unfold(mod, a).transpose(1, 2)
         return patches, g.flatten(2).transpose(1, 2)
     return a.reshape(a.shape[0], -1, a.shape[-1]), g.reshape(g.shape[0], -1, g.shape[-1])
 
@@ -288,12 +294,14 @@ def _hook_pass(
         n_data += f.shape[0]
         M = _output_factors(fd, y, likelihood, curvature)
         outs = [rec.outputs[m][0] for m in modules]
+        inputs: dict = {}  # each layer's (unfolded) inputs, formed once per batch
         for k in range(M.shape[2]):
             grads = torch.autograd.grad(
                 (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
             )
             for (mod, slices), g in zip(plan, grads, strict=True):
-                a, gt = _layer_io(mod, rec.inputs[mod][0], g.detach())
+                a, gt = _layer_io(mod, rec.inputs[mod][0], g.detach(), inputs.get(mod))
+                inputs[mod] = a
                 st = acc.setdefault(mod, {})
                 if structure == "kron":
                     if "weight" in slices:
