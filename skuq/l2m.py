@@ -226,12 +226,11 @@ def l2m_curvature(
 class _BaseL2M(_BaseLaplace):
     """Diagonal Laplace whose curvature is read from the trained net's optimizer."""
 
-    # the Laplace machinery's structure options, fixed for L2M
+    # the weight subset the Laplace machinery reads, fixed for L2M (its curvature hook and
+    # option checks are L2M's own)
     subset_of_weights = "all"
     hessian_structure = "diag"
-    curvature = "l2m"
     subnetwork_indices = None
-    rank = 1
 
     _extra_fit_params = ("optimizer",)
 
