@@ -71,14 +71,13 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
     and output gradients ``g_c``; the weight Jacobian of class ``c`` is
     ``g_c (x) a``, so the block-diagonal covariance contracts per layer in
     closed form (O(B C^2 (in + out)) after one transform), never forming ``J``.
-    A diagonal posterior also takes Conv2d layers: their per-sample weight
-    Jacobians ``sum_t g_c[t] a[t]^T`` (input patches ``a``) are formed one
+    Conv2d layers too: their per-sample weight Jacobians ``sum_t g_c[t] a[t]^T``
+    (input patches ``a``; for K-FAC, in the factors' eigenbases) are formed one
     layer and one chunk of rows at a time, never the Jacobian of all weights.
     ``None`` when the network has other layers or inputs with extra dims.
     """
     plan = _layer_plan(weights)
-    layer_types = (nn.Linear, nn.Conv2d) if isinstance(posterior, DiagPosterior) else nn.Linear
-    if isinstance(plan, str) or not all(isinstance(m, layer_types) for m, _ in plan):
+    if isinstance(plan, str) or not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m, _ in plan):
         return None
     modules = [m for m, _ in plan]
     inputs: dict = {}
@@ -126,6 +125,10 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
         inv = posterior._inv_eig()
         for (mod, slices), g in zip(plan, grads, strict=True):
             g = torch.stack(g, 1).to(dt)
+            if isinstance(mod, nn.Conv2d):
+                cov += _conv_kron_glm(mod, slices, inputs[mod][0].to(dt), g, posterior, starts,
+                                      inv)
+                continue
             if "weight" in slices:
                 i = starts[slices["weight"].start]
                 QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
@@ -156,6 +159,34 @@ def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) ->
             Jw = torch.einsum("bcot,bit->bcoi", gt[s : s + step], patches[s : s + step])
             Jw = Jw.flatten(2)
             out[s : s + step] += torch.einsum("bcp,p,bdp->bcd", Jw, vw, Jw)
+    return out
+
+
+def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, starts,
+                   inv) -> Tensor:
+    """A Conv2d layer's share of ``J Sigma J^T`` under K-FAC, (B, C, C), in chunks of rows.
+
+    The weight Jacobian of class ``c`` is ``sum_t g_c[t] a[t]^T`` (output
+    gradients ``g``, input patches ``a`` at positions ``t``); in the factors'
+    eigenbases it is ``sum_t (Q_G^T g_c[t]) (Q_A^T a[t])^T``, weighted there by
+    the block's inverse eigenvalues. The bias Jacobian is ``sum_t g_c[t]``.
+    """
+    gt = g.flatten(3)  # (B, C, O, T)
+    out = torch.zeros(g.shape[0], g.shape[1], g.shape[1], dtype=g.dtype, device=g.device)
+    if "bias" in slices:
+        i = starts[slices["bias"].start]
+        gq = gt.sum(-1) @ posterior.eig[i][0][1]
+        out += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
+    if "weight" in slices:
+        i = starts[slices["weight"].start]
+        QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
+        gq = torch.einsum("bcot,op->bcpt", gt, QG)
+        aq = torch.einsum("bit,ij->bjt", _unfold(mod, a), QA)  # (B, I, T) rotated
+        per_row = g.shape[1] * inv[i].numel()
+        step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
+        for s in range(0, g.shape[0], step):
+            Jq = torch.einsum("bcot,bit->bcoi", gq[s : s + step], aq[s : s + step])
+            out[s : s + step] += torch.einsum("bcoi,oi,bdoi->bcd", Jq, inv[i], Jq)
     return out
 
 

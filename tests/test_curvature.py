@@ -122,6 +122,87 @@ def test_full_ggn_and_ef_equal_brute_force(make):
                                atol=1e-13)
 
 
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_full_by_layer_hooks_equals_jacobian_route(make, curvature):
+    """The dense block from per-sample layer gradients (row chunks) equals the Jacobian route."""
+    model = make()
+    x, y = _data(model)
+    w = select_weights(model)
+    hooks = compute_curvature(w, batches(x, y), structure="full", curvature=curvature,
+                              route="layers", max_elements=3 * w.n_params)  # 3-row chunks
+    jac = compute_curvature(w, batches(x, y), structure="full", curvature=curvature,
+                            route="jacobians")
+    torch.testing.assert_close(hooks.full, jac.full, rtol=1e-10, atol=1e-13)
+    assert hooks.loss == pytest.approx(jac.loss) and hooks.n_data == jac.n_data
+
+
+@pytest.mark.parametrize("likelihood", ["classification", "regression"])
+def test_last_layer_without_backward_passes_equals_brute_force(likelihood, monkeypatch):
+    """A last Linear layer's curvature straight from Lambda's square root: no autograd."""
+    model = _mlp()
+    x, y = _data(model)
+    if likelihood == "regression":
+        y = torch.randn(len(x), 3)
+    J = brute_jacobian(model, x)[:, :, -18:]
+    with torch.no_grad():
+        f = model(x)
+    lam = (torch.diag_embed(torch.softmax(f, -1)) - torch.einsum(
+        "nc,nd->ncd", torch.softmax(f, -1), torch.softmax(f, -1))
+        if likelihood == "classification" else torch.eye(3).expand(len(x), 3, 3))
+    H = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
+    last = select_weights(model, "last_layer", example_input=x)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("no backward pass expected for a last Linear layer")
+
+    monkeypatch.setattr(torch.autograd, "grad", no_backward)
+    full = compute_curvature(last, batches(x, y), likelihood=likelihood, structure="full")
+    torch.testing.assert_close(full.full, H, rtol=1e-10, atol=1e-13)
+    diag = compute_curvature(last, batches(x, y), likelihood=likelihood, structure="diag")
+    torch.testing.assert_close(diag.diag, torch.diagonal(H), rtol=1e-10, atol=1e-13)
+    kron = compute_curvature(last, batches(x, y), likelihood=likelihood, structure="kron").kron
+    phi = model[:4](x).detach()
+    torch.testing.assert_close(kron[0].factors[0], lam.sum(0), rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(kron[0].factors[1], phi.T @ phi / len(x), rtol=1e-10,
+                               atol=1e-13)
+    torch.testing.assert_close(kron[1].factors[0], lam.sum(0), rtol=1e-10, atol=1e-13)
+    assert full.loss == pytest.approx(diag.loss)
+
+
+class _Twice(nn.Module):
+    """The same Linear layer called twice per forward pass (weight sharing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(3, 3)
+        self.out = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.inner(torch.tanh(self.inner(x)))))
+
+
+def test_shared_layer_falls_back_to_jacobians():
+    torch.manual_seed(0)
+    model = _Twice()
+    x, y = torch.randn(7, 3), torch.randint(0, 3, (7,))
+    H = brute_ggn(model, x)
+    w = select_weights(model)
+
+    def one_shot():  # a generator: the first batch must not be lost by the fallback
+        yield from batches(x, y)
+
+    full = compute_curvature(w, one_shot(), structure="full")
+    torch.testing.assert_close(full.full, H, rtol=1e-10, atol=1e-13)
+    assert full.n_data == 7
+    diag = compute_curvature(w, one_shot(), structure="diag")
+    torch.testing.assert_close(diag.diag, torch.diagonal(H), rtol=1e-10, atol=1e-13)
+    with pytest.raises(ValueError, match="called 2 times per forward pass"):
+        compute_curvature(w, one_shot(), structure="kron")
+    with pytest.raises(ValueError, match="called 2 times per forward pass"):
+        compute_curvature(w, one_shot(), structure="full", route="layers")
+
+
 def test_regression_ggn_is_jt_j():
     model = _mlp()
     x, _ = _data(model)

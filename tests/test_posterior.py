@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from skuq.posterior import (
     LowRankPosterior,
     posterior_from_curvature,
 )
-from skuq.predictive import glm_predictive, nn_predictive
-from tests.test_curvature import _data, _mlp, batches, brute_ggn, brute_jacobian
+from skuq.predictive import glm_predictive, needs_jacobians, nn_predictive
+from tests.test_curvature import _cnn, _data, _mlp, batches, brute_ggn, brute_jacobian
 
 
 @pytest.fixture(autouse=True)
@@ -203,6 +204,26 @@ def test_glm_predictive_against_brute_force_and_last_layer_features():
                 dist = glm_predictive(w, post, x, use_features=route)
                 torch.testing.assert_close(dist.covariance, J @ cov @ J.transpose(1, 2))
                 torch.testing.assert_close(dist.mean, model(x).detach())
+
+
+@pytest.mark.parametrize("structure", ["diag", "kron"])
+def test_glm_predictive_of_a_cnn_by_layers_against_brute_force(structure):
+    """Conv2d + Linear, all weights: the layer route (no Jacobian of all weights, rows in
+    chunks) equals J Sigma J^T from brute-force Jacobians, conv biases included."""
+    model = _cnn()
+    x, y = _data(model, n=9)
+    w = select_weights(model)
+    curv = compute_curvature(w, batches(x, y), structure=structure)
+    post = posterior_from_curvature(curv, w.vector(), prior_precision=0.5)
+    cov = torch.linalg.inv(curv.dense() + 0.5 * torch.eye(w.n_params))
+    J = brute_jacobian(model, x)
+    expected = J @ cov @ J.transpose(1, 2)
+    assert not needs_jacobians(w, post, x)
+    torch.testing.assert_close(glm_predictive(w, post, x).covariance, expected)
+    with patch("skuq.predictive.DEFAULT_MAX_ELEMENTS", 40):  # one row per chunk
+        torch.testing.assert_close(glm_predictive(w, post, x).covariance, expected)
+    torch.testing.assert_close(glm_predictive(w, post, x, use_features=False).covariance,
+                               expected)
 
 
 def test_nn_and_glm_agree_for_a_linear_model():

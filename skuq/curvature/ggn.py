@@ -11,8 +11,12 @@ Two routes compute it:
 
 * **layer hooks** (Linear and Conv2d layers): one forward pass and ``C``
   backward passes per batch give per-sample output gradients of every layer,
-  from which the diagonal and the K-FAC factors follow in closed form -- no
-  Jacobian is ever stored;
+  from which the diagonal, the K-FAC factors and the dense block follow in
+  closed form -- no Jacobian of the whole net is ever stored (the dense block
+  accumulates per-sample gradients in row chunks). When the weights are one
+  layer whose output is the net's output (a last Linear layer), those
+  gradients are the columns of ``Lambda``'s square root themselves: the
+  forward pass runs without autograd and no backward pass is made;
 * **Jacobian chunks** (any layer, any subset, subnetworks): per-sample
   Jacobians from :func:`~skuq.curvature.jacobians` in row chunks of at most
   ``max_elements`` entries, contracted with ``Lambda = L L^T``.
@@ -38,6 +42,7 @@ posteriors of such nets differ from laplace-torch's in those bias blocks only.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -260,6 +265,21 @@ class _Recorder:
             h.remove()
 
 
+class _LayerRouteUnavailable(ValueError):
+    """The layer route does not apply to this net (found on the first batch, before any work)."""
+
+
+def _record_forward(model, modules, x, grad: bool):
+    """``model(x)`` with the inputs and outputs of ``modules`` recorded."""
+    rec = _Recorder(modules)
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            f = model(x)
+    finally:
+        rec.remove()
+    return f, rec
+
+
 def _hook_pass(
     weights: WeightSubset,
     plan,
@@ -270,24 +290,32 @@ def _hook_pass(
     n_out: list,
     max_elements: int,
 ) -> tuple[dict, float, int]:
-    """Accumulate diag entries or K-FAC factors of every planned layer over the data."""
+    """Accumulate diag entries, K-FAC factors or the dense block of the planned layers.
+
+    The output gradients of the layers for each of the ``K`` columns of ``M``
+    come from ``K`` backward passes -- except when the plan is one layer whose
+    output is the network's output (a last Linear layer): then they are ``M``'s
+    columns themselves, and the forward pass runs without autograd.
+    """
     model = weights.model
     modules = [m for m, _ in plan]
     acc: dict = {}
     loss, n_data = 0.0, 0
+    direct = len(modules) == 1  # until a batch shows the layer's output is not the net's
+    first = True
     for x, y in batches:
-        rec = _Recorder(modules)
-        try:
-            with torch.enable_grad():
-                f = model(x)
-        finally:
-            rec.remove()
+        f, rec = _record_forward(model, modules, x, grad=not direct)
+        if direct and not (len(rec.outputs[modules[0]]) == 1 and rec.outputs[modules[0]][0] is f):
+            direct = False
+            f, rec = _record_forward(model, modules, x, grad=True)
         for m in modules:
             if len(rec.outputs[m]) != 1:
-                raise ValueError(
+                err = _LayerRouteUnavailable if first else ValueError
+                raise err(
                     f"layer {type(m).__name__} is called {len(rec.outputs[m])} times per "
                     "forward pass; weight sharing is not supported by the layer route"
                 )
+        first = False
         n_out[0] = f.shape[1]
         fd = f.detach()
         loss += float(sum_loss(fd, y, likelihood))
@@ -296,12 +324,21 @@ def _hook_pass(
         outs = [rec.outputs[m][0] for m in modules]
         inputs: dict = {}  # each layer's (unfolded) inputs, formed once per batch
         for k in range(M.shape[2]):
-            grads = torch.autograd.grad(
-                (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
-            )
-            for (mod, slices), g in zip(plan, grads, strict=True):
+            if direct:
+                grads = [M[:, :, k]]
+            else:
+                grads = torch.autograd.grad(
+                    (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
+                )
+            ios = []
+            for (mod, _), g in zip(plan, grads, strict=True):
                 a, gt = _layer_io(mod, rec.inputs[mod][0], g.detach(), inputs.get(mod))
                 inputs[mod] = a
+                ios.append((a, gt))
+            if structure == "full":
+                _accumulate_full(acc, plan, ios, weights.n_params, max_elements)
+                continue
+            for (mod, slices), (a, gt) in zip(plan, ios, strict=True):
                 st = acc.setdefault(mod, {})
                 if structure == "kron":
                     if "weight" in slices:
@@ -328,11 +365,33 @@ def _hook_pass(
     return acc, loss, n_data
 
 
+def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> None:
+    """``acc["full"] += R^T R`` for the per-sample gradients ``R`` (rows, P) of one column."""
+    n = ios[0][0].shape[0]
+    step = max(1, max_elements // max(1, n_params))
+    for s in range(0, n, step):
+        rows = slice(s, min(s + step, n))
+        a0 = ios[0][0]
+        R = torch.empty(rows.stop - s, n_params, dtype=a0.dtype, device=a0.device)
+        for (_mod, slices), (a, gt) in zip(plan, ios, strict=True):
+            if "weight" in slices:
+                if a.shape[1] == 1:
+                    per = gt[rows, 0, :, None] * a[rows, 0, None, :]
+                else:
+                    per = torch.einsum("bto,bti->boi", gt[rows], a[rows])
+                R[:, slices["weight"]] = per.reshape(len(R), -1)
+            if "bias" in slices:
+                R[:, slices["bias"]] = gt[rows].sum(1)
+        acc["full"] = acc.get("full", 0) + R.T @ R
+
+
 def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, max_elements):
     n_out = [0]
     acc, loss, n_data = _hook_pass(
         weights, plan, batches, likelihood, curvature, structure, n_out, max_elements
     )
+    if structure == "full":
+        return dict(full=acc["full"]), loss, n_data, n_out[0]
     if structure == "diag":
         diag = torch.zeros(weights.n_params, dtype=weights.dtype, device=weights.device)
         for mod, slices in plan:
@@ -486,7 +545,8 @@ def compute_curvature(
     route : {"auto", "layers", "jacobians"}
         ``"layers"``: the hook route for Linear/Conv2d layers (required by
         ``"kron"``); ``"jacobians"``: per-sample Jacobians (any layer);
-        ``"auto"``: layers where possible.
+        ``"auto"``: layers where possible (``"diag"`` and ``"full"`` fall back
+        to Jacobians for a layer called more than once per forward pass).
     generator : torch.Generator, optional
         Randomness of ``"lowrank"``.
     max_elements : int
@@ -528,7 +588,7 @@ def compute_curvature(
     else:
         plan = _layer_plan(weights)
         use_layers = structure == "kron" or (
-            structure == "diag" and route != "jacobians" and not isinstance(plan, str)
+            structure in ("diag", "full") and route != "jacobians" and not isinstance(plan, str)
         )
         if structure == "kron" and route == "jacobians":
             raise ValueError("hessian_structure='kron' is computed by the layer route only")
@@ -539,12 +599,21 @@ def compute_curvature(
             )
         if route == "layers" and isinstance(plan, str):
             raise ValueError(f"the layer route cannot be used: {plan}")
-        with torch.no_grad() if not use_layers else torch.enable_grad():
-            if use_layers:
-                parts = _hook_curvature(
-                    weights, plan, data, likelihood, curvature, structure, max_elements
-                )
-            else:
+        parts = None
+        if use_layers:
+            # the first batch is kept aside: should it show that the layer route does not
+            # apply (a layer called twice), the Jacobian route starts over from it
+            it = iter(data)
+            head = list(itertools.islice(it, 1))
+            try:
+                parts = _hook_curvature(weights, plan, itertools.chain(head, it), likelihood,
+                                        curvature, structure, max_elements)
+            except _LayerRouteUnavailable:
+                if structure == "kron" or route == "layers":
+                    raise
+            data = itertools.chain(head, it)
+        if parts is None:
+            with torch.no_grad():
                 parts = _jacobian_curvature(
                     weights, data, likelihood, curvature, structure, max_elements
                 )
