@@ -450,13 +450,48 @@ class PropagationContext:
     True
     """
 
-    def __init__(self, variances: dict[int, Tensor]):
+    def __init__(self, variances: dict[int, Tensor], cache: dict | None = None):
         self._vars = variances
+        self._cache = cache
 
     def param_var(self, p: Tensor | None) -> Tensor | None:
         if p is None:
             return None
         return self._vars.get(id(p))
+
+    def derived(self, p: Tensor, tag: str, fn: Callable[[], Tensor]) -> Tensor:
+        """``fn()``, a tensor computed from parameter ``p`` and its variance
+        (``W^2 + sigma^2``, say), cached across calls.
+
+        The propagator keeps the cache: an entry is reused while ``p`` is the
+        same tensor, unchanged in place (``p._version``), with the same
+        variance tensor. It is computed afresh when ``p`` is not an
+        ``nn.Parameter`` (a slice of one, say) and when autograd would need to
+        reach ``p`` (grad mode on and ``p.requires_grad``). ``tag`` names what
+        ``fn`` computes from ``p``.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skuq.cvp import PropagationContext
+        >>> w = torch.nn.Parameter(torch.ones(2), requires_grad=False)
+        >>> ctx = PropagationContext({id(w): torch.full((2,), 0.5)}, cache={})
+        >>> a = ctx.derived(w, "sq+var", lambda: w * w + ctx.param_var(w))
+        >>> a, ctx.derived(w, "sq+var", lambda: None) is a
+        (tensor([1.5000, 1.5000]), True)
+        """
+        if (self._cache is None or not isinstance(p, nn.Parameter)
+                or (p.requires_grad and torch.is_grad_enabled())):
+            return fn()
+        var = self._vars.get(id(p))
+        key = (id(p), tag)
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] is p and hit[1] == p._version and hit[2] is var:
+            return hit[3]
+        with torch.no_grad():
+            out = fn()
+        self._cache[key] = (p, p._version, var, out)
+        return out
 
     def param(self, p: Tensor | None) -> Moments | None:
         """A parameter as :class:`Moments` (its value and posterior variance)."""
@@ -582,6 +617,9 @@ class MomentPropagator:
             if found is not None:
                 self._products[node] = found
         self._warned_modes: set[bool] = set()
+        # tensors derived from the weights (squares, squares plus variances), kept
+        # across calls: see PropagationContext.derived
+        self._derived_cache: dict = {}
         self._warned_nodes: set[str] = set()
         self._warn_correlated(input_random=False)
 
@@ -701,6 +739,15 @@ class MomentPropagator:
         """Posterior variance per named parameter."""
         return dict(self._variances)
 
+    def clear_cache(self) -> None:
+        """Drop the tensors cached from the weights (``W^2``, ``W^2 + sigma^2``...).
+
+        They are recomputed when a weight changes in place through autograd-
+        visible ops (``p._version``); call this after changing weights behind
+        autograd's back (``p.data``).
+        """
+        self._derived_cache.clear()
+
     # ---------------------------------------------------------- propagation
     def __call__(
         self,
@@ -729,7 +776,7 @@ class MomentPropagator:
         """
         if isinstance(x, Moments) and x.var is not None:
             self._warn_correlated(input_random=True)
-        ctx = PropagationContext(self._var_by_id())
+        ctx = PropagationContext(self._var_by_id(), self._derived_cache)
         gm = self.graph_module
         env: dict = {}
         scales = layer_scales or {}

@@ -37,10 +37,6 @@ from .engine import Moments, PropagationContext, UnsupportedLayerError, register
 __all__ = ["linear_moments", "elementwise_rule", "linearized_rule", "square_moments"]
 
 
-def _sq(t: Tensor) -> Tensor:
-    return t * t
-
-
 def _add_var(*terms: Tensor | None) -> Tensor | None:
     out = None
     for t in terms:
@@ -76,9 +72,37 @@ def linear_moments(
     return _linear_fn(None, F.linear, x, Moments(weight, weight_var), b)
 
 
-def _linear_cat(x: Moments, w: Tensor, wv: Tensor) -> Tensor:
-    """``mu^2 @ s_W^T + v @ (W^2 + s_W)^T`` as one matmul (last-dim features)."""
-    return F.linear(torch.cat([_sq(x.mean), x.var], dim=-1), torch.cat([wv, _sq(w) + wv], dim=1))
+def _derive(ctx: PropagationContext | None, p: Tensor, tag: str, fn: Callable[[], Tensor]):
+    """``fn()`` (a tensor computed from parameter ``p``), cached by the context."""
+    return fn() if ctx is None else ctx.derived(p, tag, fn)
+
+
+def _sq_plus_var(ctx, w: Moments) -> Tensor:
+    """``W^2 + sigma^2_W`` (cached per parameter)."""
+    return _derive(ctx, w.mean, "sq+var", lambda: torch.addcmul(w.var, w.mean, w.mean))
+
+
+def _sq(t: Tensor) -> Tensor:
+    return t * t
+
+
+def _weight_sq(ctx, w: Tensor) -> Tensor:
+    """``W^2`` (cached per parameter)."""
+    return _derive(ctx, w, "sq", lambda: w * w)
+
+
+def _matmul_var(x_sq: Tensor, x_var: Tensor | None, w_var: Tensor, w_sq_var: Tensor | None,
+                bias_var: Tensor | None) -> Tensor:
+    """``mu^2 s_W^T + v (W^2 + s_W)^T (+ s_b)`` over the last dim, as (add)mm calls."""
+    lead = x_sq.shape[:-1]
+    a = x_sq.reshape(-1, x_sq.shape[-1])
+    if bias_var is not None:
+        out = torch.addmm(bias_var, a, w_var.t())
+    else:
+        out = torch.mm(a, w_var.t())
+    if x_var is not None:
+        out = out.addmm_(x_var.reshape(-1, x_var.shape[-1]), w_sq_var.t())
+    return out.view(*lead, out.shape[-1])
 
 
 @register_rule(nn.Linear)
@@ -88,76 +112,107 @@ def _linear(ctx: PropagationContext, m: nn.Linear, x: Moments) -> Moments:
 
 @register_rule(F.linear)
 def _linear_fn(ctx, fn, x: Moments, weight, bias=None) -> Moments:
+    """``x W^T + b``, all independent: ``var = mu^2 s_W^T + v (W^2 + s_W)^T + s_b``.
+
+    The weight-side tensors (``W^2 + s_W``, ``W^2``) are computed once and
+    cached by the propagator; the variance is two matrix products (one when
+    the input or the weight is deterministic).
+    """
     w = weight if isinstance(weight, Moments) else Moments(weight)
     b = bias if isinstance(bias, Moments) or bias is None else Moments(bias)
     mean = F.linear(x.mean, w.mean, None if b is None else b.mean)
+    b_var = None if b is None else b.var
     if x.var is not None and w.var is not None:
-        var = _linear_cat(x, w.mean, w.var)
-    elif x.var is not None:
-        var = F.linear(x.var, _sq(w.mean))
+        var = _matmul_var(_sq(x.mean), x.var, w.var, _sq_plus_var(ctx, w), b_var)
     elif w.var is not None:
-        var = F.linear(_sq(x.mean), w.var)
+        var = _matmul_var(_sq(x.mean), None, w.var, None, b_var)
+    elif x.var is not None:
+        var = F.linear(x.var, _weight_sq(ctx, w.mean), b_var)
     else:
-        var = None
-    if b is not None and b.var is not None:
-        var = b.var.expand_as(mean) if var is None else var + b.var
+        var = None if b_var is None else b_var.expand_as(mean)
     return Moments(mean, var)
 
 
 @register_rule(nn.Conv1d, nn.Conv2d)
 def _conv(ctx: PropagationContext, m: nn.Module, x: Moments) -> Moments:
+    """Convolution, exact like Linear: ``var = conv(v, W^2 + s_W) + conv(mu^2, s_W) + s_b``.
+
+    With ``groups=1`` and both variances present, the two variance
+    convolutions are one, over the inputs ``[v, mu^2]`` stacked on the channel
+    axis against the cached kernel ``[W^2 + s_W, s_W]``.
+    """
     w, wv = m.weight, ctx.param_var(m.weight)
     b, bv = m.bias, ctx.param_var(m.bias)
 
     def conv(inp, weight):
         return m._conv_forward(inp, weight, None)
 
-    mean = conv(x.mean, w)
+    mean = m._conv_forward(x.mean, w, b)
     shape = (1, -1) + (1,) * (mean.ndim - 2)
-    if b is not None:
-        mean = mean + b.view(shape)
-    terms = []
-    if x.var is not None:
-        terms.append(conv(x.var, _sq(w) if wv is None else _sq(w) + wv))
-    if wv is not None:
-        terms.append(conv(_sq(x.mean), wv))
+    if x.var is not None and wv is not None and m.groups == 1:
+        kernel = _derive(ctx, w, "conv[sq+var,var]",
+                         lambda: torch.cat([torch.addcmul(wv, w, w), wv], dim=1))
+        var = conv(torch.cat([x.var, _sq(x.mean)], dim=1), kernel)
+    elif x.var is not None and wv is not None:
+        var = conv(x.var, _sq_plus_var(ctx, Moments(w, wv))).add_(conv(_sq(x.mean), wv))
+    elif x.var is not None:
+        var = conv(x.var, _weight_sq(ctx, w))
+    elif wv is not None:
+        var = conv(_sq(x.mean), wv)
+    else:
+        var = None
     if bv is not None:
-        terms.append(bv.view(shape).expand_as(mean))
-    return Moments(mean, _add_var(*terms))
+        var = bv.view(shape).expand_as(mean) if var is None else var.add_(bv.view(shape))
+    return Moments(mean, var)
 
 
 def _affine_moments(a: Moments, gamma: Moments | None, beta: Moments | None) -> Moments:
-    """``a * gamma + beta`` elementwise, all independent."""
+    """``a * gamma + beta`` elementwise, all independent:
+    ``var = v (gamma^2 + s_gamma) + mu^2 s_gamma + s_beta``."""
     mean, var = a.mean, a.var
     if gamma is not None:
-        g2 = _sq(gamma.mean) if gamma.var is None else _sq(gamma.mean) + gamma.var
-        var = None if var is None else var * g2
+        if var is not None:
+            g2 = _sq(gamma.mean) if gamma.var is None else torch.addcmul(
+                gamma.var, gamma.mean, gamma.mean)
+            var = var * g2
         if gamma.var is not None:
             var = _add_var(var, _sq(a.mean) * gamma.var)
         mean = mean * gamma.mean
     if beta is not None:
         mean = mean + beta.mean
         if beta.var is not None:
-            var = _add_var(var, beta.var.expand_as(mean))
+            var = beta.var.expand_as(mean) if var is None else var + beta.var
     return Moments(mean, var)
 
 
 @register_rule(nn.BatchNorm1d, nn.BatchNorm2d)
 def _batchnorm(ctx: PropagationContext, m: nn.modules.batchnorm._BatchNorm, x: Moments):
+    """Eval-mode BatchNorm, exact: ``y = gamma a + beta`` with ``a = (x - m_run) / s_run``,
+    ``var = v (gamma^2 + s_gamma) / s_run^2 + a_mean^2 s_gamma + s_beta``."""
     if m.training or m.running_mean is None:
         raise UnsupportedLayerError(
             f"{type(m).__name__} must be in eval mode with running statistics "
             "(track_running_stats=True) to be propagated exactly"
         )
     shape = (1, -1) + (1,) * (x.mean.ndim - 2)
-    scale = torch.rsqrt(m.running_var + m.eps).view(shape)
-    a = Moments((x.mean - m.running_mean.view(shape)) * scale,
-                None if x.var is None else x.var * _sq(scale))
-    gamma = beta = None
+    inv = torch.rsqrt(m.running_var + m.eps)
+    g_var = b_var = None
     if m.affine:
-        gamma = Moments(m.weight.view(shape), _view(ctx.param_var(m.weight), shape))
-        beta = Moments(m.bias.view(shape), _view(ctx.param_var(m.bias), shape))
-    return _affine_moments(a, gamma, beta)
+        g, bt = m.weight, m.bias
+        g_var, b_var = ctx.param_var(m.weight), ctx.param_var(m.bias)
+        scale, shift = g * inv, bt - m.running_mean * g * inv
+        g2 = g * g if g_var is None else torch.addcmul(g_var, g, g)
+    else:
+        scale, shift = inv, -m.running_mean * inv
+        g2 = torch.ones_like(inv)
+    mean = torch.addcmul(shift.view(shape), x.mean, scale.view(shape))
+    var = None if x.var is None else x.var * (g2 * inv * inv).view(shape)
+    if g_var is not None:
+        a = torch.addcmul((-m.running_mean * inv).view(shape), x.mean, inv.view(shape))
+        var = _add_var(var, (a * a).mul_(g_var.view(shape)))
+    if b_var is not None:
+        var = b_var.view(shape).expand_as(mean) if var is None else var + b_var.view(shape)
+    return Moments(mean, var)
 
 
 def _view(t: Tensor | None, shape) -> Tensor | None:
@@ -172,12 +227,12 @@ def layer_norm_moments(x: Moments, normalized_shape, eps: float) -> Moments:
     """
     dims = tuple(range(-len(normalized_shape), 0))
     d = math.prod(normalized_shape)
-    mu_bar = x.mean.mean(dim=dims, keepdim=True)
-    s2 = _sq(x.mean - mu_bar).mean(dim=dims, keepdim=True)
+    centred = x.mean - x.mean.mean(dim=dims, keepdim=True)
+    s2 = _sq(centred).mean(dim=dims, keepdim=True)
     if x.var is not None:
-        s2 = s2 + (1.0 - 1.0 / d) * x.var.mean(dim=dims, keepdim=True)
+        s2 = s2.add_(x.var.mean(dim=dims, keepdim=True), alpha=1.0 - 1.0 / d)
     inv = torch.rsqrt(s2 + eps)
-    return Moments((x.mean - mu_bar) * inv, None if x.var is None else x.var * _sq(inv))
+    return Moments(centred * inv, None if x.var is None else x.var * _sq(inv))
 
 
 @register_rule(nn.LayerNorm)
@@ -717,22 +772,26 @@ def _maxpool(ctx, m, x: Moments) -> Moments:
     if isinstance(m, nn.MaxPool2d):
         k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
         s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
-        n, c, h, w = x.mean.shape
+        h, w = x.mean.shape[-2:]
         ho, wo = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
+        # window entry (i, j) of every output, as a strided view (no copies)
+        offsets = [(i, j) for i in range(k[0]) for j in range(k[1])]
 
-        def windows(t):
-            return t.unfold(2, k[0], s[0]).unfold(3, k[1], s[1]).reshape(n, c, ho, wo, -1)
+        def entry(t, off):
+            i, j = off
+            return t[..., i: i + s[0] * (ho - 1) + 1: s[0], j: j + s[1] * (wo - 1) + 1: s[1]]
     else:
         k0 = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
         s0 = m.stride if isinstance(m.stride, int) else m.stride[0]
+        lo = (x.mean.shape[-1] - k0) // s0 + 1
+        offsets = list(range(k0))
 
-        def windows(t):
-            return t.unfold(-1, k0, s0)
+        def entry(t, i):
+            return t[..., i: i + s0 * (lo - 1) + 1: s0]
 
-    mw, vw = windows(x.mean), windows(x.var)
-    mean, var = mw[..., 0], vw[..., 0]
-    for j in range(1, mw.shape[-1]):
-        mean, var = mom.max_moments(mean, var, mw[..., j], vw[..., j])
+    mean, var = entry(x.mean, offsets[0]), entry(x.var, offsets[0])
+    for off in offsets[1:]:
+        mean, var = mom.max_moments(mean, var, entry(x.mean, off), entry(x.var, off))
     return Moments(mean, var)
 
 
