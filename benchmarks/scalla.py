@@ -36,7 +36,7 @@ Python object per storage, so storages held only by autograd or by C++ count
 until they die). Tensors that existed before (the net's weights, the data)
 are not counted. Times are wall clock on the CPU, torch with 1 thread.
 
-Run: ``PYTHONPATH=. python benchmarks/scalla.py [--quick]``; writes
+Run: ``PYTHONPATH=. python benchmarks/scalla.py [--quick] [--seeds 0 1 2]``; writes
 ``benchmarks/results/scalla.{md,json}`` (``scalla_quick.*`` with ``--quick``).
 """
 
@@ -292,28 +292,46 @@ PROFILES = {
 }
 
 
+COLUMNS = (("acc", 3), ("nll", 3), ("ece", 3), ("auroc", 3), ("prior_precision", 3),
+           ("fit_s", 1), ("predict_s", 2), ("peak_mb", 1))
+
+
+def _cell(values: list[float], digits: int) -> str:
+    """``mean +- std`` over seeds (``g`` format for prior precisions, which span decades)."""
+    v = np.asarray(values, dtype=float)
+    if np.isnan(v).all():
+        return "—"
+    fmt = (lambda x: f"{x:.3g}") if digits == 3 and np.nanmax(np.abs(v)) >= 100 else (
+        lambda x: f"{x:.{digits}f}")
+    return fmt(v.mean()) if len(v) == 1 else f"{fmt(v.mean())} ± {fmt(v.std())}"
+
+
 def markdown(results: dict, header: str) -> str:
+    """One table per net size, each cell the mean ± std over the seeds of ``results``."""
     lines = [header]
-    for size, res in results.items():
-        lines += ["", f"## {size} net: {res['n_params']:,} weights "
-                      f"(training {res['train_s']:.1f} s; shared tau {res['shared_tau']:.3g})",
+    seeds = list(results)
+    for size in results[seeds[0]]:
+        per_seed = [results[s][size] for s in seeds]
+        taus = ", ".join(f"{r['shared_tau']:.3g}" for r in per_seed)
+        train = np.mean([r["train_s"] for r in per_seed])
+        lines += ["", f"## {size} net: {per_seed[0]['n_params']:,} weights "
+                      f"(training {train:.1f} s; shared tau per seed {taus})",
                   "",
                   "| method | acc | NLL | ECE | OOD AUROC | prior prec. | fit s | predict s "
                   "| peak MB |", "|---|---|---|---|---|---|---|---|---|"]
-        for label, r in res["rows"].items():
-            lines.append(
-                f"| {label} | {r['acc']:.3f} | {r['nll']:.3f} | {r['ece']:.3f} | "
-                f"{r['auroc']:.3f} | {r['prior_precision']:.3g} | {r['fit_s']:.1f} | "
-                f"{r['predict_s']:.2f} | {r['peak_mb']:.1f} |"
-            )
+        for label in per_seed[0]["rows"]:
+            cells = [_cell([r["rows"][label][key] for r in per_seed], digits)
+                     for key, digits in COLUMNS]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def header_text(cmd: str, seed: int, profile: dict) -> str:
+def header_text(cmd: str, seeds: list[int], profile: dict) -> str:
     """The table's preamble: the command and every setting that shapes the numbers."""
     small, large = profile["small"], profile["large"]
     return (
-        f"# ScaLLA on the digits OOD split\n\n`{cmd}`: seed {seed}; CPU, torch 1 thread "
+        f"# ScaLLA on the digits OOD split\n\n`{cmd}`: seeds {', '.join(map(str, seeds))} "
+        "(mean ± std over seeds; each seed its own split, net and surrogate); CPU, torch 1 thread "
         f"({platform.processor() or platform.machine()}). ScaLLA: m = {small['m']} features, "
         f"default surrogate (MLP 256-256), {small['surrogate_epochs']} / "
         f"{large['surrogate_epochs']} surrogate epochs and {small['n_probes']} / "
@@ -330,21 +348,25 @@ def header_text(cmd: str, seed: int, profile: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny nets and loops (smoke run)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="one split, net and surrogate per seed (default: 0 1 2)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     profile = PROFILES["quick" if args.quick else "full"]
-    results = {size: run_size(size, cfg, args.seed, print) for size, cfg in profile.items()}
+    results = {seed: {size: run_size(size, cfg, seed, print) for size, cfg in profile.items()}
+               for seed in args.seeds}
     cmd = "PYTHONPATH=. python benchmarks/scalla.py" + (" --quick" if args.quick else "")
-    header = header_text(cmd, args.seed, profile)
+    if args.seeds != [0, 1, 2]:
+        cmd += " --seeds " + " ".join(map(str, args.seeds))
+    header = header_text(cmd, args.seeds, profile)
     table = markdown(results, header)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "scalla_quick" if args.quick else "scalla"
     (args.out_dir / f"{stem}.md").write_text(table)
     (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "seed": args.seed, "profile": {k: {kk: list(v) if isinstance(v, tuple)
+        {"command": cmd, "seeds": args.seeds, "profile": {k: {kk: list(v) if isinstance(v, tuple)
                                                             else v for kk, v in c.items()}
                                                         for k, c in profile.items()},
          "results": results}, indent=1))

@@ -166,21 +166,25 @@ def test_tanh_net_surrogate_captures_the_dominant_kernel_directions():
     squared eigenvalue, so the surrogate learns the top directions first; the
     predictive variance depends on directions down to the prior precision
     (the exact NTK truncated to its top 10 / 15 / 20 training directions
-    gives variance errors 0.32 / 0.22 / 0.11). Measured (450 steps of 100
-    rows, 32 probes): kernel relative error on 100 held-out rows 0.16,
-    variance relative error 0.19 against the full-GGN Laplace -- between the
-    top-15 and top-20 truncations of the exact kernel.
+    gives variance errors 0.32 / 0.22 / 0.11). Measured (1,800 steps of 100
+    rows, 32 probes, 4 s): kernel relative error on 100 held-out rows 0.106,
+    variance relative error 0.115 against the full-GGN Laplace -- about the
+    top-20 truncation of the exact kernel. More training barely helps (6,000
+    steps: 0.080 / 0.107), and neither does removing the probe noise: trained
+    on the *exact* kernel (3,000 full-batch steps), the held-out kernel error
+    floors at 0.04 with training eigenvalues below 1e-3 of the top off by
+    factors 0.6-1.5 -- the loss's weighting, not its estimator, sets the floor.
     """
     X, y = _blobs(400)
     torch.manual_seed(0)
     net = _train(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)), X[:300], y[:300])
     Xtr, ytr, Xte = X[:300].numpy(), y[:300].numpy(), X[300:].numpy()
-    est = ScaLLAClassifier(net, n_features=51, n_probes=32, surrogate_epochs=150,
+    est = ScaLLAClassifier(net, n_features=51, n_probes=32, surrogate_epochs=600,
                            surrogate_batch_size=100, surrogate_width=128, surrogate_lr=1e-2,
                            prior_precision=1.0, random_state=0, device="cpu").fit(Xtr, ytr)
     _, K = _ntk(net, Xte)
     G = est.surrogate_(torch.as_tensor(Xte)).double().reshape(-1, 51)
-    assert _rel(G @ G.T, K) < 0.2
+    assert _rel(G @ G.T, K) < 0.13
 
     # the exact NTK truncated to its top-10 training directions, through the same Laplace
     Jtr, _ = _ntk(net, Xtr)
@@ -198,7 +202,7 @@ def test_tanh_net_surrogate_captures_the_dominant_kernel_directions():
     v_full = v_full.predict_distribution(Xte).variance.double()
     v_s = est.predict_distribution(Xte).variance.double()
     assert _rel(v_s, v_full) < _rel(v_top10, v_full)
-    assert _rel(v_s, v_full) < 0.35
+    assert _rel(v_s, v_full) < 0.15
 
 
 def test_context_rows_join_the_kernel_fit():
