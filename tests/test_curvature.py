@@ -170,6 +170,21 @@ def test_last_layer_without_backward_passes_equals_brute_force(likelihood, monke
     assert full.loss == pytest.approx(diag.loss)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_last_layer_dense_block_from_features_equals_jacobian_route(bias, curvature):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3, bias=bias))
+    x, y = torch.randn(11, 4), torch.randint(0, 3, (11,))
+    last = select_weights(model, "last_layer", example_input=x)
+    for structure in ("full", "diag"):
+        ours = compute_curvature(last, batches(x, y, size=4), structure=structure,
+                                 curvature=curvature, max_elements=100)  # chunks of rows
+        jac = compute_curvature(last, batches(x, y, size=4), structure=structure,
+                                curvature=curvature, route="jacobians")
+        torch.testing.assert_close(ours.dense(), jac.dense(), rtol=1e-10, atol=1e-13)
+
+
 class _Twice(nn.Module):
     """The same Linear layer called twice per forward pass (weight sharing)."""
 

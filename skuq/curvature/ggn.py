@@ -321,8 +321,13 @@ def _hook_pass(
         loss += float(sum_loss(fd, y, likelihood))
         n_data += f.shape[0]
         M = _output_factors(fd, y, likelihood, curvature)
+        if direct and structure == "full":  # sum_n Lambda_n (x) phi_n phi_n^T, no backward
+            mod, slices = plan[0]
+            _accumulate_full_direct(acc, slices, rec.inputs[mod][0], M, max_elements)
+            continue
         outs = [rec.outputs[m][0] for m in modules]
         inputs: dict = {}  # each layer's (unfolded) inputs, formed once per batch
+        gsq: dict = {}  # diag, layers at one position: squared output gradients over k
         for k in range(M.shape[2]):
             if direct:
                 grads = [M[:, :, k]]
@@ -350,18 +355,21 @@ def _hook_pass(
                         gb = gt.sum(1)
                         st["B"] = st.get("B", 0) + gb.T @ gb
                     continue
-                if "weight" in slices:
+                if "weight" in slices and a.shape[1] == 1:
+                    # one position: sum_k g_k^2 (x) a^2, the classes summed before the product
+                    gsq[mod] = gsq.get(mod, 0) + gt[:, 0] ** 2
+                elif "weight" in slices:
                     step = max(1, max_elements // max(1, gt.shape[2] * a.shape[2]))
                     dw = 0
                     for s in range(0, a.shape[0], step):
-                        if a.shape[1] == 1:
-                            dw = dw + (gt[s : s + step, 0] ** 2).T @ (a[s : s + step, 0] ** 2)
-                        else:
-                            per = torch.einsum("bto,bti->boi", gt[s : s + step], a[s : s + step])
-                            dw = dw + (per**2).sum(0)
+                        per = torch.einsum("bto,bti->boi", gt[s : s + step], a[s : s + step])
+                        dw = dw + (per**2).sum(0)
                     st["dw"] = st.get("dw", 0) + dw
                 if "bias" in slices:
                     st["db"] = st.get("db", 0) + (gt.sum(1) ** 2).sum(0)
+        for mod, g2 in gsq.items():
+            st = acc[mod]
+            st["dw"] = st.get("dw", 0) + g2.T @ (inputs[mod][:, 0] ** 2)
     return acc, loss, n_data
 
 
@@ -385,13 +393,51 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
         acc["full"] = acc.get("full", 0) + R.T @ R
 
 
+def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_elements: int) -> None:
+    """A last Linear layer's dense block: ``sum_n M_n M_n^T (x) phi_n phi_n^T``.
+
+    ``phi_n`` is the layer's input with a 1 appended for the bias; the block is
+    kept as ``(C, C, D, D)`` (classes, then features) and laid out once at the end
+    (:func:`_layout_full_direct`). ``O(N C^2 D^2)``, a factor ``C`` below the
+    ``O(N K P^2)`` of per-sample gradients (``P = C D``).
+    """
+    n, C = M.shape[0], M.shape[1]
+    lam = M @ M.transpose(1, 2)  # (B, C, C)
+    feats = ([a.reshape(n, -1)] if "weight" in slices else []) + (
+        [torch.ones(n, 1, dtype=a.dtype, device=a.device)] if "bias" in slices else [])
+    phi = torch.cat(feats, 1)
+    D = phi.shape[1]
+    step = max(1, max_elements // max(1, C * C * D))
+    for s in range(0, n, step):
+        lam_s, phi_s = lam[s : s + step], phi[s : s + step]
+        Z = (lam_s.reshape(len(lam_s), C * C, 1) * phi_s.unsqueeze(1)).reshape(len(lam_s), -1)
+        acc["full_cd"] = acc.get("full_cd", 0) + (Z.T @ phi_s).reshape(C, C, D, D)
+
+
+def _layout_full_direct(H4: Tensor, slices, n_params: int) -> Tensor:
+    """``(C, C, D, D)`` to the flat layout ``[vec(W) row-major, b]`` of the layer's slices."""
+    C, D = H4.shape[0], H4.shape[2]
+    H = H4.permute(0, 2, 1, 3).reshape(C * D, C * D)  # index (c, feature)
+    grid = torch.arange(C * D, device=H.device).reshape(C, D)
+    pos = torch.empty(n_params, dtype=torch.long, device=H.device)
+    if "weight" in slices:
+        pos[slices["weight"]] = grid[:, : D - ("bias" in slices)].reshape(-1)
+    if "bias" in slices:
+        pos[slices["bias"]] = grid[:, -1]
+    return H[pos][:, pos]
+
+
 def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, max_elements):
     n_out = [0]
     acc, loss, n_data = _hook_pass(
         weights, plan, batches, likelihood, curvature, structure, n_out, max_elements
     )
     if structure == "full":
-        return dict(full=acc["full"]), loss, n_data, n_out[0]
+        if "full_cd" in acc:
+            full = _layout_full_direct(acc["full_cd"], plan[0][1], weights.n_params)
+        else:
+            full = acc["full"]
+        return dict(full=full), loss, n_data, n_out[0]
     if structure == "diag":
         diag = torch.zeros(weights.n_params, dtype=weights.dtype, device=weights.device)
         for mod, slices in plan:
