@@ -830,7 +830,7 @@ class MomentPropagator:
                     r = env[root]
                     fn = mom.silu_moments if g is None else (
                         lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
-                    out = Moments(*fn(r.mean, r.var))
+                    out = Moments(*mom._in_slices(fn, r.mean, r.var))
                 else:
                     target = node.target
                     rule = get_rule(target) if op == "call_function" else _METHOD_RULES.get(

@@ -70,7 +70,18 @@ _N_LEGENDRE = 20
 _TINY = 1e-300
 _INV_SQRT2 = 1.0 / _SQRT2
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
-_CLIP = 40.0  # |standardized mean| beyond which Phi is 0 or 1 and phi is 0 (float32 and 64)
+
+
+def _clip(dtype: torch.dtype) -> float:
+    """Bound on a standardized argument ``a`` before ``Phi(a)``, ``phi(a)``.
+
+    float64: 40, where ``Phi(-a)`` and ``phi(a)`` underflow to exactly 0. Lower
+    precisions: 12.5, where they are ~1e-35 -- negligible against 1 and still
+    normal numbers: ``erfc`` and ``exp`` take a slow path (10-20x) whenever
+    their float32 result underflows, which large standardized means (tiny
+    variances) would otherwise hit on many entries.
+    """
+    return 40.0 if dtype == torch.float64 else 12.5
 #: at and below this input variance GELU and SiLU use their fast input-dtype branches
 SMOOTH_VAR_SPLIT = 0.5
 # (largest input variance, number of terms): the GELU Hermite expansion is cut
@@ -94,6 +105,28 @@ def _hermite_rule(n: int) -> list[tuple[float, float]]:
 
 
 _SILU_RULES = {n: _hermite_rule(n) for _, n in _SILU_NODES}
+
+
+#: entries per slice when an elementwise rule runs without autograd: a slice's
+#: temporaries stay in cache and are recycled by the allocator (whole-tensor
+#: temporaries of millions of entries go to main memory, fresh pages each time)
+SLICE_ENTRIES = 1 << 17
+
+
+def _in_slices(fn: Callable[..., tuple[Tensor, Tensor]], mu: Tensor, var: Tensor, *args):
+    """``fn(mu, var, *args)`` for an elementwise moment function, evaluated on
+    slices of the flattened inputs when no gradient is needed (same values)."""
+    n = mu.numel()
+    if (n <= SLICE_ENTRIES or mu.shape != var.shape
+            or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))):
+        return fn(mu, var, *args)
+    flat_mu, flat_var = mu.reshape(-1), var.reshape(-1)
+    out_mean, out_var = torch.empty_like(flat_mu), torch.empty_like(flat_mu)
+    for i in range(0, n, SLICE_ENTRIES):
+        m, v = fn(flat_mu[i: i + SLICE_ENTRIES], flat_var[i: i + SLICE_ENTRIES], *args)
+        out_mean[i: i + SLICE_ENTRIES] = m
+        out_var[i: i + SLICE_ENTRIES] = v
+    return out_mean.view(mu.shape), out_var.view(mu.shape)
 
 
 def _cdf(x: Tensor) -> Tensor:
@@ -126,12 +159,13 @@ def _std_normal(a: Tensor) -> tuple[Tensor, Tensor]:
 
 def _relu_parts(mu: Tensor, var: Tensor):
     """Standardized pieces of ``max(x, 0)``: ``(v, sd, a, Phi(a), phi(a))`` with
-    ``a = mu / sd`` clipped to +-40 (where Phi is exactly 0 or 1 and phi 0)."""
+    ``a = mu / sd`` clipped (see :func:`_clip`)."""
     v = var.clamp_min(0.0)
     tiny = torch.finfo(mu.dtype).tiny
     # strictly positive: sqrt has an infinite derivative at 0 (NaN gradients in calibration)
     sd = v.clamp_min(tiny).sqrt()
-    a = (mu / sd).clamp(-_CLIP, _CLIP)
+    clip = _clip(mu.dtype)
+    a = (mu / sd).clamp(-clip, clip)
     cdf, pdf = _std_normal(a)
     return v, sd, a, cdf, pdf
 
@@ -162,7 +196,7 @@ def relu_moments(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     (0.3989, 0.3408)
     """
     # the hot rule of ReLU nets: input dtype, no branches. The standardized form
-    # keeps float32 accurate: the cancellation in g is at most a^2 eps for |a| <= 40
+    # keeps float32 accurate: the cancellation in g is at most a^2 eps for clipped |a|
     v, sd, a, cdf, pdf = _relu_parts(mu, var)
     mean = torch.addcmul(mu * cdf, sd, pdf)
     _, g = _relu_std_var(a, cdf, pdf)
@@ -267,17 +301,21 @@ def _gelu_var_chaos(h: Tensor, v: Tensor, q2: Tensor, inv_q2: Tensor, cdf: Tenso
     if n_terms < 2:
         return var
     rho = v * inv_q2
-    he = [h.new_ones(()), h]  # He_0 (broadcast), He_1
-    rk = rho
+    # strictly positive under the root (finite gradients where var = 0)
+    u = rho.clamp_min(torch.finfo(rho.dtype).tiny).sqrt() * h
+    # p[k] = rho^(k/2) He_k(h): p_k = u p_{k-1} - (k - 1) rho p_{k-2}; the k-th term
+    # is q^2 phi(h)^2 e_k^2 / k! with e_k = rho p_{k-2} - p_k / q^2
+    p = [None, u]
+    r_prev = rho  # rho * p_0
     acc = None
     fact = 1.0
     for k in range(2, n_terms + 1):
-        he.append(torch.add(h * he[k - 1], he[k - 2], alpha=-(k - 1)))
-        rk = rk * rho
+        if k > 2:
+            r_prev = rho * p[k - 2]
+        p.append(torch.add(u * p[k - 1], r_prev, alpha=-(k - 1)))
         fact *= k
-        d = torch.addcmul(he[k - 2], he[k], inv_q2, value=-1.0)
-        term = (d * d).mul_(rk)
-        acc = term.mul_(1.0 / fact) if acc is None else acc.add_(term, alpha=1.0 / fact)
+        e = torch.addcmul(r_prev, p[k], inv_q2, value=-1.0)
+        acc = (e * e).mul_(1.0 / fact) if acc is None else acc.addcmul_(e, e, value=1.0 / fact)
     return var.add_((pdf * pdf).mul_(q2).mul_(acc))
 
 
@@ -348,7 +386,8 @@ def gelu_moments(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     v = var.clamp_min(0.0)
     q2 = 1.0 + v
     inv_q = q2.rsqrt()
-    h = (mu * inv_q).clamp(-_CLIP, _CLIP)
+    clip = _clip(mu.dtype)
+    h = (mu * inv_q).clamp(-clip, clip)
     cdf, pdf = _std_normal(h)
     mean = torch.addcmul(mu * cdf, v * inv_q, pdf)
     n_terms, idx = _split(v, _CHAOS_TERMS)
@@ -475,7 +514,7 @@ def silu_moments(mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     True
     """
     v = var.clamp_min(0.0)
-    sd = v.sqrt()
+    sd = v.clamp_min(torch.finfo(v.dtype).tiny).sqrt()  # finite gradients where var = 0
     f0 = _silu(mu)
     n_nodes, idx = _split(v, _SILU_NODES)
     acc1 = acc2 = None
@@ -556,7 +595,7 @@ def max_moments(mu1: Tensor, var1: Tensor, mu2: Tensor, var2: Tensor):
     theta2 = v1 + v2
     theta = theta2.clamp_min(torch.finfo(theta2.dtype).tiny).sqrt()
     d = mu1 - mu2
-    b = (d / theta).abs().clamp_max(_CLIP)
+    b = (d / theta).abs().clamp_max(_clip(d.dtype))
     nb = -b
     cdf, pdf = _std_normal(nb)  # Phi(-b), phi(b)
     t, g = _relu_std_var(nb, cdf, pdf)

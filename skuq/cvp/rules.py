@@ -45,6 +45,23 @@ def _add_var(*terms: Tensor | None) -> Tensor | None:
     return out
 
 
+def _row_sliced(fn: Callable[..., Moments], x: Moments, *args, min_ndim: int = 2) -> Moments:
+    """``fn(x, *args)`` for a rule whose rows (dim 0) are independent, evaluated on
+    slices of rows when no gradient is needed: a slice's temporaries stay in cache
+    (see :data:`skuq.cvp.moments.SLICE_ENTRIES`). Same values."""
+    mu, var = x.mean, x.var
+    if (var is None or mu.ndim < min_ndim or var.shape != mu.shape
+            or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))):
+        return fn(x, *args)
+    rows = mom.SLICE_ENTRIES * mu.shape[0] // max(mu.numel(), 1)
+    if rows >= mu.shape[0]:
+        return fn(x, *args)
+    rows = max(rows, 1)
+    parts = [fn(Moments(mu[i: i + rows], var[i: i + rows]), *args)
+             for i in range(0, mu.shape[0], rows)]
+    return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
+
+
 # ---------------------------------------------------------------- weights
 def linear_moments(
     x: Moments,
@@ -194,6 +211,10 @@ def _batchnorm(ctx: PropagationContext, m: nn.modules.batchnorm._BatchNorm, x: M
             f"{type(m).__name__} must be in eval mode with running statistics "
             "(track_running_stats=True) to be propagated exactly"
         )
+    return _row_sliced(lambda xs: _batchnorm_rows(ctx, m, xs), x)
+
+
+def _batchnorm_rows(ctx, m, x: Moments) -> Moments:
     shape = (1, -1) + (1,) * (x.mean.ndim - 2)
     inv = torch.rsqrt(m.running_var + m.eps)
     g_var = b_var = None
@@ -209,9 +230,10 @@ def _batchnorm(ctx: PropagationContext, m: nn.modules.batchnorm._BatchNorm, x: M
     var = None if x.var is None else x.var * (g2 * inv * inv).view(shape)
     if g_var is not None:
         a = torch.addcmul((-m.running_mean * inv).view(shape), x.mean, inv.view(shape))
-        var = _add_var(var, (a * a).mul_(g_var.view(shape)))
+        a_term = (a * a).mul_(g_var.view(shape))
+        var = a_term if var is None else var.add_(a_term)
     if b_var is not None:
-        var = b_var.view(shape).expand_as(mean) if var is None else var + b_var.view(shape)
+        var = b_var.view(shape).expand_as(mean) if var is None else var.add_(b_var.view(shape))
     return Moments(mean, var)
 
 
@@ -237,16 +259,23 @@ def layer_norm_moments(x: Moments, normalized_shape, eps: float) -> Moments:
 
 @register_rule(nn.LayerNorm)
 def _layernorm(ctx: PropagationContext, m: nn.LayerNorm, x: Moments) -> Moments:
-    a = layer_norm_moments(x, m.normalized_shape, m.eps)
-    return _affine_moments(a, ctx.param(m.weight), ctx.param(m.bias))
+    def rows(xs):
+        a = layer_norm_moments(xs, m.normalized_shape, m.eps)
+        return _affine_moments(a, ctx.param(m.weight), ctx.param(m.bias))
+
+    return _row_sliced(rows, x, min_ndim=len(m.normalized_shape) + 1)
 
 
 @register_rule(F.layer_norm)
 def _layernorm_fn(ctx, fn, x: Moments, normalized_shape, weight=None, bias=None, eps=1e-5):
-    a = layer_norm_moments(x, tuple(normalized_shape), eps)
     w = weight if isinstance(weight, Moments) or weight is None else Moments(weight)
     b = bias if isinstance(bias, Moments) or bias is None else Moments(bias)
-    return _affine_moments(a, w, b)
+    shape = tuple(normalized_shape)
+
+    def rows(xs):
+        return _affine_moments(layer_norm_moments(xs, shape, eps), w, b)
+
+    return _row_sliced(rows, x, min_ndim=len(shape) + 1)
 
 
 if hasattr(nn, "RMSNorm"):
@@ -255,12 +284,16 @@ if hasattr(nn, "RMSNorm"):
     def _rmsnorm(ctx: PropagationContext, m: nn.Module, x: Moments) -> Moments:
         dims = tuple(range(-len(m.normalized_shape), 0))
         eps = m.eps if m.eps is not None else torch.finfo(x.mean.dtype).eps
-        ms = _sq(x.mean).mean(dim=dims, keepdim=True)
-        if x.var is not None:
-            ms = ms + x.var.mean(dim=dims, keepdim=True)
-        inv = torch.rsqrt(ms + eps)
-        a = Moments(x.mean * inv, None if x.var is None else x.var * _sq(inv))
-        return _affine_moments(a, ctx.param(m.weight), None)
+
+        def rows(xs):
+            ms = _sq(xs.mean).mean(dim=dims, keepdim=True)
+            if xs.var is not None:
+                ms = ms + xs.var.mean(dim=dims, keepdim=True)
+            inv = torch.rsqrt(ms + eps)
+            a = Moments(xs.mean * inv, None if xs.var is None else xs.var * _sq(inv))
+            return _affine_moments(a, ctx.param(m.weight), None)
+
+        return _row_sliced(rows, x, min_ndim=len(m.normalized_shape) + 1)
 
 
 # ------------------------------------------------------------ activations
@@ -292,7 +325,7 @@ def elementwise_rule(moment_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]
     def rule(ctx, target, x: Moments, *args, **kwargs) -> Moments:
         if x.var is None:
             return Moments(fn(x.mean))
-        return Moments(*moment_fn(x.mean, x.var))
+        return Moments(*mom._in_slices(moment_fn, x.mean, x.var))
 
     return rule
 
@@ -350,7 +383,7 @@ def _gelu_fn(ctx, fn, x: Moments, approximate: str = "none") -> Moments:
     # the tanh form differs from the erf form by < 1e-3 (moments use the erf form)
     if x.var is None:
         return Moments(F.gelu(x.mean, approximate=approximate))
-    return Moments(*mom.gelu_moments(x.mean, x.var))
+    return Moments(*mom._in_slices(mom.gelu_moments, x.mean, x.var))
 
 
 @register_rule(nn.LeakyReLU)
@@ -362,7 +395,7 @@ def _leaky_mod(ctx, m: nn.LeakyReLU, x: Moments) -> Moments:
 def _leaky_fn(ctx, fn, x: Moments, negative_slope: float = 0.01, inplace: bool = False):
     if x.var is None:
         return Moments(F.leaky_relu(x.mean, negative_slope))
-    return Moments(*mom.leaky_relu_moments(x.mean, x.var, negative_slope))
+    return Moments(*mom._in_slices(mom.leaky_relu_moments, x.mean, x.var, negative_slope))
 
 
 def _softmax_dim(ndim: int, dim):
@@ -465,7 +498,9 @@ def _clamp(ctx, target, x, *args, **kwargs) -> Moments:
         return torch.clamp(torch.as_tensor(x), lo, hi)
     if x.var is None:
         return Moments(torch.clamp(x.mean, lo, hi))
-    return Moments(*mom.clamp_moments(x.mean, x.var, lo, hi))
+    if isinstance(lo, Tensor) or isinstance(hi, Tensor):  # bounds broadcast: whole tensor
+        return Moments(*mom.clamp_moments(x.mean, x.var, lo, hi))
+    return Moments(*mom._in_slices(mom.clamp_moments, x.mean, x.var, lo, hi))
 
 
 @register_rule(nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Identity, nn.AlphaDropout)
@@ -769,12 +804,16 @@ def _maxpool(ctx, m, x: Moments) -> Moments:
         )
     if x.var is None:
         return Moments(m(x.mean))
+    return _row_sliced(lambda xs: Moments(*_maxpool_fold(m, xs.mean, xs.var)), x, min_ndim=3)
+
+
+def _maxpool_fold(m, mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
+    """Clark's rule folded over each pooling window (window entries as strided views)."""
     if isinstance(m, nn.MaxPool2d):
         k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size,) * 2
         s = m.stride if isinstance(m.stride, tuple) else (m.stride,) * 2
-        h, w = x.mean.shape[-2:]
+        h, w = mu.shape[-2:]
         ho, wo = (h - k[0]) // s[0] + 1, (w - k[1]) // s[1] + 1
-        # window entry (i, j) of every output, as a strided view (no copies)
         offsets = [(i, j) for i in range(k[0]) for j in range(k[1])]
 
         def entry(t, off):
@@ -783,23 +822,25 @@ def _maxpool(ctx, m, x: Moments) -> Moments:
     else:
         k0 = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
         s0 = m.stride if isinstance(m.stride, int) else m.stride[0]
-        lo = (x.mean.shape[-1] - k0) // s0 + 1
+        lo = (mu.shape[-1] - k0) // s0 + 1
         offsets = list(range(k0))
 
         def entry(t, i):
             return t[..., i: i + s0 * (lo - 1) + 1: s0]
 
-    mean, var = entry(x.mean, offsets[0]), entry(x.var, offsets[0])
+    mean, out_var = entry(mu, offsets[0]), entry(var, offsets[0])
     for off in offsets[1:]:
-        mean, var = mom.max_moments(mean, var, entry(x.mean, off), entry(x.var, off))
-    return Moments(mean, var)
+        mean, out_var = mom.max_moments(mean, out_var, entry(mu, off), entry(var, off))
+    return mean, out_var
 
 
 # -------------------------------------------------------------- attention
 def _attend(q: Tensor, k: Tensor, v: Moments, attn_mask=None, is_causal=False, scale=None):
     """Attention weights from the means; variance through the values."""
     d = q.shape[-1]
-    scores = (q @ k.transpose(-2, -1)) * (scale if scale is not None else 1.0 / math.sqrt(d))
+    scores = q @ k.transpose(-2, -1)
+    if scale is None or scale != 1.0:
+        scores = scores * (scale if scale is not None else 1.0 / math.sqrt(d))
     if is_causal:
         lq, lk = scores.shape[-2], scores.shape[-1]
         causal = torch.ones(lq, lk, dtype=torch.bool, device=q.device).tril()
@@ -850,8 +891,13 @@ def _mha(ctx, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None
         bv_var = None if bvar is None else bvar[2 * e:]
     else:
         bq = bk = bv = bv_var = None
-    q = F.linear(query.mean, wq, bq)
-    k = F.linear(key.mean, wk, bk)
+    if m._qkv_same_embed_dim and key.mean is query.mean:  # self-attention: one product
+        qk = F.linear(query.mean, m.in_proj_weight[: 2 * e],
+                      None if bq is None else m.in_proj_bias[: 2 * e])
+        q, k = qk.split(e, dim=-1)
+    else:
+        q = F.linear(query.mean, wq, bq)
+        k = F.linear(key.mean, wk, bk)
     vm = _linear_fn(ctx, F.linear, value, Moments(wv, wv_var),
                     None if bv is None else Moments(bv, bv_var))
     n, lq, lk = q.shape[0], q.shape[1], k.shape[1]
@@ -871,8 +917,9 @@ def _mha(ctx, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None
             kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf"))
         kp = kp.view(n, 1, 1, lk)
         mask = kp if mask is None else mask + kp
+    q = q * (1.0 / math.sqrt(hd))  # the scale on the queries, not on the scores
     out, weights = _attend(heads(q, lq), heads(k, lk), vm.map(lambda t: heads(t, lk)), mask,
-                           is_causal and attn_mask is None)
+                           is_causal and attn_mask is None, scale=1.0)
     out = out.map(lambda t: t.transpose(1, 2).reshape(n, lq, e))
     out = _linear(ctx, m.out_proj, out)
     if not m.batch_first:
