@@ -9,10 +9,12 @@ ways of turning the Gaussian over the logits into probabilities:
 * ``probit``: skuq's and laplace-torch's link, ``softmax(kappa * mean)`` with
   ``kappa_k = (1 + pi/8 Sigma_kk)^(-1/2)``;
 * ``centered``: the same probit applied to ``P Sigma P`` with ``P = I -
-  11^T/C``. Softmax ignores a shift shared by all logits, so ``f`` and ``Pf``
-  give the same distribution of probabilities; the probit does not, and
-  counts the shared-shift variance (which only the prior bounds: the
-  likelihood has no curvature along it) as uncertainty;
+  11^T/C`` (``link_approx="centered_probit"``, computed here in float64 from
+  the predictive's float32 covariance). Softmax ignores a shift shared by
+  all logits, so ``f`` and ``Pf`` give the same distribution of
+  probabilities; the probit does not, and counts the shared-shift variance
+  (which only the prior bounds: the likelihood has no curvature along it)
+  as uncertainty;
 * ``mc``: 2,000 draws from the Gaussian, the ground truth the two links
   approximate.
 
@@ -45,7 +47,7 @@ import compare  # noqa: E402  (the comparison's tasks, nets and splits)
 
 from skuq import LaplaceClassifier, MAPClassifier  # noqa: E402
 from skuq.metrics import negative_log_likelihood, ood_auroc  # noqa: E402
-from skuq.outputs import probit_probabilities  # noqa: E402
+from skuq.outputs import centered_probit_probabilities, probit_probabilities  # noqa: E402
 
 RESULTS = compare.RESULTS
 STRUCTURES = (("last_layer", "kron"), ("all", "diag"), ("all", "kron"))
@@ -70,7 +72,7 @@ def link_probabilities(mean: torch.Tensor, cov: torch.Tensor, seed: int) -> dict
     draws = mean + torch.einsum("bij,sbj->sbi", root, z)
     return {
         "probit": probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2)).numpy(),
-        "centered": probit_probabilities(mean, torch.diagonal(centered, dim1=1, dim2=2)).numpy(),
+        "centered": centered_probit_probabilities(mean, cov).numpy(),
         "mc": torch.softmax(draws, -1).mean(0).numpy(),
     }
 

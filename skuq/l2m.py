@@ -396,7 +396,8 @@ class L2MClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseL2M):
     exactly as :class:`~skuq.LaplaceClassifier` with ``subset_of_weights="all"``
     and ``hessian_structure="diag"``. Fitting makes no pass over the training
     data: the training loss for the evidence comes from skorch's history.
-    """ + _SHARED_DOC + """    link_approx : {"probit", "mc", "bridge"}, default="probit"
+    """ + _SHARED_DOC + """    link_approx : {"probit", "centered_probit", "mc", "bridge"}, \
+default="probit"
 
     Attributes
     ----------

@@ -484,8 +484,12 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         Generalized Gauss-Newton or empirical Fisher.
     pred_type : {"glm", "nn"}, default="glm"
         Linearized predictive or weight sampling.
-    link_approx : {"probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
         From a Gaussian over logits to probabilities (``pred_type="glm"``).
+        ``"probit"`` is laplace-torch's link; ``"centered_probit"`` first
+        removes the variance of the shift shared by all logits, which
+        softmax ignores, and is much closer to ``"mc"`` for last-layer
+        posteriors (:func:`~skuq.outputs.centered_probit_probabilities`).
     n_samples : int, default=100
         Samples for ``link_approx="mc"`` and ``pred_type="nn"``.
     temperature : float, default=1.0

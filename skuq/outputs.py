@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-LINKS = ("probit", "mc", "bridge")
+LINKS = ("probit", "centered_probit", "mc", "bridge")
 CLASSIFICATION_UNCERTAINTIES = (
     "entropy",
     "mutual_information",
@@ -37,6 +37,7 @@ __all__ = [
     "CLASSIFICATION_UNCERTAINTIES",
     "OutputDistribution",
     "probit_probabilities",
+    "centered_probit_probabilities",
     "bridge_probabilities",
     "entropy",
     "classification_uncertainty",
@@ -201,11 +202,14 @@ class OutputDistribution:
 
         Parameters
         ----------
-        link : {"probit", "mc", "bridge"}
+        link : {"probit", "centered_probit", "mc", "bridge"}
             How a Gaussian over logits becomes probabilities:
 
             * ``"probit"``: ``softmax(mean_k / sqrt(1 + pi/8 Var f_k))`` (the
-              probit approximation, per-class; MacKay 1992).
+              probit approximation, per-class; MacKay 1992; laplace-torch's).
+            * ``"centered_probit"``: the same after removing the variance of
+              the shift shared by all logits, which softmax ignores (see
+              :func:`centered_probit_probabilities`).
             * ``"mc"``: average of ``softmax`` over ``n_samples`` logit draws.
             * ``"bridge"``: mean of the Dirichlet given by the Laplace bridge
               (Hobbhahn et al., 2022), see :func:`bridge_probabilities`.
@@ -225,6 +229,8 @@ class OutputDistribution:
             return torch.softmax(self.mean, dim=-1)
         if link == "probit":
             return probit_probabilities(self.mean, self.variance)
+        if link == "centered_probit":
+            return centered_probit_probabilities(self.mean, self.covariance)
         if link == "bridge":
             return bridge_probabilities(self.mean, self.variance)
         return torch.softmax(self.sample(n_samples, generator), dim=-1).mean(dim=0)
@@ -261,6 +267,60 @@ def probit_probabilities(mean: Tensor, variance: Tensor) -> Tensor:
     """
     kappa = torch.rsqrt(1.0 + (math.pi / 8.0) * variance.clamp_min(0))
     return torch.softmax(kappa * mean, dim=-1)
+
+
+def centered_probit_probabilities(mean: Tensor, covariance: Tensor) -> Tensor:
+    """The probit approximation after removing the logits' shared shift.
+
+    ``softmax(f) = softmax(P f)`` with ``P = I - 11^T / C``, so ``f ~ N(m, S)``
+    and ``P f ~ N(P m, P S P)`` give the same distribution of probabilities.
+    The per-class probit does not: it reads the variance of a shift common to
+    all logits as uncertainty. A weight posterior carries much of that
+    variance where the likelihood has no curvature -- a last layer's biases
+    and its weight rows moved together, bounded only by the prior -- so the
+    plain probit flattens every prediction alike. This link applies the
+    probit to ``P S P``, whose diagonal is ``S_kk - (2/C) sum_j S_kj +
+    sum_ij S_ij / C^2``. Measured against 2,000-draw Monte Carlo of the same
+    Gaussians (``benchmarks/results/laplace_prior_sweep.md``, last-layer
+    K-FAC over a grid of prior precisions): mean NLL gap 0.03 vs 0.43
+    (digits) and 0.013 vs 0.73 (images) for the plain probit.
+
+    Precision: the centred variance is a difference of the covariance's
+    entries, so a shared-shift variance far above it loses digits to
+    cancellation when the covariance was rounded to float32 (as skuq's
+    predictives are for float32 nets): on scikit-learn's estimator-check
+    blobs, batching the same rows differently moved probabilities by up to
+    3e-3. That, not its accuracy, is why it is not yet the estimators' default.
+
+    Parameters
+    ----------
+    mean : Tensor of shape (N, C)
+    covariance : Tensor of shape (N, C, C), or (N, C) marginal variances
+
+    Returns
+    -------
+    Tensor of shape (N, C)
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.outputs import centered_probit_probabilities, probit_probabilities
+    >>> m = torch.tensor([[2.0, 0.0]])
+    >>> shared = torch.full((1, 2, 2), 100.0)  # only a common shift is uncertain
+    >>> torch.allclose(centered_probit_probabilities(m, shared), torch.softmax(m, -1))
+    True
+    >>> bool(probit_probabilities(m, torch.diagonal(shared, dim1=1, dim2=2))[0, 0] < 0.6)
+    True
+    """
+    n_classes = mean.shape[-1]
+    if covariance.ndim == mean.ndim:  # independent logits: S = diag(v)
+        v = covariance.clamp_min(0)
+        var = v * (1.0 - 2.0 / n_classes) + v.sum(-1, keepdim=True) / n_classes**2
+    else:
+        row = covariance.sum(-1)
+        var = (torch.diagonal(covariance, dim1=-2, dim2=-1) - (2.0 / n_classes) * row
+               + row.sum(-1, keepdim=True) / n_classes**2)
+    return probit_probabilities(mean, var)
 
 
 def bridge_probabilities(mean: Tensor, variance: Tensor, eps: float = 1e-12) -> Tensor:

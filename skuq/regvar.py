@@ -871,7 +871,7 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         :func:`exact_covariance`.
     exact_max_iter : int, default=500
         L-BFGS iterations per chunk of problems.
-    link_approx : {"probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
     n_samples : int, default=100
         Logit draws for ``link_approx="mc"`` and sampled uncertainties.
     device, batch_size, random_state, verbose, memory

@@ -781,7 +781,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         net is trained in ``fit`` (the net, the surrogate and the curvature
         then use the rest); an already trained net uses all of ``fit``'s data,
         or pass ``X_cal``, ``y_cal`` to ``fit``.
-    link_approx : {"probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
     n_samples : int, default=100
         Logit draws for ``link_approx="mc"``.
     device, batch_size, random_state, verbose, memory

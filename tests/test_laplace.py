@@ -62,6 +62,7 @@ def _oracle(model, X, y, subset, structure, prior):
 
 
 def _ours(model, X, y, subset, structure, prior, **kw):
+    kw.setdefault("link_approx", "probit")  # laplace-torch's link, for the oracle tests
     est = LaplaceClassifier(copy.deepcopy(model), subset_of_weights=subset,
                             hessian_structure=structure, prior_precision=prior,
                             batch_size=100, random_state=0, **kw)

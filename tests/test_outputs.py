@@ -9,6 +9,7 @@ import torch
 from skuq.outputs import (
     OutputDistribution,
     bridge_probabilities,
+    centered_probit_probabilities,
     classification_uncertainty,
     entropy,
     probit_probabilities,
@@ -62,8 +63,43 @@ def test_probit_matches_formula_and_point_mass_is_softmax():
     kappa = 1 / torch.sqrt(1 + math.pi / 8 * var)
     torch.testing.assert_close(probit_probabilities(mean, var), torch.softmax(kappa * mean, -1))
     d = OutputDistribution.point_mass(mean)
-    for link in ("probit", "mc", "bridge"):
+    for link in ("probit", "centered_probit", "mc", "bridge"):
         torch.testing.assert_close(d.probabilities(link), torch.softmax(mean, -1))
+
+
+def test_centered_probit_is_the_probit_of_the_projected_covariance():
+    mean, cov = random_gaussian(n=5, c=4)
+    P = torch.eye(4, dtype=cov.dtype) - 1 / 4
+    expected = probit_probabilities(mean, torch.diagonal(P @ cov @ P, dim1=1, dim2=2))
+    torch.testing.assert_close(centered_probit_probabilities(mean, cov), expected)
+    # marginal variances only: the same as the diagonal covariance
+    var = torch.diagonal(cov, dim1=1, dim2=2)
+    torch.testing.assert_close(centered_probit_probabilities(mean, var),
+                               centered_probit_probabilities(mean, torch.diag_embed(var)))
+    torch.testing.assert_close(OutputDistribution.gaussian(mean, cov).probabilities(
+        "centered_probit"), expected)
+
+
+def test_centered_probit_ignores_a_shared_shift_like_softmax_does():
+    """Adding the variance of a common shift ``s 1`` leaves E[softmax] unchanged.
+
+    MC (400k draws) confirms the truth is unchanged; the centered probit is
+    unchanged exactly, the plain probit moves by far more than MC's error.
+    """
+    mean, cov = random_gaussian(n=3, c=4, scale=0.5)
+    shifted = cov + 25.0 * torch.ones(4, 4, dtype=cov.dtype)
+    torch.testing.assert_close(centered_probit_probabilities(mean, shifted),
+                               centered_probit_probabilities(mean, cov))
+    gen = torch.Generator().manual_seed(0)
+    truth = OutputDistribution.gaussian(mean, cov).probabilities(
+        "mc", n_samples=400_000, generator=gen)
+    truth_shifted = OutputDistribution.gaussian(mean, shifted).probabilities(
+        "mc", n_samples=400_000, generator=gen)
+    torch.testing.assert_close(truth_shifted, truth, atol=4e-3, rtol=0)
+    plain = probit_probabilities(mean, torch.diagonal(shifted, dim1=1, dim2=2))
+    centered = centered_probit_probabilities(mean, shifted)
+    assert float((plain - truth).abs().max()) > 0.1
+    assert float((centered - truth).abs().max()) < 0.5 * float((plain - truth).abs().max())
 
 
 def test_probit_approximates_binary_expected_sigmoid():

@@ -231,7 +231,7 @@ def test_largest_variance_matches_laplace_torch_mask(trained):
 
 # ------------------------------------------------------------------ estimators
 def _subnet(model, X, y, **kw):
-    params = dict(prior_precision=2.0, batch_size=100, random_state=0)
+    params = dict(prior_precision=2.0, batch_size=100, random_state=0, link_approx="probit")
     params.update(kw)
     return SubnetworkLaplaceClassifier(copy.deepcopy(model), **params).fit(X.numpy(), y.numpy())
 
@@ -241,7 +241,7 @@ def test_all_weights_as_subnetwork_is_the_full_laplace(trained):
     P = _n_params(model)
     full = LaplaceClassifier(copy.deepcopy(model), subset_of_weights="all",
                              hessian_structure="full", prior_precision=2.0, batch_size=100,
-                             random_state=0).fit(X.numpy(), y.numpy())
+                             random_state=0, link_approx="probit").fit(X.numpy(), y.numpy())
     sub = _subnet(model, X, y, subnetwork_size=P)
     np.testing.assert_array_equal(sub.subnetwork_indices_, np.arange(P))
     torch.testing.assert_close(sub.posterior_.covariance(), full.posterior_.covariance(),
