@@ -184,9 +184,10 @@ def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, star
         aq = torch.einsum("bit,ij->bjt", _unfold(mod, a), QA)  # (B, I, T) rotated
         per_row = g.shape[1] * inv[i].numel()
         step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
+        w = inv[i].reshape(-1)
         for s in range(0, g.shape[0], step):
-            Jq = torch.einsum("bcot,bit->bcoi", gq[s : s + step], aq[s : s + step])
-            out[s : s + step] += torch.einsum("bcoi,oi,bdoi->bcd", Jq, inv[i], Jq)
+            Jq = torch.einsum("bcot,bit->bcoi", gq[s : s + step], aq[s : s + step]).flatten(2)
+            out[s : s + step] += torch.bmm(Jq * w, Jq.transpose(1, 2))
     return out
 
 

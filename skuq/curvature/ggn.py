@@ -345,15 +345,14 @@ def _hook_pass(
                 continue
             for (mod, slices), (a, gt) in zip(plan, ios, strict=True):
                 st = acc.setdefault(mod, {})
-                if structure == "kron":
+                if structure == "kron":  # sums of outer products, accumulated in place
                     if "weight" in slices:
-                        st["G"] = st.get("G", 0) + torch.einsum("bto,btp->op", gt, gt)
+                        _add_gram(st, "G", gt.reshape(-1, gt.shape[-1]))
                         if k == 0:
-                            st["A"] = st.get("A", 0) + torch.einsum("bti,btj->ij", a, a)
+                            _add_gram(st, "A", a.reshape(-1, a.shape[-1]))
                             st["rows"] = st.get("rows", 0) + a.shape[0] * a.shape[1]
                     if "bias" in slices:
-                        gb = gt.sum(1)
-                        st["B"] = st.get("B", 0) + gb.T @ gb
+                        _add_gram(st, "B", gt.sum(1))
                     continue
                 if "weight" in slices and a.shape[1] == 1:
                     # one position: sum_k g_k^2 (x) a^2, the classes summed before the product
@@ -371,6 +370,14 @@ def _hook_pass(
             st = acc[mod]
             st["dw"] = st.get("dw", 0) + g2.T @ (inputs[mod][:, 0] ** 2)
     return acc, loss, n_data
+
+
+def _add_gram(st: dict, key: str, rows: Tensor) -> None:
+    """``st[key] += rows^T rows`` (one matrix product, no new tensor after the first)."""
+    if key in st:
+        st[key].addmm_(rows.T, rows)
+    else:
+        st[key] = rows.T @ rows
 
 
 def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> None:
