@@ -700,9 +700,9 @@ def write(rows: list[dict], meta: dict, name: str) -> None:
             f"size {info['batch_size']}; the net (Adam, {info['epochs']} epochs, "
             f"{info['train_s']:.1f} s): accuracy {info['map_accuracy']:.3f}, NLL "
             f"{info['map_nll']:.4f}, ECE {info['map_ece']:.4f}. One forward pass without "
-            f"gradients takes {info['forward_train_s']:.2f} s over the training rows and "
-            f"{info['forward_test_s']:.2f} s over the test rows: "
-            f"{info['forward_train_s'] + info['forward_test_s']:.2f} s, the floor of any "
+            f"gradients takes {info['forward_train_s']:.3f} s over the training rows and "
+            f"{info['forward_test_s']:.3f} s over the test rows: "
+            f"{info['forward_train_s'] + info['forward_test_s']:.3f} s, the floor of any "
             "last-layer fit + predict.\n\n"
             + table(rows, task, info["n_test"]) + "\n")
     text = "\n".join(parts)
