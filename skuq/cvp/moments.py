@@ -303,20 +303,22 @@ def _gelu_var_chaos(h: Tensor, v: Tensor, q2: Tensor, inv_q2: Tensor, cdf: Tenso
     rho = v * inv_q2
     # strictly positive under the root (finite gradients where var = 0)
     u = rho.clamp_min(torch.finfo(rho.dtype).tiny).sqrt() * h
-    # p[k] = rho^(k/2) He_k(h): p_k = u p_{k-1} - (k - 1) rho p_{k-2}; the k-th term
-    # is q^2 phi(h)^2 e_k^2 / k! with e_k = rho p_{k-2} - p_k / q^2
+    # p[k] = rho^(k/2) He_k(h): p_k = u p_{k-1} - (k - 1) rho p_{k-2}. The k-th term is
+    # q^2 phi(h)^2 e_k^2 / k! with e_k = rho p_{k-2} - p_k / q^2 = (var p_{k-2} - p_k) / q^2,
+    # so the sum is phi(h)^2 / q^2 * sum_k (p_k - var p_{k-2})^2 / k!
     p = [None, u]
-    r_prev = rho  # rho * p_0
     acc = None
     fact = 1.0
     for k in range(2, n_terms + 1):
-        if k > 2:
-            r_prev = rho * p[k - 2]
-        p.append(torch.add(u * p[k - 1], r_prev, alpha=-(k - 1)))
+        if k == 2:
+            p.append(torch.sub(u * u, rho))  # p_0 = 1
+            e = torch.sub(p[2], v)
+        else:
+            p.append(torch.addcmul(u * p[k - 1], rho, p[k - 2], value=-(k - 1)))
+            e = torch.addcmul(p[k], v, p[k - 2], value=-1.0)
         fact *= k
-        e = torch.addcmul(r_prev, p[k], inv_q2, value=-1.0)
         acc = (e * e).mul_(1.0 / fact) if acc is None else acc.addcmul_(e, e, value=1.0 / fact)
-    return var.add_((pdf * pdf).mul_(q2).mul_(acc))
+    return var.add_((pdf * pdf).mul_(inv_q2).mul_(acc))
 
 
 def _gelu_exact64(m: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:

@@ -891,12 +891,17 @@ def _mha(ctx, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None
         bv_var = None if bvar is None else bvar[2 * e:]
     else:
         bq = bk = bv = bv_var = None
+    scale = 1.0 / math.sqrt(hd)  # applied to the query projection, not to the scores
     if m._qkv_same_embed_dim and key.mean is query.mean:  # self-attention: one product
-        qk = F.linear(query.mean, m.in_proj_weight[: 2 * e],
-                      None if bq is None else m.in_proj_bias[: 2 * e])
-        q, k = qk.split(e, dim=-1)
+        w = m.in_proj_weight
+        w_qk = _derive(ctx, w, "mha_qk", lambda: torch.cat([w[:e] * scale, w[e: 2 * e]]))
+        b_qk = None
+        if bq is not None:
+            b = m.in_proj_bias
+            b_qk = _derive(ctx, b, "mha_qk", lambda: torch.cat([b[:e] * scale, b[e: 2 * e]]))
+        q, k = F.linear(query.mean, w_qk, b_qk).split(e, dim=-1)
     else:
-        q = F.linear(query.mean, wq, bq)
+        q = F.linear(query.mean, wq, bq) * scale
         k = F.linear(key.mean, wk, bk)
     vm = _linear_fn(ctx, F.linear, value, Moments(wv, wv_var),
                     None if bv is None else Moments(bv, bv_var))
@@ -917,7 +922,6 @@ def _mha(ctx, m: nn.MultiheadAttention, query, key, value, key_padding_mask=None
             kp = torch.zeros_like(kp, dtype=q.dtype).masked_fill(kp, float("-inf"))
         kp = kp.view(n, 1, 1, lk)
         mask = kp if mask is None else mask + kp
-    q = q * (1.0 / math.sqrt(hd))  # the scale on the queries, not on the scores
     out, weights = _attend(heads(q, lq), heads(k, lk), vm.map(lambda t: heads(t, lk)), mask,
                            is_causal and attn_mask is None, scale=1.0)
     out = out.map(lambda t: t.transpose(1, 2).reshape(n, lq, e))
