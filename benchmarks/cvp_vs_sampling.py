@@ -13,12 +13,14 @@ the estimator's default ``laplace_diag``, which you can pass instead):
 * per-layer variance ratio CVP / MC-1000 (mean over units and rows) before and
   after calibration;
 * time of one pass over a batch of ``--rows`` rows (the test set tiled, so that a
-  forward pass is compute-bound rather than call overhead): deterministic forward,
+  forward pass is compute-bound rather than call overhead; 4096 by default, and a
+  sweep of CVP / forward over ``--sweep`` rows): deterministic forward,
   one CVP pass, MC with 10 / 30 / 100 weight samples (each sample: draw the weights,
-  one forward). Two warm-up calls, then the median of ``--repeats`` timed calls (MC:
-  at most 3). On CPU the ratios use the thread's CPU time (robust to other jobs on
-  the machine; page faults included), wall-clock time is reported next to it; on
-  CUDA they use wall-clock time with synchronization.
+  one forward). Two warm-up calls (MC: one), then the median of ``--repeats`` timed
+  calls (MC: at most 3); the forward and CVP calls alternate, and CVP's cost in forward passes
+  is the median of the per-pair ratios. On CPU the ratios use the thread's CPU time
+  (robust to other jobs on the machine; page faults included), wall-clock time is
+  reported next to it; on CUDA they use wall-clock time with synchronization.
 
 Targets (issue 7): CVP costs <= 3 deterministic forward passes, is >= 20x faster
 than MC-100, at NLL within 2 % of MC-1000.
@@ -100,25 +102,42 @@ def make_net(kind: str, epochs: int, device: str, **kw):
                                **extra, **kw)
 
 
-def timed(fn, device: torch.device, repeats: int) -> dict:
-    """Two warm-up calls, then the median wall-clock and thread CPU seconds of ``repeats``."""
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+def _clock(fn, device: torch.device) -> tuple[float, float]:
+    """(wall, thread CPU) seconds of one call."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    w0, c0 = time.perf_counter(), time.thread_time()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - w0, time.thread_time() - c0
 
-    for _ in range(2):
-        fn()
-        sync()
-    wall, cpu = [], []
-    for _ in range(repeats):
-        sync()
-        w0, c0 = time.perf_counter(), time.thread_time()
-        fn()
-        sync()
-        wall.append(time.perf_counter() - w0)
-        cpu.append(time.thread_time() - c0)
+
+def timed(fn, device: torch.device, repeats: int, warmup: int = 2) -> dict:
+    """``warmup`` calls, then the median wall-clock and thread CPU seconds of ``repeats``."""
+    for _ in range(warmup):
+        _clock(fn, device)
+    wall, cpu = zip(*(_clock(fn, device) for _ in range(repeats)), strict=True)
     return {"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
             "repeats": repeats}
+
+
+def timed_pair(base, other, device: torch.device, repeats: int) -> tuple[dict, dict, dict]:
+    """``base`` and ``other`` timed alternately (two warm-up calls each), so that both see
+    the same machine load; also the median of the per-pair ratios ``other / base``."""
+    for _ in range(2):
+        _clock(base, device)
+        _clock(other, device)
+    pairs = [(_clock(base, device), _clock(other, device)) for _ in range(repeats)]
+    out = []
+    for i in (0, 1):
+        wall = [p[i][0] for p in pairs]
+        cpu = [p[i][1] for p in pairs]
+        out.append({"wall_s": statistics.median(wall), "cpu_s": statistics.median(cpu),
+                    "repeats": repeats})
+    ratio = {"wall": statistics.median(o[0] / b[0] for b, o in pairs),
+             "cpu": statistics.median(o[1] / b[1] for b, o in pairs)}
+    return out[0], out[1], ratio
 
 
 def mc_logits(model, variances, x, n, gen, hooks_on=None):
@@ -230,14 +249,36 @@ def run(kind: str, d, args, device: torch.device) -> dict:
         with torch.no_grad():
             prop(xb, layer_scales=scales)
 
-    t = {"forward": timed(det, device, args.repeats), "CVP": timed(cvp, device, args.repeats)}
+    t_fwd, t_cvp, paired = timed_pair(det, cvp, device, args.repeats)
+    t = {"forward": t_fwd, "CVP": t_cvp}
     for s in (10, 30, 100):
         t[f"MC-{s}"] = timed(lambda s=s: mc_logits(model, variances, xb, s, gen), device,
-                             min(args.repeats, 3))
+                             min(args.repeats, 3), warmup=1)
     key = "cpu_s" if device.type == "cpu" else "wall_s"
     fwd = t["forward"][key]
     for v in t.values():
         v["x_forward"] = v[key] / fwd
+    # CVP against the forward calls it alternated with (robust to drifting machine load)
+    t["CVP"]["x_forward"] = paired["cpu" if key == "cpu_s" else "wall"]
+    t["CVP"]["x_forward_of_medians"] = t["CVP"][key] / fwd
+    # CVP's cost in forward passes by batch size: call overhead at a few hundred rows,
+    # memory traffic (tensors beyond the caches, fresh pages) at tens of thousands
+    sweep = {}
+    for n_rows in args.sweep:
+        xs = tiled(x, n_rows)
+
+        def det_s(xs=xs):
+            with torch.no_grad():
+                model(xs)
+
+        def cvp_s(xs=xs):
+            with torch.no_grad():
+                prop(xs, layer_scales=scales)
+
+        f_s, c_s, r_s = timed_pair(det_s, cvp_s, device, args.repeats)
+        sweep[n_rows] = {"forward": f_s, "CVP": c_s,
+                         "x_forward": r_s["cpu" if key == "cpu_s" else "wall"]}
+        del xs
     gap = rows["CVP"]["NLL"] / rows[mc_name]["NLL"] - 1
     gap_u = rows["uncalibrated VP"]["NLL"] / rows[mc_name]["NLL"] - 1
     speedup = t["MC-100"][key] / t["CVP"][key]
@@ -245,6 +286,7 @@ def run(kind: str, d, args, device: torch.device) -> dict:
         "size": size, "n_parameters": sum(p.numel() for p in model.parameters()),
         "rows_timed": args.rows, "fit_s": fit_s, "metrics": rows,
         "layer_variance_ratio": ratios, "time": t, "timing_clock": key,
+        "cvp_x_forward_by_rows": sweep,
         "cvp_forward_equivalents": t["CVP"]["x_forward"], "cvp_speedup_vs_mc100": speedup,
         "nll_gap_cvp_vs_mc": gap, "nll_gap_uncalibrated_vs_mc": gap_u,
         "accuracy_cvp": float((p_c.argmax(1).numpy() == y).mean()),
@@ -280,8 +322,9 @@ def markdown(results: dict, config: dict, env: dict) -> str:
         f"{config['epochs']} epochs, {where})", "",
         f"Posterior: `posterior=\"{config['posterior']}\"` for CVP and for Monte Carlo alike "
         "(the same variances; MC draws the weights from them). Timing: one pass over "
-        f"{config['rows']} rows (the test set tiled), 2 warm-up calls, median of "
-        f"{config['repeats']} calls (MC: at most 3); ratios by {clock}. "
+        f"{config['rows']} rows (the test set tiled), 2 warm-up calls (MC: 1), median of "
+        f"{config['repeats']} calls (MC: at most 3), forward and CVP alternating (CVP's "
+        f"x forward: median of the per-pair ratios); ratios by {clock}. "
         f"torch {env['torch']}.", "",
         "## Summary", "",
         "| model | size | parameters | forward (s) | CVP (x forward) | MC-10 | MC-30 "
@@ -307,6 +350,19 @@ def markdown(results: dict, config: dict, env: dict) -> str:
                      f"{'yes' if m['speedup>=20'] else 'no'} | "
                      f"{'yes' if m['nll_gap<=2%'] else 'no'} |")
     lines.append("")
+    sweep_rows = sorted({int(n) for r in results.values() for n in r["cvp_x_forward_by_rows"]})
+    if sweep_rows:
+        lines += ["CVP cost in forward passes by rows per pass (forward seconds in brackets):",
+                  "", "| model | " + " | ".join(f"{n} rows" for n in sweep_rows) + " |",
+                  "|---|" + "---|" * len(sweep_rows)]
+        for kind, r in results.items():
+            cells = []
+            for n in sweep_rows:
+                v = r["cvp_x_forward_by_rows"].get(n) or r["cvp_x_forward_by_rows"].get(str(n))
+                cells.append("" if v is None else
+                             f"{v['x_forward']:.2f} ({v['forward'][r['timing_clock']]:.4f})")
+            lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+        lines.append("")
     for kind, r in results.items():
         lines += [f"## {kind} ({r['size']}; CVP accuracy {r['accuracy_cvp']:.3f})", "",
                   "| predictive | TV to MC | NLL | ECE | C@0.5% | C@1% | AURC | OOD AUROC |",
@@ -336,6 +392,9 @@ def main(argv=None):
     ap.add_argument("--posterior", default="ivon", help="posterior source (same for CVP and MC)")
     ap.add_argument("--rows", type=int, default=None, help="rows per timed pass (default 4096)")
     ap.add_argument("--repeats", type=int, default=None, help="timed calls per method")
+    ap.add_argument("--sweep", default=None,
+                    help="comma-separated rows per pass for the CVP / forward sweep "
+                         "(default 256,1024,4096,16384)")
     ap.add_argument("--models", default=None, help="comma-separated subset of " + ",".join(MODELS))
     ap.add_argument("--out", type=Path, default=None, help="folder for the md/json results")
     args = ap.parse_args(argv)
@@ -343,7 +402,9 @@ def main(argv=None):
     device = torch.device(args.device)
     args.epochs, args.n_mc = (3, 50) if args.quick else (30, 1000)
     args.rows = args.rows or (512 if args.quick else 4096)
-    args.repeats = args.repeats or (2 if args.quick else 5)
+    args.sweep = [int(n) for n in (args.sweep or ("256,2048" if args.quick else
+                                                  "256,1024,4096,16384")).split(",") if n]
+    args.repeats = args.repeats or (2 if args.quick else 9)
     kinds = (args.models.split(",") if args.models else
              ["mlp"] if args.quick else list(MODELS))
     d = load_digits_ood()
@@ -352,7 +413,7 @@ def main(argv=None):
     if hasattr(os, "getloadavg"):
         env["load_average_at_end"] = os.getloadavg()[0]
     config = {"posterior": args.posterior, "epochs": args.epochs, "n_mc": args.n_mc,
-              "rows": args.rows, "repeats": args.repeats}
+              "rows": args.rows, "repeats": args.repeats, "sweep_rows": args.sweep}
     text = markdown(results, config, env)
     print(text)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
