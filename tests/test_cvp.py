@@ -4,6 +4,7 @@ the estimator, and bad input."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -125,6 +126,53 @@ def test_layer_scales_reach_tuple_outputs():
         scaled = prop(x, layer_scales={"attn": 10.0}, record=rec)
     assert bool((scaled.var > base.var).all())
     assert "attn" in rec
+
+
+def test_weight_side_cache_follows_in_place_changes_and_conversions():
+    """W^2 and W^2 + s are cached across calls, and recomputed when the weight changes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    prop = MomentPropagator(net, {"0.weight": 0.01})  # layer 2: deterministic, cached W^2
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        before = prop(x)
+        net[2].weight.mul_(2.0)  # in place
+        torch.testing.assert_close(prop(x).var, 4.0 * before.var)
+        net.double()  # new data for every parameter
+        out = prop(x.double())
+        torch.testing.assert_close(out.var, MomentPropagator(net, {"0.weight": 0.01})(
+            x.double()).var)
+
+
+def test_sliced_evaluation_matches_whole_tensors(monkeypatch):
+    """Without autograd, elementwise rules, norms and pooling run on slices of the batch:
+    the same numbers as on whole tensors."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4)
+            self.pool, self.lin = nn.MaxPool2d(2), nn.Linear(64, 16)
+            self.ln, self.out = nn.LayerNorm(16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.pool(torch.relu(self.bn(self.conv(x)))).flatten(1)
+            return self.out(self.ln(F.gelu(self.lin(h))) * torch.sigmoid(self.ln(h[:, :16])))
+
+    model = Net().eval()
+    model.bn.running_var.uniform_(0.5, 2.0)
+    variances = {n: torch.full_like(p, 0.2) for n, p in model.named_parameters()}
+    x = torch.randn(37, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorrelatedFactorsWarning)
+        prop = MomentPropagator(model, variances)
+    with torch.no_grad():
+        whole = prop(x)
+        monkeypatch.setattr(mom, "SLICE_ENTRIES", 50)  # many slices, ragged last one
+        sliced = prop(x)
+    torch.testing.assert_close(sliced.mean, whole.mean)
+    torch.testing.assert_close(sliced.var, whole.var)
 
 
 def test_linearized_fallback_is_biased_where_moment_matching_is_not():

@@ -464,11 +464,11 @@ class PropagationContext:
         (``W^2 + sigma^2``, say), cached across calls.
 
         The propagator keeps the cache: an entry is reused while ``p`` is the
-        same tensor, unchanged in place (``p._version``), with the same
-        variance tensor. It is computed afresh when ``p`` is not an
-        ``nn.Parameter`` (a slice of one, say) and when autograd would need to
-        reach ``p`` (grad mode on and ``p.requires_grad``). ``tag`` names what
-        ``fn`` computes from ``p``.
+        same tensor, unchanged in place (``p._version``), with the same data
+        (pointer, device, dtype) and the same variance tensor. It is computed
+        afresh when ``p`` is not an ``nn.Parameter`` (a slice of one, say) and
+        when autograd would need to reach ``p`` (grad mode on and
+        ``p.requires_grad``). ``tag`` names what ``fn`` computes from ``p``.
 
         Examples
         --------
@@ -485,12 +485,14 @@ class PropagationContext:
             return fn()
         var = self._vars.get(id(p))
         key = (id(p), tag)
+        # p.data replaced (Module.to) changes the pointer; in-place ops the version
+        stamp = (p._version, p.data_ptr(), p.device, p.dtype)
         hit = self._cache.get(key)
-        if hit is not None and hit[0] is p and hit[1] == p._version and hit[2] is var:
+        if hit is not None and hit[0] is p and hit[1] == stamp and hit[2] is var:
             return hit[3]
         with torch.no_grad():
             out = fn()
-        self._cache[key] = (p, p._version, var, out)
+        self._cache[key] = (p, stamp, var, out)
         return out
 
     def param(self, p: Tensor | None) -> Moments | None:

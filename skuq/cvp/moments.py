@@ -67,7 +67,6 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _LAM = math.sqrt(math.pi / 8.0)  # sigmoid(x) ~ Phi(_LAM x)
 _N_HERMITE = 32
 _N_LEGENDRE = 20
-_TINY = 1e-300
 _INV_SQRT2 = 1.0 / _SQRT2
 _LOG_INV_SQRT_2PI = -0.5 * math.log(2.0 * math.pi)
 
