@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import scipy.linalg
 import scipy.optimize
 import torch
 from torch import Tensor
@@ -38,6 +39,20 @@ __all__ = [
 ]
 
 PRIOR_STRUCTURES = ("scalar", "layerwise")
+
+
+def _eigh64(S: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenpairs of a symmetric matrix in float64, on ``S``'s device.
+
+    On the CPU through LAPACK's ``dsyevr`` (scipy's default driver, relatively
+    robust representations): it needs O(P) workspace where torch's ``dsyevd``
+    takes 2 P^2 -- for a dense curvature, the largest matrix of the fit.
+    """
+    if S.device.type != "cpu":
+        return torch.linalg.eigh(S.double())
+    a = S.detach().to(torch.float64, copy=True).numpy()
+    evals, evecs = scipy.linalg.eigh(a, driver="evr", overwrite_a=True, check_finite=False)
+    return torch.from_numpy(evals), torch.from_numpy(evecs)
 
 
 class WeightPosterior:
@@ -376,11 +391,13 @@ class FullPosterior(WeightPosterior):
         H = curvature.detach().to(mean.dtype)
         if H.shape != (mean.numel(), mean.numel()):
             raise ValueError("curvature must be a P x P matrix")
-        H = (H + H.T) / 2
+        H = H + H.T
+        H.mul_(0.5)  # symmetrized with one temporary (P x P can be large)
         self.H = H
-        evals, evecs = torch.linalg.eigh(H.double() if H.dtype != torch.float64 else H)
+        evals, evecs = _eigh64(H)
         self.eigvals = evals.clamp_min(0).to(H.dtype)
         self.eigvecs = evecs.to(H.dtype)
+        del evecs
         super().__init__(mean, **kwargs)
 
     def _log_det(self, delta, s):
@@ -421,15 +438,28 @@ class FullPosterior(WeightPosterior):
         return self.mean + eps @ self._factor().T
 
     def functional_variance_last_layer(self, phi, n_out, has_bias):
-        cov = self.covariance().to(phi.dtype)
-        d = phi.shape[1]
-        nw = n_out * d
-        Sww = cov[:nw, :nw].reshape(n_out, d, n_out, d)
-        out = torch.einsum("ni,ciej,nj->nce", phi, Sww, phi)
+        key = ("last_layer", phi.shape[1], n_out, has_bias, phi.dtype)
+        if key not in self._cache:  # the blocks, contiguous once rather than per batch
+            cov = self._cache.get("cov")
+            if cov is None:  # formed for the blocks only, not kept: P^2 memory is the cost here
+                d, s = self.prior_precision, self.curvature_scale
+                if d.ndim == 0 and "A" not in self._cache:
+                    cov = (self.eigvecs * (1.0 / (s * self.eigvals + d))) @ self.eigvecs.T
+                else:
+                    A = self._factor()
+                    cov = A @ A.T
+            cov = cov.to(phi.dtype)
+            d = phi.shape[1]
+            nw = n_out * d
+            blocks = [cov[:nw, :nw].reshape(n_out, d, n_out, d).contiguous()]
+            if has_bias:
+                blocks += [cov[:nw, nw:].reshape(n_out, d, n_out).contiguous(), cov[nw:, nw:]]
+            self._cache[key] = blocks
+        blocks = self._cache[key]
+        out = torch.einsum("ni,ciej,nj->nce", phi, blocks[0], phi)
         if has_bias:
-            Swb = cov[:nw, nw:].reshape(n_out, d, n_out)
-            cross = torch.einsum("ni,cie->nce", phi, Swb)
-            out = out + cross + cross.transpose(1, 2) + cov[nw:, nw:]
+            cross = torch.einsum("ni,cie->nce", phi, blocks[1])
+            out = out + cross + cross.transpose(1, 2) + blocks[2]
         return out
 
 
@@ -467,7 +497,7 @@ class KronPosterior(WeightPosterior):
             pairs = []
             for F in b.factors:
                 F = F.detach()
-                ev, Q = torch.linalg.eigh(((F + F.T) / 2).double())
+                ev, Q = _eigh64((F + F.T) / 2)
                 pairs.append((ev.clamp_min(0).to(mean.dtype), Q.to(mean.dtype)))
             self.eig.append(pairs)
         if kwargs.get("group_sizes") is None:

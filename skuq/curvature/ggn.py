@@ -414,24 +414,31 @@ def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_element
         [torch.ones(n, 1, dtype=a.dtype, device=a.device)] if "bias" in slices else [])
     phi = torch.cat(feats, 1)
     D = phi.shape[1]
+    if "full_cd" not in acc:
+        acc["full_cd"] = torch.zeros(C * C * D, D, dtype=phi.dtype, device=phi.device)
     step = max(1, max_elements // max(1, C * C * D))
     for s in range(0, n, step):
         lam_s, phi_s = lam[s : s + step], phi[s : s + step]
         Z = (lam_s.reshape(len(lam_s), C * C, 1) * phi_s.unsqueeze(1)).reshape(len(lam_s), -1)
-        acc["full_cd"] = acc.get("full_cd", 0) + (Z.T @ phi_s).reshape(C, C, D, D)
+        acc["full_cd"].addmm_(Z.T, phi_s)  # in place: no block-sized temporary per batch
+    acc["full_shape"] = (C, D)
 
 
-def _layout_full_direct(H4: Tensor, slices, n_params: int) -> Tensor:
-    """``(C, C, D, D)`` to the flat layout ``[vec(W) row-major, b]`` of the layer's slices."""
-    C, D = H4.shape[0], H4.shape[2]
-    H = H4.permute(0, 2, 1, 3).reshape(C * D, C * D)  # index (c, feature)
-    grid = torch.arange(C * D, device=H.device).reshape(C, D)
-    pos = torch.empty(n_params, dtype=torch.long, device=H.device)
-    if "weight" in slices:
-        pos[slices["weight"]] = grid[:, : D - ("bias" in slices)].reshape(-1)
-    if "bias" in slices:
-        pos[slices["bias"]] = grid[:, -1]
-    return H[pos][:, pos]
+def _layout_full_direct(H2: Tensor, shape, slices, n_params: int) -> Tensor:
+    """The ``(C C D, D)`` block to the flat layout ``[vec(W) row-major, b]``, in one gather."""
+    C, D = shape
+    H4 = H2.reshape(C, C, D, D)
+    c = torch.arange(C, device=H2.device)
+    cls = torch.empty(n_params, dtype=torch.long, device=H2.device)
+    feat = torch.empty(n_params, dtype=torch.long, device=H2.device)
+    if "weight" in slices:  # row-major W: class-major, then the feature
+        n_w = D - ("bias" in slices)
+        cls[slices["weight"]] = c.repeat_interleave(n_w)
+        feat[slices["weight"]] = torch.arange(n_w, device=H2.device).repeat(C)
+    if "bias" in slices:  # the appended constant feature
+        cls[slices["bias"]] = c
+        feat[slices["bias"]] = D - 1
+    return H4[cls[:, None], cls[None, :], feat[:, None], feat[None, :]]
 
 
 def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, max_elements):
@@ -441,7 +448,8 @@ def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, ma
     )
     if structure == "full":
         if "full_cd" in acc:
-            full = _layout_full_direct(acc["full_cd"], plan[0][1], weights.n_params)
+            full = _layout_full_direct(acc.pop("full_cd"), acc["full_shape"], plan[0][1],
+                                       weights.n_params)
         else:
             full = acc["full"]
         return dict(full=full), loss, n_data, n_out[0]
