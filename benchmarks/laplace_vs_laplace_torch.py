@@ -406,32 +406,53 @@ def run_child(spec: dict, timeout: float) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def repeated_child(spec: dict, timeout: float, repeats: int, below_s: float) -> dict:
-    """``run_child``, repeated up to ``repeats`` times when one run is shorter than ``below_s``.
+def timed_child(spec: dict, timeout: float) -> dict:
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    res = run_child(spec, timeout)
+    res["loadavg_1min_before"] = load
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def merge_runs(runs: list[dict]) -> dict:
+    """One result from repeated runs of a (library, config).
 
     The machine is shared, so a short run's time is noisy: the run with the least
     fit + predict time is kept (timings are the minimum). Peak RSS varies between
     identical runs too (the allocator's heap, code pages touched first): the
     median of the runs' peaks is reported, and all of them are kept.
     """
-    runs = []
-    for _ in range(repeats):
-        load = os.getloadavg()[0]
-        t = time.perf_counter()
-        res = run_child(spec, timeout)
-        res["loadavg_1min_before"] = load
-        res["wall_s"] = time.perf_counter() - t
-        if "error" in res:
-            return res if not runs else runs[0]
-        runs.append(res)
-        if res["wall_s"] > below_s:
-            break
+    runs = [r for r in runs if "error" not in r] or runs[:1]
+    if "error" in runs[0]:
+        return runs[0]
     best = dict(min(runs, key=lambda r: r["fit_s"] + r["predict_s"]))
     best["runs"] = len(runs)
     best["fit_predict_s_runs"] = [r["fit_s"] + r["predict_s"] for r in runs]
     best["peak_mb_runs"] = [r["peak_mb"] for r in runs]
     best["peak_mb"] = float(np.median(best["peak_mb_runs"]))
     return best
+
+
+def run_config(specs: dict, timeout: float, repeats: int, below_s: float) -> dict:
+    """Both libraries on one config: skuq, then laplace-torch at skuq's marglik delta.
+
+    Runs shorter than ``below_s`` are repeated, the two libraries alternating
+    (skuq, laplace-torch, skuq, ...) so that both see the same load on a shared
+    machine, up to ``repeats`` runs each.
+    """
+    runs = {lib: [] for lib in specs}
+    for _ in range(repeats):
+        for lib, spec in specs.items():
+            if runs[lib] and (runs[lib][-1]["wall_s"] > below_s or "error" in runs[lib][-1]):
+                continue
+            if lib == "laplace-torch" and "skuq" in runs:
+                first = runs["skuq"][0]
+                spec["delta"] = first.get("marglik_delta")  # predict at skuq's delta
+            runs[lib].append(timed_child(spec, timeout))
+        if all(r[-1]["wall_s"] > below_s or "error" in r[-1] for r in runs.values()):
+            break
+    return {lib: merge_runs(r) for lib, r in runs.items()}
 
 
 def score(row: dict, y_test: np.ndarray, labels: np.ndarray, probas: dict) -> None:
@@ -567,29 +588,27 @@ def main(argv=None) -> list[dict]:
             print(task, info, flush=True)
             for subset, structure in configs:
                 row = dict(task=task, subset=subset, structure=structure)
-                delta, probas = None, {}
+                specs, probas = {}, {}
                 for lib in LIBS:
                     reason = skip_reason(lib, subset, structure, info["n_params"],
                                          info["n_last_layer"])
                     if reason:
-                        res = {"error": reason}
-                    else:
-                        proba = os.path.join(tmp, "proba.npy")
-                        spec = dict(lib=lib, task=task, subset=subset, structure=structure,
-                                    data=data, weights=path, proba=proba,
-                                    batch_size=info["batch_size"], device=args.device,
-                                    threads=args.threads, delta=delta,
-                                    mem_cap_gb=args.mem_cap_gb,
-                                    predict_budget_s=profile["predict_budget_s"],
-                                    fit_budget_s=profile["fit_budget_s"])
-                        res = repeated_child(spec, args.timeout, args.repeats,
-                                             args.repeat_below)
-                        if "error" not in res:
-                            probas[lib] = np.load(proba)
-                            os.remove(proba)
-                    if lib == "skuq" and "marglik_delta" in res:
-                        delta = res["marglik_delta"]  # laplace-torch predicts at this delta
+                        row[lib] = {"error": reason}
+                        continue
+                    specs[lib] = dict(lib=lib, task=task, subset=subset, structure=structure,
+                                      data=data, weights=path,
+                                      proba=os.path.join(tmp, f"proba-{lib}.npy"),
+                                      batch_size=info["batch_size"], device=args.device,
+                                      threads=args.threads, delta=None,
+                                      mem_cap_gb=args.mem_cap_gb,
+                                      predict_budget_s=profile["predict_budget_s"],
+                                      fit_budget_s=profile["fit_budget_s"])
+                for lib, res in run_config(specs, args.timeout, args.repeats,
+                                           args.repeat_below).items():
                     row[lib] = res
+                    if "error" not in res:
+                        probas[lib] = np.load(specs[lib]["proba"])
+                        os.remove(specs[lib]["proba"])
                 score(row, y_test, labels, probas)
                 for lib in LIBS:
                     print(task, subset, structure, lib, row[lib], flush=True)

@@ -321,9 +321,10 @@ def _hook_pass(
         loss += float(sum_loss(fd, y, likelihood))
         n_data += f.shape[0]
         M = _output_factors(fd, y, likelihood, curvature)
-        if direct and structure == "full":  # sum_n Lambda_n (x) phi_n phi_n^T, no backward
+        if direct:  # the layer's output gradients are M's columns: closed forms, no k loop
             mod, slices = plan[0]
-            _accumulate_full_direct(acc, slices, rec.inputs[mod][0], M, max_elements)
+            _accumulate_direct(acc, mod, slices, rec.inputs[mod][0], M, structure,
+                               max_elements)
             continue
         outs = [rec.outputs[m][0] for m in modules]
         inputs: dict = {}  # each layer's (unfolded) inputs, formed once per batch
@@ -398,6 +399,30 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
             if "bias" in slices:
                 R[:, slices["bias"]] = gt[rows].sum(1)
         acc["full"] = acc.get("full", 0) + R.T @ R
+
+
+def _accumulate_direct(acc: dict, mod, slices, a: Tensor, M: Tensor, structure: str,
+                       max_elements: int) -> None:
+    """One batch of a layer whose output is the net's: ``g_k = M[:, :, k]``, ``T = 1``."""
+    if structure == "full":
+        _accumulate_full_direct(acc, slices, a, M, max_elements)
+        return
+    st = acc.setdefault(mod, {})
+    a = a.reshape(a.shape[0], -1)
+    if structure == "kron":
+        rows = M.transpose(1, 2).reshape(-1, M.shape[1])  # (B K, C): sum_k g_k g_k^T at once
+        if "weight" in slices:
+            _add_gram(st, "G", rows)
+            _add_gram(st, "A", a)
+            st["rows"] = st.get("rows", 0) + a.shape[0]
+        if "bias" in slices:
+            _add_gram(st, "B", rows)
+        return
+    lam = (M**2).sum(2)  # (B, C): diagonal of M M^T, the GGN's output weights
+    if "weight" in slices:
+        st["dw"] = st.get("dw", 0) + lam.T @ (a**2)
+    if "bias" in slices:
+        st["db"] = st.get("db", 0) + lam.sum(0)
 
 
 def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_elements: int) -> None:
