@@ -120,7 +120,8 @@ def _fingerprint(weights, X, y, options) -> str:
         h.update(b.detach().cpu().numpy().tobytes())
     for arr in (np.ascontiguousarray(X), np.ascontiguousarray(y)):
         h.update(repr((arr.shape, arr.dtype.str)).encode())
-        h.update(arr.tobytes())
+        # hashed in place: tobytes() would copy the whole training array
+        h.update(arr.tobytes() if arr.dtype.hasobject else arr.reshape(-1).view(np.uint8))
     h.update(repr(_option_key(options)).encode())
     if weights.indices is not None:
         h.update(weights.indices.cpu().numpy().tobytes())
