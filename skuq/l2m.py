@@ -397,7 +397,8 @@ class L2MClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseL2M):
     and ``hessian_structure="diag"``. Fitting makes no pass over the training
     data: the training loss for the evidence comes from skorch's history.
     """ + _SHARED_DOC + """    link_approx : {"probit", "centered_probit", "mc", "bridge"}, \
-default="probit"
+default="centered_probit"
+        As :class:`~skuq.LaplaceClassifier`'s.
 
     Attributes
     ----------
@@ -425,7 +426,7 @@ default="probit"
     def __init__(
         self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
         prior_precision="marglik", prior_structure="scalar", pred_type="glm",
-        link_approx="probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
+        link_approx="centered_probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
         device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
     ):
         self.estimator = estimator

@@ -34,8 +34,13 @@ from .curvature import (
 )
 from .curvature.weights import SUBSETS
 from .outputs import LINKS, OutputDistribution, probit_probabilities
-from .posterior import PRIOR_STRUCTURES, FullPosterior, posterior_from_curvature
-from .predictive import glm_predictive, needs_jacobians, nn_predictive
+from .posterior import (
+    PRIOR_STRUCTURES,
+    FullPosterior,
+    augment_centered,
+    posterior_from_curvature,
+)
+from .predictive import gaussian_predictive, glm_predictive, needs_jacobians, nn_predictive
 from .subnetwork import (
     GivenIndices,
     LargestVariance,
@@ -369,13 +374,15 @@ class _BaseLaplace(BaseUQEstimator):
             if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
                 with torch.no_grad():
                     n_out = self.model_(xb[:1]).shape[1]
+                center = self._centered_logits()
                 for rows, J, f in iter_jacobians(weights, xb, n_out):
-                    variance = _grid_functional_variance(post, J.detach().to(post.mean.dtype))
+                    J = J.detach().to(post.mean.dtype)
+                    variance = _grid_functional_variance(
+                        post, augment_centered(J) if center else J
+                    )
                     for i, delta in enumerate(grid):
-                        cov = variance(delta).to(f.dtype)
-                        nll[i] += self._heldout_nll(
-                            OutputDistribution.gaussian(f.detach(), cov), yb[rows]
-                        )
+                        dist = gaussian_predictive(f.detach(), variance(delta), center)
+                        nll[i] += self._heldout_nll(dist, yb[rows])
                 continue
             for i, delta in enumerate(grid):
                 post.set_hyperparameters(prior_precision=delta)
@@ -385,9 +392,14 @@ class _BaseLaplace(BaseUQEstimator):
         self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
 
     # ---------------------------------------------------------------- predict
+    def _centered_logits(self) -> bool:
+        """Whether the GLM covariance is formed for the centered logits (the link's precision)."""
+        return getattr(self, "link_approx", None) == "centered_probit"
+
     def _distribution(self, x: Tensor) -> OutputDistribution:
         if self.pred_type == "glm":
-            return glm_predictive(self.weights_, self.posterior_, x)
+            return glm_predictive(self.weights_, self.posterior_, x,
+                                  center=self._centered_logits())
         gen = self._generator()  # the same weight draws for every batch
         return nn_predictive(self.weights_, self.posterior_, x, n_samples=self.n_samples,
                              generator=gen)
@@ -396,7 +408,7 @@ class _BaseLaplace(BaseUQEstimator):
         dist = self._distribution(x)
         if dist.is_sampled:
             return OutputDistribution.from_samples(dist.samples.float())
-        return OutputDistribution.gaussian(dist.mean.float(), dist.covariance.float())
+        return dist.to(torch.float32)
 
 
 class _ClassificationLikelihood:
@@ -485,12 +497,15 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         Generalized Gauss-Newton or empirical Fisher.
     pred_type : {"glm", "nn"}, default="glm"
         Linearized predictive or weight sampling.
-    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="centered_probit"
         From a Gaussian over logits to probabilities (``pred_type="glm"``).
         ``"probit"`` is laplace-torch's link; ``"centered_probit"`` first
         removes the variance of the shift shared by all logits, which
         softmax ignores, and is much closer to ``"mc"`` for last-layer
         posteriors (:func:`~skuq.outputs.centered_probit_probabilities`).
+        With it, ``predict_distribution`` gives the covariance of the
+        centered logits ``P f`` (formed from centered Jacobians, for
+        precision); the probabilities are those of ``f``.
     n_samples : int, default=100
         Samples for ``link_approx="mc"`` and ``pred_type="nn"``.
     temperature : float, default=1.0
@@ -567,7 +582,7 @@ default="largest_variance"
     def __init__(
         self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
         prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
-        link_approx="probit", n_samples=100, temperature=1.0, subnetwork_size=None,
+        link_approx="centered_probit", n_samples=100, temperature=1.0, subnetwork_size=None,
         subnetwork_selection="largest_variance", subnetwork_indices=None, rank=100,
         calibration_fraction=0.2, device="auto", batch_size=256, random_state=None, verbose=0,
         memory=None,
@@ -743,7 +758,7 @@ calibration_fraction
     def __init__(
         self, estimator, *, subnetwork_size="auto", subnetwork_selection="largest_variance",
         prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
-        link_approx="probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
+        link_approx="centered_probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
         device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
     ):
         self.estimator = estimator

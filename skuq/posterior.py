@@ -35,6 +35,9 @@ __all__ = [
     "FullPosterior",
     "LowRankPosterior",
     "posterior_from_curvature",
+    "center_outputs",
+    "augment_centered",
+    "split_centered",
     "PRIOR_STRUCTURES",
 ]
 
@@ -53,6 +56,65 @@ def _eigh64(S: Tensor) -> tuple[Tensor, Tensor]:
     a = S.detach().to(torch.float64, copy=True).numpy()
     evals, evecs = scipy.linalg.eigh(a, driver="evr", overwrite_a=True, check_finite=False)
     return torch.from_numpy(evals), torch.from_numpy(evecs)
+
+
+def center_outputs(t: Tensor, dim: int = 1) -> Tensor:
+    """``P t``: ``t`` less its mean over the output (class) axis ``dim`` (``P = I - 11^T/C``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import center_outputs
+    >>> center_outputs(torch.tensor([[[1.0], [3.0]]])).flatten().tolist()
+    [-1.0, 1.0]
+    """
+    return t - t.mean(dim=dim, keepdim=True)
+
+
+def augment_centered(t: Tensor, dim: int = 1) -> Tensor:
+    """``[P t; 1^T t / C]`` along the output axis ``dim``: ``C + 1`` entries.
+
+    Applied to the output side of a Jacobian (or of any factor of ``J Sigma
+    J^T``), the contraction gives ``Cov[(P f, mean f)]``, from which
+    :func:`split_centered` reads both the covariance of ``f`` and that of the
+    centered logits ``P f``. Softmax ignores a shift shared by all logits, so
+    ``P f`` carries the probabilities; forming its covariance from centered
+    factors, rather than projecting the finished covariance, keeps the
+    shared-shift variance (which only the prior bounds, and can exceed the
+    rest by orders of magnitude) out of its sums: rounding errors enter
+    squared, not linearly.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import augment_centered
+    >>> augment_centered(torch.tensor([[[1.0], [3.0]]])).flatten().tolist()
+    [-1.0, 1.0, 2.0]
+    """
+    return torch.cat([center_outputs(t, dim), t.mean(dim=dim, keepdim=True)], dim=dim)
+
+
+def split_centered(M: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Cov f, Cov P f)`` from ``M = Cov[(P f, mean f)]`` of shape (N, C+1, C+1).
+
+    ``f = P f + 1 mean(f)``, so ``Cov f = S_c + u 1^T + 1 u^T + s 11^T`` with
+    ``S_c = M[:C, :C]``, ``u = M[:C, C]`` and ``s = M[C, C]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import augment_centered, split_centered
+    >>> J = torch.randn(1, 3, 4, dtype=torch.float64)
+    >>> Ja = augment_centered(J)
+    >>> S, S_c = split_centered(Ja @ Ja.transpose(1, 2))
+    >>> P = torch.eye(3, dtype=J.dtype) - 1 / 3
+    >>> torch.allclose(S, J @ J.transpose(1, 2)), torch.allclose(S_c, P @ S @ P)
+    (True, True)
+    """
+    C = M.shape[-1] - 1
+    S_c, u, s = M[:, :C, :C], M[:, :C, C], M[:, C, C]
+    S = S_c + u[:, :, None] + u[:, None, :] + s[:, None, None]
+    return S, S_c
 
 
 class WeightPosterior:
@@ -358,15 +420,25 @@ class DiagPosterior(WeightPosterior):
         eps = self._randn((n_samples, self.n_params), generator)
         return self.mean + eps * self.marginal_variance().sqrt()
 
-    def functional_variance_last_layer(self, phi: Tensor, n_out: int, has_bias: bool) -> Tensor:
-        """``J Sigma J^T`` of a last Linear layer from its input features ``phi`` (B, D)."""
+    def functional_variance_last_layer(self, phi: Tensor, n_out: int, has_bias: bool,
+                                       augment: bool = False) -> Tensor:
+        """``J Sigma J^T`` of a last Linear layer from its input features ``phi`` (B, D).
+
+        ``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``
+        (see :func:`augment_centered`); the logits are independent here, so it
+        is a sum of non-negative terms per entry.
+        """
         var = self.marginal_variance().to(phi.dtype)
         d = phi.shape[1]
         vw = var[: n_out * d].reshape(n_out, d)
         out = (phi**2) @ vw.T
         if has_bias:
             out = out + var[n_out * d :]
-        return torch.diag_embed(out)
+        if not augment:
+            return torch.diag_embed(out)
+        eye = torch.eye(n_out, dtype=out.dtype, device=out.device)
+        A = augment_centered(eye, 0)  # (C+1, C): the map f -> (P f, mean f)
+        return torch.einsum("ic,nc,jc->nij", A, out, A)
 
 
 class FullPosterior(WeightPosterior):
@@ -437,30 +509,31 @@ class FullPosterior(WeightPosterior):
         eps = self._randn((n_samples, self.n_params), generator)
         return self.mean + eps @ self._factor().T
 
-    def functional_variance_last_layer(self, phi, n_out, has_bias):
-        key = ("last_layer", phi.shape[1], n_out, has_bias, phi.dtype)
-        if key not in self._cache:  # the blocks, contiguous once rather than per batch
-            cov = self._cache.get("cov")
-            if cov is None:  # formed for the blocks only, not kept: P^2 memory is the cost here
-                d, s = self.prior_precision, self.curvature_scale
-                if d.ndim == 0 and "A" not in self._cache:
-                    cov = (self.eigvecs * (1.0 / (s * self.eigvals + d))) @ self.eigvecs.T
-                else:
-                    A = self._factor()
-                    cov = A @ A.T
-            cov = cov.to(phi.dtype)
-            d = phi.shape[1]
-            nw = n_out * d
-            blocks = [cov[:nw, :nw].reshape(n_out, d, n_out, d).contiguous()]
-            if has_bias:
-                blocks += [cov[:nw, nw:].reshape(n_out, d, n_out).contiguous(), cov[nw:, nw:]]
-            self._cache[key] = blocks
-        blocks = self._cache[key]
-        out = torch.einsum("ni,ciej,nj->nce", phi, blocks[0], phi)
-        if has_bias:
-            cross = torch.einsum("ni,cie->nce", phi, blocks[1])
-            out = out + cross + cross.transpose(1, 2) + blocks[2]
-        return out
+    def functional_variance_last_layer(self, phi, n_out, has_bias, augment=False):
+        """In factor form, ``(J A)(J A)^T`` with ``A A^T = Sigma``: a sum of squares.
+
+        The covariance's own entries reach ``1 / delta`` along feature
+        directions the data never spans, while the predictive variance is
+        O(1); contracting them with ``phi`` would cancel, and rows batched
+        differently would round apart. Through the factor, rounding errors
+        enter squared. Same cost order as the covariance blocks, ``B C^2 d^2``.
+        ``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``.
+        """
+        d = phi.shape[1]
+        nw = n_out * d
+        key = ("last_layer", d, n_out, has_bias, phi.dtype, augment)
+        if key not in self._cache:  # the factor laid out by class once, not per batch
+            A = self._factor().to(phi.dtype)
+            Aw, Ab = A[:nw].reshape(n_out, d, -1), A[nw:] if has_bias else None
+            if augment:
+                Aw = augment_centered(Aw, 0)
+                Ab = None if Ab is None else augment_centered(Ab, 0)
+            self._cache[key] = (Aw, Ab)
+        Aw, Ab = self._cache[key]
+        JA = torch.einsum("ni,cik->nck", phi, Aw)
+        if Ab is not None:
+            JA = JA + Ab
+        return JA @ JA.transpose(1, 2)
 
 
 class KronPosterior(WeightPosterior):
@@ -576,14 +649,17 @@ class KronPosterior(WeightPosterior):
                 out[:, b.index] += (QG @ z @ QA.T).reshape(n_samples, -1)
         return out
 
-    def functional_variance_last_layer(self, phi, n_out, has_bias):
+    def functional_variance_last_layer(self, phi, n_out, has_bias, augment=False):
+        """``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``."""
         out = 0
         for _b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
             if len(pairs) == 1:  # the bias block: the same for every row
                 Q = pairs[0][1].to(phi.dtype)
+                Q = augment_centered(Q, 0) if augment else Q
                 out = out + ((Q * inv.to(phi.dtype)) @ Q.T).expand(phi.shape[0], -1, -1)
             else:
                 QG, QA = pairs[0][1].to(phi.dtype), pairs[1][1].to(phi.dtype)
+                QG = augment_centered(QG, 0) if augment else QG
                 s = ((phi @ QA) ** 2) @ inv.to(phi.dtype).T  # (B, out)
                 out = out + torch.einsum("co,no,eo->nce", QG, s, QG)
         return out

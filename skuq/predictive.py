@@ -19,9 +19,22 @@ from .curvature.ggn import _layer_plan, _unfold
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
 from .curvature.weights import WeightSubset
 from .outputs import OutputDistribution
-from .posterior import DiagPosterior, KronPosterior, LowRankPosterior, WeightPosterior
+from .posterior import (
+    DiagPosterior,
+    KronPosterior,
+    LowRankPosterior,
+    WeightPosterior,
+    augment_centered,
+    split_centered,
+)
 
-__all__ = ["glm_predictive", "nn_predictive", "last_layer_features", "needs_jacobians"]
+__all__ = [
+    "glm_predictive",
+    "nn_predictive",
+    "gaussian_predictive",
+    "last_layer_features",
+    "needs_jacobians",
+]
 
 
 def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -64,7 +77,8 @@ def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tenso
     return phi, f
 
 
-def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistribution | None:
+def _layer_glm(weights: WeightSubset, posterior, x: Tensor,
+               center: bool = False) -> OutputDistribution | None:
     """``J Sigma J^T`` for diag/K-FAC posteriors over dense layers fed by vectors.
 
     One forward pass and ``C`` backward passes give each layer's input ``a``
@@ -75,6 +89,8 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
     (input patches ``a``; for K-FAC, in the factors' eigenbases) are formed one
     layer and one chunk of rows at a time, never the Jacobian of all weights.
     ``None`` when the network has other layers or inputs with extra dims.
+    ``center``: also the covariance of the centered logits, from output
+    gradients centered over classes (see :func:`~skuq.posterior.augment_centered`).
     """
     plan = _layer_plan(weights)
     if isinstance(plan, str) or not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m, _ in plan):
@@ -104,12 +120,16 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
         gc = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < n_out - 1)
         for k, g in enumerate(gc):
             grads[k].append(g.detach())
+    grads = [torch.stack(g, 1) for g in grads]  # (B, C, out) or (B, C, O, H, W)
+    if center:  # the Jacobian is linear in the output gradients: P J = (P g) (x) a
+        grads = [augment_centered(g) for g in grads]
     dt = posterior.mean.dtype
-    cov = torch.zeros(f.shape[0], n_out, n_out, dtype=dt, device=f.device)
+    n_rows = grads[0].shape[1]
+    cov = torch.zeros(f.shape[0], n_rows, n_rows, dtype=dt, device=f.device)
     if isinstance(posterior, DiagPosterior):
         var = posterior.marginal_variance()
         for (mod, slices), g in zip(plan, grads, strict=True):
-            g = torch.stack(g, 1).to(dt)  # (B, C, out) or (B, C, O, H, W)
+            g = g.to(dt)
             if isinstance(mod, nn.Conv2d):
                 cov += _conv_diag_glm(mod, slices, inputs[mod][0].to(dt), g, var)
                 continue
@@ -124,7 +144,7 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
         starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
         inv = posterior._inv_eig()
         for (mod, slices), g in zip(plan, grads, strict=True):
-            g = torch.stack(g, 1).to(dt)
+            g = g.to(dt)
             if isinstance(mod, nn.Conv2d):
                 cov += _conv_kron_glm(mod, slices, inputs[mod][0].to(dt), g, posterior, starts,
                                       inv)
@@ -140,7 +160,30 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor) -> OutputDistributio
                 i = starts[slices["bias"].start]
                 gq = g @ posterior.eig[i][0][1]
                 cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
-    return OutputDistribution.gaussian(f.detach(), cov.to(f.dtype))
+    return gaussian_predictive(f.detach(), cov, center)
+
+
+def gaussian_predictive(f: Tensor, cov: Tensor, augmented: bool = False) -> OutputDistribution:
+    """``N(f, cov)`` in ``f``'s dtype; ``augmented``: ``cov`` is of ``(P f, mean f)``.
+
+    An augmented (B, C+1, C+1) covariance (from
+    :func:`~skuq.posterior.augment_centered` factors) is split into the
+    covariance of ``f`` and the precise ``centered_covariance``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import augment_centered
+    >>> from skuq.predictive import gaussian_predictive
+    >>> J = augment_centered(torch.randn(2, 3, 5))
+    >>> d = gaussian_predictive(torch.zeros(2, 3), J @ J.transpose(1, 2), augmented=True)
+    >>> d.covariance.shape, d.centered_covariance.shape
+    (torch.Size([2, 3, 3]), torch.Size([2, 3, 3]))
+    """
+    if not augmented:
+        return OutputDistribution.gaussian(f, cov.to(f.dtype))
+    S, S_c = split_centered(cov)
+    return OutputDistribution.gaussian(f, S.to(f.dtype), S_c.to(f.dtype))
 
 
 def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) -> Tensor:
@@ -221,6 +264,7 @@ def glm_predictive(
     *,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     use_features: bool = True,
+    center: bool = False,
 ) -> OutputDistribution:
     """Linearized (GLM) predictive over outputs for one batch.
 
@@ -234,6 +278,12 @@ def glm_predictive(
         Most Jacobian entries held at once.
     use_features : bool
         Use the last-layer feature route where it applies.
+    center : bool
+        Also form the covariance of the centered logits ``P f`` (``P = I -
+        11^T/C``; softmax gives them the same probabilities) from centered
+        Jacobians, so that the variance of the shift shared by all logits
+        never enters its sums (see :func:`~skuq.posterior.augment_centered`),
+        as ``centered_covariance`` (for ``link="centered_probit"``).
 
     Returns
     -------
@@ -259,21 +309,22 @@ def glm_predictive(
             phi, f = feats
             layer = weights.last_layer
             cov = posterior.functional_variance_last_layer(
-                phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2
+                phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2,
+                augment=center,
             )
-            return OutputDistribution.gaussian(f, cov.to(f.dtype))
+            return gaussian_predictive(f, cov, center)
     if use_features and isinstance(posterior, (DiagPosterior, KronPosterior)):
-        layered = _layer_glm(weights, posterior, x)
+        layered = _layer_glm(weights, posterior, x, center)
         if layered is not None:
             return layered
-    means, covs = [], []
-    n_out = None
+    parts = []
     with torch.no_grad():
         n_out = weights.model(x[:1]).shape[1]
     for _, J, f in iter_jacobians(weights, x, n_out, max_elements):
-        means.append(f.detach())
-        covs.append(posterior.functional_variance(J.detach().to(posterior.mean.dtype)).to(f.dtype))
-    return OutputDistribution.gaussian(torch.cat(means), torch.cat(covs))
+        J = J.detach().to(posterior.mean.dtype)
+        cov = posterior.functional_variance(augment_centered(J) if center else J)
+        parts.append(gaussian_predictive(f.detach(), cov, center))
+    return OutputDistribution.concatenate(parts)
 
 
 def nn_predictive(

@@ -58,6 +58,7 @@ from ._utils import check_option, check_positive, check_positive_int, progress
 from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin, _criterion_outputs
 from .curvature import select_weights
 from .outputs import LINKS, OutputDistribution
+from .posterior import center_outputs
 
 __all__ = [
     "EXACT_SOLVERS",
@@ -791,6 +792,9 @@ class _BaseRegVar(BaseUQEstimator):
         else:
             cov = self._exact(x)
         cov = cov.to(torch.float64) * (self.variance_scale * self.variance_factor_)
+        centered = None
+        if getattr(self, "link_approx", None) == "centered_probit" and cov.ndim == 3:
+            centered = center_outputs(center_outputs(cov, 1), 2).float()  # before rounding
         if not bool(torch.isfinite(cov).all()):
             raise FloatingPointError(
                 "RegVar's predicted variance contains NaN or inf on these inputs (the two "
@@ -798,7 +802,7 @@ class _BaseRegVar(BaseUQEstimator):
                 "the training range, or the fine-tune was unstable. Scale the inputs, lower "
                 "finetune_lr or lam; no variance is returned"
             )
-        return OutputDistribution.gaussian(mean.float(), cov.float())
+        return OutputDistribution.gaussian(mean.float(), cov.float(), centered)
 
     def _exact(self, x: Tensor) -> Tensor:
         X, y = self._train_data
@@ -871,7 +875,11 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         :func:`exact_covariance`.
     exact_max_iter : int, default=500
         L-BFGS iterations per chunk of problems.
-    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="centered_probit"
+        From the Gaussian over logits to probabilities (see
+        :meth:`skuq.outputs.OutputDistribution.probabilities`); the default
+        drops the variance of the shift shared by all logits, which softmax
+        ignores (:func:`~skuq.outputs.centered_probit_probabilities`).
     n_samples : int, default=100
         Logit draws for ``link_approx="mc"`` and sampled uncertainties.
     device, batch_size, random_state, verbose, memory
@@ -910,7 +918,7 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     def __init__(
         self, estimator, *, mode="amortized", lam=1e-2, finetune_epochs=5, finetune_lr=None,
         n_average=100, variance_scale=1.0, prior_precision=None, exact_solver="lbfgs",
-        exact_max_iter=500, link_approx="probit", n_samples=100, device="auto",
+        exact_max_iter=500, link_approx="centered_probit", n_samples=100, device="auto",
         batch_size=256, random_state=None, verbose=0, memory=None,
     ):
         self.estimator = estimator

@@ -83,7 +83,8 @@ from .base import BaseUQEstimator, UQClassifierMixin
 from .curvature import WeightSubset, hessian_sqrt, jvp_batch, select_weights, sum_loss
 from .laplace import HELDOUT_GRID, _fingerprint
 from .outputs import LINKS, OutputDistribution
-from .posterior import FullPosterior
+from .posterior import FullPosterior, augment_centered
+from .predictive import gaussian_predictive
 
 __all__ = [
     "PROBES",
@@ -681,9 +682,14 @@ def feature_posterior(
 
 
 def scalla_predictive(
-    model: nn.Module, kernel: nn.Module, posterior: FullPosterior, x: Tensor
+    model: nn.Module, kernel: nn.Module, posterior: FullPosterior, x: Tensor,
+    center: bool = False,
 ) -> OutputDistribution:
     """``N(f(x; theta*), g(x) A^-1 g(x)^T)`` for a batch ``x``.
+
+    ``center=True`` also gives the covariance of the centered logits ``P f``,
+    from the centered features ``P g(x)`` (see
+    :func:`skuq.posterior.augment_centered`), as ``centered_covariance``.
 
     Examples
     --------
@@ -696,8 +702,9 @@ def scalla_predictive(
     """
     with torch.no_grad():
         mean = model(x)
-        cov = posterior.functional_variance(kernel(x).double())
-    return OutputDistribution.gaussian(mean.float(), cov.float())
+        G = kernel(x).double()
+        cov = posterior.functional_variance(augment_centered(G) if center else G)
+    return gaussian_predictive(mean.float(), cov, center)
 
 
 # ------------------------------------------------------------------- estimator
@@ -781,7 +788,11 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         net is trained in ``fit`` (the net, the surrogate and the curvature
         then use the rest); an already trained net uses all of ``fit``'s data,
         or pass ``X_cal``, ``y_cal`` to ``fit``.
-    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="probit"
+    link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="centered_probit"
+        From the Gaussian over logits to probabilities (see
+        :meth:`skuq.outputs.OutputDistribution.probabilities`). The default
+        drops the variance of the shift shared by all logits, which softmax
+        ignores (:func:`~skuq.outputs.centered_probit_probabilities`).
     n_samples : int, default=100
         Logit draws for ``link_approx="mc"``.
     device, batch_size, random_state, verbose, memory
@@ -837,7 +848,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     def __init__(
         self, estimator, *, n_features=128, probe="rademacher", n_probes=16, surrogate="auto",
         surrogate_width=256, surrogate_epochs=50, surrogate_lr=1e-3, surrogate_batch_size=128,
-        context_weight=1.0, prior_precision="marglik", link_approx="probit", n_samples=100,
+        context_weight=1.0, prior_precision="marglik", link_approx="centered_probit", n_samples=100,
         calibration_fraction=0.2, device="auto", batch_size=256, random_state=None, verbose=0,
         memory=None,
     ):
@@ -1013,10 +1024,12 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
             with torch.no_grad():
                 mean, G = self.model_(xb).float(), self.surrogate_(xb).double()
+            center = self.link_approx == "centered_probit"
+            G = augment_centered(G) if center else G
             rows = torch.arange(len(yb), device=yb.device)
             for i, tau in enumerate(grid):
                 post.set_hyperparameters(prior_precision=tau)
-                dist = OutputDistribution.gaussian(mean, post.functional_variance(G).float())
+                dist = gaussian_predictive(mean, post.functional_variance(G), center)
                 p = dist.probabilities(self.link_approx, self.n_samples, gen)
                 nll[i] -= float(torch.log(p.double().clamp_min(1e-12)[rows, yb.long()]).sum())
         best = grid[int(np.argmin(nll))]
@@ -1025,5 +1038,6 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
 
     # ------------------------------------------------------------------ predict
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
-        return scalla_predictive(self.model_, self.surrogate_, self.posterior_, x)
+        return scalla_predictive(self.model_, self.surrogate_, self.posterior_, x,
+                                 center=self.link_approx == "centered_probit")
 

@@ -56,6 +56,21 @@ MAY_FAIL: dict[str, dict[str, str]] = {
             "on 3 of 60 probabilities on the CI CPU, above the check's 1e-7)"
         ),
     },
+    "LaplaceClassifier": {
+        "check_methods_subset_invariance": (
+            "the centered-probit default reads the last layer's variance along feature "
+            "directions the 20 training rows barely span (held-out delta 3e-4 here), where "
+            "the float32 features and their products round apart for a lone row at ~1e-7 "
+            "of |phi|: 2.6e-6 relative in the variance, 7e-7 in a probability (the probit "
+            "link's shared-shift variance flattens the same error to below 1e-7)"
+        ),
+    },
+    "ScaLLAClassifier": {
+        "check_methods_subset_invariance": (
+            "its mean is the float32 net's logits, rounded differently for other batch "
+            "shapes (2e-7 on the CI CPU, above the check's 1e-7)"
+        ),
+    },
     "SubnetworkLaplaceClassifier": {
         "check_methods_sample_order_invariance": _SUBNET_BLAS,
         "check_methods_subset_invariance": _SUBNET_BLAS,

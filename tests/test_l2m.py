@@ -132,8 +132,8 @@ def trained(digits):
 def test_glm_predictive_matches_laplace_torch_with_the_same_precision(trained):
     laplace = pytest.importorskip("laplace")
     model, opt, X, y, X_test = trained
-    est = L2MClassifier(model, train_batch_size=50, prior_precision=2.0).fit(
-        X.numpy(), y.numpy(), optimizer=opt)
+    est = L2MClassifier(model, train_batch_size=50, prior_precision=2.0,
+                        link_approx="probit").fit(X.numpy(), y.numpy(), optimizer=opt)
     la = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights="all",
                          hessian_structure="diag", prior_precision=2.0)
     la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=100))

@@ -67,10 +67,11 @@ def test_probit_matches_formula_and_point_mass_is_softmax():
         torch.testing.assert_close(d.probabilities(link), torch.softmax(mean, -1))
 
 
-def test_centered_probit_is_the_probit_of_the_projected_covariance():
+def test_centered_probit_is_the_probit_of_the_centered_logits():
+    """The probit of ``P f ~ N(P m, P S P)``: invariant to any shift of the logits."""
     mean, cov = random_gaussian(n=5, c=4)
     P = torch.eye(4, dtype=cov.dtype) - 1 / 4
-    expected = probit_probabilities(mean, torch.diagonal(P @ cov @ P, dim1=1, dim2=2))
+    expected = probit_probabilities(mean @ P, torch.diagonal(P @ cov @ P, dim1=1, dim2=2))
     torch.testing.assert_close(centered_probit_probabilities(mean, cov), expected)
     # marginal variances only: the same as the diagonal covariance
     var = torch.diagonal(cov, dim1=1, dim2=2)
@@ -89,6 +90,8 @@ def test_centered_probit_ignores_a_shared_shift_like_softmax_does():
     mean, cov = random_gaussian(n=3, c=4, scale=0.5)
     shifted = cov + 25.0 * torch.ones(4, 4, dtype=cov.dtype)
     torch.testing.assert_close(centered_probit_probabilities(mean, shifted),
+                               centered_probit_probabilities(mean, cov))
+    torch.testing.assert_close(centered_probit_probabilities(mean + 7.0, cov),
                                centered_probit_probabilities(mean, cov))
     gen = torch.Generator().manual_seed(0)
     truth = OutputDistribution.gaussian(mean, cov).probabilities(
@@ -208,3 +211,22 @@ def test_scale_variance():
     s = torch.randn(10, 2, 3, dtype=torch.float64)
     ds = OutputDistribution.from_samples(s).scale_variance(4.0)
     np.testing.assert_allclose(ds.variance.numpy(), 4 * s.var(0).numpy(), rtol=1e-10)
+
+
+def test_centered_covariance_is_what_the_centered_link_reads_and_travels_along():
+    mean, cov = random_gaussian(n=4, c=3)
+    P = torch.eye(3, dtype=cov.dtype) - 1 / 3
+    precise = P @ cov @ P + 1e-3 * torch.eye(3, dtype=cov.dtype)  # distinguishable
+    d = OutputDistribution.gaussian(mean, cov, precise)
+    torch.testing.assert_close(d.probabilities("centered_probit"),
+                               centered_probit_probabilities(mean, precise))
+    torch.testing.assert_close(d.probabilities("probit"),
+                               probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2)))
+    both = OutputDistribution.concatenate([d, d])
+    assert both.centered_covariance.shape == (8, 3, 3)
+    assert d.to(torch.float32).centered_covariance.dtype == torch.float32
+    torch.testing.assert_close(d.scale_variance(2.0).centered_covariance, 2 * precise)
+    with pytest.raises(ValueError, match="centered_covariance must have shape"):
+        OutputDistribution.gaussian(mean, cov, precise[:, :2, :2])
+    with pytest.raises(ValueError, match="come with a covariance"):
+        OutputDistribution.gaussian(mean, None, precise)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from unittest.mock import patch
 
@@ -204,6 +205,16 @@ def test_glm_predictive_against_brute_force_and_last_layer_features():
                 dist = glm_predictive(w, post, x, use_features=route)
                 torch.testing.assert_close(dist.covariance, J @ cov @ J.transpose(1, 2))
                 torch.testing.assert_close(dist.mean, model(x).detach())
+                _assert_centered_route(w, post, x, J @ cov @ J.transpose(1, 2), route)
+
+
+def _assert_centered_route(w, post, x, expected, use_features):
+    """``center=True``: the same covariance of f, plus that of the centered logits P f."""
+    dist = glm_predictive(w, post, x, use_features=use_features, center=True)
+    C = expected.shape[-1]
+    P = torch.eye(C) - 1.0 / C
+    torch.testing.assert_close(dist.covariance, expected)
+    torch.testing.assert_close(dist.centered_covariance, P @ expected @ P)
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron"])
@@ -224,6 +235,39 @@ def test_glm_predictive_of_a_cnn_by_layers_against_brute_force(structure):
         torch.testing.assert_close(glm_predictive(w, post, x).covariance, expected)
     torch.testing.assert_close(glm_predictive(w, post, x, use_features=False).covariance,
                                expected)
+    for route in (True, False):
+        _assert_centered_route(w, post, x, expected, route)
+
+
+@pytest.mark.parametrize("structure", ["kron", "full"])
+def test_centered_covariance_keeps_float32_precision_where_projecting_loses_it(structure):
+    """A float32 last layer under a weak prior (delta 1e-3): the shift shared by all
+    logits has variance ~1/delta (the likelihood is flat along it), 1e3 times the
+    rest. Projecting the finished float32 covariance, P S P, cancels its digits
+    (2.4e-4 relative error against float64, measured); the centered route is left
+    with the float32 posterior's own rounding (1.6e-5)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 4)).float()
+    x = torch.randn(60, 3, dtype=torch.float32)
+    y = model(x).argmax(1)
+    C, delta = 4, 1e-3
+    w = select_weights(model, "last_layer", example_input=x)
+    curv = compute_curvature(w, [(x, y)], structure=structure)
+    post = posterior_from_curvature(curv, w.vector(), prior_precision=delta)
+    dist = glm_predictive(w, post, x[:20], center=True)
+
+    # float64 reference: the same weights and curvature, brute-force Jacobians
+    H = curv.dense().double()
+    cov = torch.linalg.inv(H + delta * torch.eye(H.shape[0]))
+    J = brute_jacobian(copy.deepcopy(model).double(), x[:20].double())[:, :, -w.n_params :]
+    P = torch.eye(C) - 1.0 / C
+    reference = P @ (J @ cov @ J.transpose(1, 2)) @ P
+    scale = float(reference.diagonal(dim1=1, dim2=2).mean())
+    assert float(dist.covariance.diagonal(dim1=1, dim2=2).mean()) > 1e3 * scale
+    err_centered = float((dist.centered_covariance.double() - reference).abs().max())
+    err_projected = float((P @ dist.covariance.double() @ P - reference).abs().max())
+    assert err_centered < 1e-4 * scale
+    assert err_projected > 5 * err_centered
 
 
 def test_nn_and_glm_agree_for_a_linear_model():
