@@ -503,9 +503,9 @@ class LaplaceClassifier(UQClassifierMixin, _ClassificationLikelihood, _BaseLapla
         removes the variance of the shift shared by all logits, which
         softmax ignores, and is much closer to ``"mc"`` for last-layer
         posteriors (:func:`~skuq.outputs.centered_probit_probabilities`).
-        With it, ``predict_distribution`` gives the covariance of the
-        centered logits ``P f`` (formed from centered Jacobians, for
-        precision); the probabilities are those of ``f``.
+        With it, the predictive also carries ``Cov[P f]`` formed from
+        centered Jacobians (``OutputDistribution.centered_covariance``), which
+        keeps the digits that projecting ``Cov[f]`` in float32 would cancel.
     n_samples : int, default=100
         Samples for ``link_approx="mc"`` and ``pred_type="nn"``.
     temperature : float, default=1.0

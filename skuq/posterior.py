@@ -425,8 +425,8 @@ class DiagPosterior(WeightPosterior):
         """``J Sigma J^T`` of a last Linear layer from its input features ``phi`` (B, D).
 
         ``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``
-        (see :func:`augment_centered`); the logits are independent here, so it
-        is a sum of non-negative terms per entry.
+        (see :func:`augment_centered`), mapped from the logits' own variances:
+        they are independent here, so no large entries cancel.
         """
         var = self.marginal_variance().to(phi.dtype)
         d = phi.shape[1]
