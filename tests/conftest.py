@@ -9,6 +9,7 @@ from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 from skuq.datasets import load_digits_ood, make_gap_regression
 from skuq.nets import MLP
+from skuq.outputs import centered_probit_probabilities
 
 torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
 
@@ -60,3 +61,16 @@ def gap_data():
 @pytest.fixture
 def rng():
     return np.random.RandomState(0)
+
+
+def assert_centered_predictive(est, X) -> None:
+    """The default link's inputs: ``centered_covariance`` is ``P Cov[f] P``, and the
+    probabilities are the centered probit of it."""
+    dist = est.predict_distribution(X)
+    C = dist.mean.shape[1]
+    P = torch.eye(C, dtype=torch.float64) - 1.0 / C
+    cov, centered = dist.covariance.double(), dist.centered_covariance.double()
+    scale = float(centered.diagonal(dim1=1, dim2=2).abs().max())
+    torch.testing.assert_close(centered, P @ cov @ P, atol=1e-4 * scale, rtol=0)
+    expected = centered_probit_probabilities(dist.mean.double(), centered).numpy()
+    np.testing.assert_allclose(est.predict_proba(X), expected, atol=1e-6)

@@ -15,7 +15,7 @@ import skuq.laplace as skuq_laplace
 from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier
 from skuq.curvature import compute_curvature, select_weights
 from skuq.metrics import ood_auroc
-from tests.conftest import make_classifier_net
+from tests.conftest import assert_centered_predictive, make_classifier_net
 
 laplace = pytest.importorskip("laplace")
 
@@ -322,6 +322,18 @@ def test_nn_predictive_and_links_run(trained):
         p = _ours(model, X, y, "last_layer", "kron", 2.0, link_approx=link).predict_proba(
             X_test.numpy())
         np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("subset, structure", [
+    ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full"),
+    ("all", "diag"), ("all", "kron"), ("all", "full"), ("all", "lowrank"),
+])
+def test_default_link_reads_the_centered_covariance_of_every_route(trained, subset, structure):
+    """Feature, layer and Jacobian routes all hand the centered probit ``P Cov[f] P``."""
+    model, X, y, X_test, _ = trained
+    assert LaplaceClassifier(model).link_approx == "centered_probit"  # the default
+    est = _ours(model, X, y, subset, structure, 2.0, rank=20, link_approx="centered_probit")
+    assert_centered_predictive(est, X_test.numpy())
 
 
 # ------------------------------------------------------------------ bad input

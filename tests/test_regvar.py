@@ -19,7 +19,7 @@ from torch.func import functional_call, hessian, jacrev, vmap
 
 from skuq import LaplaceClassifier, RegVarClassifier, RegVarRegressor
 from skuq.regvar import amortized_variance, exact_covariance, finetune_pair
-from tests.conftest import make_classifier_net, make_regressor_net
+from tests.conftest import assert_centered_predictive, make_classifier_net, make_regressor_net
 
 N, D, C = 40, 2, 3
 WD = 1e-2  # weight decay of the mean loss: prior precision N * WD of the summed loss
@@ -144,6 +144,7 @@ def test_estimator_exact_mode_is_the_hessian_laplace_at_the_float32_weights(tiny
         est = RegVarClassifier(model, mode="exact", lam=1e-3, prior_precision=N * WD,
                                device="cpu").fit(X, y)
         cov = est.predict_distribution(tiny["queries"].float().numpy()).covariance.double()
+        assert_centered_predictive(est, tiny["queries"].float().numpy())
         m64 = tiny["model"].double()  # the float32 weights, in float64
         R, forward = _objective(m64, tiny["X"].float().double(), tiny["y"], N * WD)
         theta = _flat(m64)

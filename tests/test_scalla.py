@@ -27,7 +27,7 @@ from skuq.scalla import (
     kernel_matching_loss,
     probe_outputs,
 )
-from tests.conftest import make_classifier_net
+from tests.conftest import assert_centered_predictive, make_classifier_net
 from tests.test_base import CountingMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -150,6 +150,7 @@ def test_surrogate_kernel_and_variance_match_full_lla_on_softmax_regression():
     v_s = est.predict_distribution(Xte).variance
     v_f = ref.predict_distribution(Xte).variance
     assert _rel(v_s, v_f) < 0.1
+    assert_centered_predictive(est, Xte)
 
     # tau by the evidence: the same sums, so the same optimum as the full LLA's
     est.posterior_.optimize_prior_precision()
