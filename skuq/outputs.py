@@ -309,11 +309,13 @@ def centered_probit_probabilities(mean: Tensor, covariance: Tensor) -> Tensor:
     variance where the likelihood has no curvature -- a last layer's biases
     and its weight rows moved together, bounded only by the prior -- so the
     plain probit flattens every prediction alike. This link applies the
-    probit to ``P S P``, whose diagonal is ``S_kk - (2/C) sum_j S_kj +
-    sum_ij S_ij / C^2``. Measured against 2,000-draw Monte Carlo of the same
-    Gaussians (``benchmarks/results/laplace_prior_sweep.md``, last-layer
-    K-FAC over a grid of prior precisions): mean NLL gap 0.03 vs 0.43
-    (digits) and 0.013 vs 0.73 (images) for the plain probit.
+    probit to ``P f ~ N(P m, P S P)``; the diagonal of ``P S P`` is ``S_kk -
+    (2/C) sum_j S_kj + sum_ij S_ij / C^2``, and the centered mean makes the
+    result invariant to any shift of the logits, as softmax is. Measured
+    against 2,000-draw Monte Carlo of the same Gaussians
+    (``benchmarks/results/laplace_prior_sweep.md``, last-layer K-FAC over a
+    grid of prior precisions): mean NLL gap 0.030 vs 0.434 (digits) and
+    0.025 vs 0.726 (images) for the plain probit.
 
     Precision: the centred variance is a difference of the covariance's
     entries, so a shared-shift variance far above it loses digits to
