@@ -313,8 +313,8 @@ def main(argv=None) -> dict:
              else f"CPU, {args.threads} torch threads ({cpu})")
     header = (f"# Subnetwork inference vs diagonal Laplace over all weights\n\n`{cmd}`: seed "
               f"{args.seed}, {where}, total {total:.0f} s. Subnetworks: full-covariance GGN "
-              "Laplace over k weights, GLM predictive with the probit link; the diagonal "
-              "Laplace uses the same predictive.")
+              "Laplace over k weights, GLM predictive with the centered-probit link (the "
+              "default); the diagonal Laplace uses the same predictive.")
     table = markdown(results, routes, header)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
