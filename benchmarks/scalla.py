@@ -27,7 +27,10 @@ ELLA: laplace-torch 0.3 ``Laplace(model, "classification",
 subset_of_weights="all", hessian_structure="gp",
 functional_approximation="nystrom", subsample_size=M, n_eigenvalues=k)``,
 ``k`` eigenvalues (fewer than ScaLLA's ``m``: ELLA's predictive costs ``k``
-JVPs per batch, ScaLLA's one surrogate pass).
+JVPs per batch, ScaLLA's one surrogate pass). Its Gaussian over the logits
+(``_glm_predictive_distribution``) goes through skuq's default link, the
+centered probit, as every other row's does, so that the rows differ in their
+posteriors and not in their links.
 
 Memory: peak bytes of the torch tensors alive during fit + predict, counted by
 :class:`LiveTensorBytes` (a ``TorchDispatchMode`` that adds each new storage
@@ -61,6 +64,7 @@ from skuq import LaplaceClassifier, MAPClassifier, ScaLLAClassifier
 from skuq.datasets import load_digits_ood
 from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
 from skuq.nets import MLP
+from skuq.outputs import OutputDistribution
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -170,9 +174,12 @@ class ELLAWrapper:
     def _proba(self, X):
         key = (id(X), len(X))
         if key not in self._memo:  # ELLA's predictive costs k JVPs per batch: once per array
-            out = [self.la(torch.as_tensor(X[i : i + 256]), pred_type="gp",
-                           link_approx="probit").detach() for i in range(0, len(X), 256)]
-            self._memo[key] = torch.cat(out).double().numpy()
+            out = []
+            for i in range(0, len(X), 256):
+                mean, cov = self.la._glm_predictive_distribution(torch.as_tensor(X[i : i + 256]))
+                dist = OutputDistribution.gaussian(mean.detach().double(), cov.detach().double())
+                out.append(dist.probabilities("centered_probit"))  # the skuq rows' link
+            self._memo[key] = torch.cat(out).numpy()
         return self._memo[key]
 
     def predict_proba(self, X):
