@@ -50,7 +50,7 @@ def test_ood_digits_separates_digits_5_to_9(tmp_path):
     out = tmp_path / "ood.png"
     results = ood.main(quick=True, out=str(out))
 
-    assert set(results) == {"MAP", "Laplace (last layer)", "Deep ensemble"}
+    assert set(results) == {"MAP", "Laplace (all weights)", "Deep ensemble"}
     for name, r in results.items():
         assert r["accuracy"] > 0.9, name
         assert r["OOD AUROC"] > 0.8, name  # digits 5-9 look less certain than 0-4
