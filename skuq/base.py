@@ -304,6 +304,10 @@ class BaseUQEstimator(BaseEstimator):
     def _is_classifier(self) -> bool:
         return isinstance(self, UQClassifierMixin)
 
+    def _centered_link(self) -> bool:
+        """Whether predictives should also form ``Cov[P f]`` precisely (the centered probit)."""
+        return getattr(self, "link_approx", None) == "centered_probit"
+
     def _calibration_split(self, X, y):
         """Held-out data for post-hoc fitting.
 

@@ -374,7 +374,7 @@ class _BaseLaplace(BaseUQEstimator):
             if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
                 with torch.no_grad():
                     n_out = self.model_(xb[:1]).shape[1]
-                center = self._centered_logits()
+                center = self._centered_link()
                 for rows, J, f in iter_jacobians(weights, xb, n_out):
                     J = J.detach().to(post.mean.dtype)
                     variance = _grid_functional_variance(
@@ -392,14 +392,10 @@ class _BaseLaplace(BaseUQEstimator):
         self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
 
     # ---------------------------------------------------------------- predict
-    def _centered_logits(self) -> bool:
-        """Whether the GLM covariance is formed for the centered logits (the link's precision)."""
-        return getattr(self, "link_approx", None) == "centered_probit"
-
     def _distribution(self, x: Tensor) -> OutputDistribution:
         if self.pred_type == "glm":
             return glm_predictive(self.weights_, self.posterior_, x,
-                                  center=self._centered_logits())
+                                  center=self._centered_link())
         gen = self._generator()  # the same weight draws for every batch
         return nn_predictive(self.weights_, self.posterior_, x, n_samples=self.n_samples,
                              generator=gen)

@@ -793,7 +793,7 @@ class _BaseRegVar(BaseUQEstimator):
             cov = self._exact(x)
         cov = cov.to(torch.float64) * (self.variance_scale * self.variance_factor_)
         centered = None
-        if getattr(self, "link_approx", None) == "centered_probit" and cov.ndim == 3:
+        if self._centered_link() and cov.ndim == 3:
             centered = center_outputs(center_outputs(cov, 1), 2).float()  # before rounding
         if not bool(torch.isfinite(cov).all()):
             raise FloatingPointError(

@@ -1024,7 +1024,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
             with torch.no_grad():
                 mean, G = self.model_(xb).float(), self.surrogate_(xb).double()
-            center = self.link_approx == "centered_probit"
+            center = self._centered_link()
             G = augment_centered(G) if center else G
             rows = torch.arange(len(yb), device=yb.device)
             for i, tau in enumerate(grid):
@@ -1039,5 +1039,5 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     # ------------------------------------------------------------------ predict
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         return scalla_predictive(self.model_, self.surrogate_, self.posterior_, x,
-                                 center=self.link_approx == "centered_probit")
+                                 center=self._centered_link())
 
