@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._utils import check_finite
+
 LINKS = ("probit", "centered_probit", "mc", "bridge")
 CLASSIFICATION_UNCERTAINTIES = (
     "entropy",
@@ -215,6 +217,7 @@ class OutputDistribution:
         eps = torch.randn(
             (n_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
         )
+        check_finite(self.covariance, "the predicted output covariance")
         if self.covariance.ndim == 2:
             return mean + eps * self.covariance.clamp_min(0).sqrt()
         chol = _safe_cholesky(self.covariance)
@@ -376,12 +379,13 @@ def bridge_probabilities(mean: Tensor, variance: Tensor, eps: float = 1e-12) -> 
     """
     n_classes = mean.shape[-1]
     m = mean - mean.mean(dim=-1, keepdim=True)
-    v = variance.clamp_min(eps)
-    # log-sum-exp form of exp(m_k) * sum_l exp(-m_l) for stability
+    # in log space: exp(m_k) * sum_l exp(-m_l) overflows once the logits span ~90
+    # (float32), which a far-OOD input reaches; alpha / sum(alpha) is a softmax of log alpha
     log_term = m + torch.logsumexp(-m, dim=-1, keepdim=True) - 2 * math.log(n_classes)
-    alpha = (1.0 - 2.0 / n_classes + torch.exp(log_term)) / v
-    alpha = alpha.clamp_min(eps)
-    return alpha / alpha.sum(dim=-1, keepdim=True)
+    base = 1.0 - 2.0 / n_classes  # 0 for two classes: log 0 = -inf, which logaddexp takes
+    log_base = math.log(base) if base > 0 else -math.inf
+    log_alpha = torch.logaddexp(log_term, torch.full_like(log_term, log_base))
+    return torch.softmax(log_alpha - variance.clamp_min(eps).log(), dim=-1)
 
 
 def entropy(probabilities: Tensor) -> Tensor:

@@ -136,6 +136,33 @@ def test_bridge_formula_by_hand():
     torch.testing.assert_close(bridge_probabilities(mean, var), alpha / alpha.sum())
 
 
+def test_bridge_stays_finite_for_logits_far_apart():
+    # a far-OOD input: logits spanning 300 overflow exp(m) in float32, not the log form
+    mean = torch.tensor([[150.0, 0.0, -150.0], [3.0, 2.0, -1.0]])
+    var = torch.tensor([[4.0, 1.0, 2.0], [0.5, 1.0, 2.0]])
+    m = (mean - mean.mean(1, keepdim=True)).double()
+    alpha = (1 - 2 / 3 + torch.exp(m) / 9 * torch.exp(-m).sum(1, keepdim=True)) / var.double()
+    p = bridge_probabilities(mean, var)
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(p.double(), alpha / alpha.sum(1, keepdim=True))
+
+
+def test_bridge_for_two_classes_has_no_constant_term():
+    mean, var = torch.tensor([[2.0, -1.0]]), torch.tensor([[1.0, 3.0]])
+    m = mean - mean.mean()
+    alpha = torch.exp(m) / 4 * torch.exp(-m).sum() / var
+    torch.testing.assert_close(bridge_probabilities(mean, var), alpha / alpha.sum())
+
+
+@pytest.mark.parametrize("diagonal", [True, False])
+def test_sampling_from_an_overflowed_covariance_says_what_to_do(diagonal):
+    cov = torch.tensor([[float("inf"), 0.0], [0.0, 1.0]])
+    d = OutputDistribution.gaussian(torch.zeros(1, 2), cov.diagonal()[None] if diagonal
+                                    else cov[None])
+    with pytest.raises(FloatingPointError, match="scale the inputs"):
+        d.probabilities("mc", n_samples=10)
+
+
 def test_sample_form_probabilities_average_softmax():
     s = torch.randn(7, 5, 3, generator=torch.Generator().manual_seed(0))
     d = OutputDistribution.from_samples(s)
