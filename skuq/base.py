@@ -360,6 +360,12 @@ class BaseUQEstimator(BaseEstimator):
             raise TypeError(f"cannot use a FrozenEstimator around {type(est).__name__}")
         if not any(True for _ in module.parameters()):
             raise ValueError("the wrapped network has no parameters")
+        dtypes = {p.dtype for p in module.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:
+            raise TypeError(
+                f"the network's parameters are {', '.join(sorted(map(str, dtypes)))}, but "
+                "skuq feeds it float32 inputs: convert the module with module.float()"
+            )
         if self._net_is_prefit() and next(module.parameters()).device != self.device_:
             # the user's trained net stays where it is (a skorch net keeps its own
             # device setting); the copy moves

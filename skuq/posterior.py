@@ -3,7 +3,9 @@
 One class per structure of the curvature ``H``: :class:`DiagPosterior`,
 :class:`KronPosterior`, :class:`FullPosterior`, :class:`LowRankPosterior`.
 ``s = 1 / (sigma_noise^2 * temperature)`` scales the curvature (computed at
-unit noise) and ``delta`` is the prior precision: a scalar, or one value per
+unit noise; for an empirical Fisher of a regression, a sum of squared loss
+gradients that carry ``1 / sigma_noise^2`` each, ``s = 1 / (sigma_noise^4 *
+temperature)``) and ``delta`` is the prior precision: a scalar, or one value per
 parameter tensor ("per layer"). Each class caches an eigendecomposition of
 ``H`` once, so a new ``delta`` or ``s`` costs O(P) for the log-determinant
 and the marginal likelihood -- no pass over data, no refactorization.
@@ -137,6 +139,10 @@ class WeightPosterior:
     n_data, n_outputs : int, optional
         Training rows and outputs -- for the marginal likelihood.
     likelihood : {"classification", "regression"}
+    curvature_kind : {"ggn", "ef", "l2m"}, default="ggn"
+        What the curvature is: a Gauss-Newton (scales as ``1 / sigma_noise^2``)
+        or outer products of loss gradients (``"ef"``; ``"l2m"``, an optimizer's
+        second moments), which for a regression scale as ``1 / sigma_noise^4``.
 
     Examples
     --------
@@ -162,6 +168,7 @@ class WeightPosterior:
         n_data: int | None = None,
         n_outputs: int | None = None,
         likelihood: str = "classification",
+        curvature_kind: str = "ggn",
     ):
         self.mean = mean.detach()
         self.n_params = mean.numel()
@@ -170,6 +177,7 @@ class WeightPosterior:
             raise ValueError("group_sizes must add up to the number of weights")
         self.loss, self.n_data, self.n_outputs = loss, n_data, n_outputs
         self.likelihood = likelihood
+        self.curvature_kind = curvature_kind
         self.temperature = float(temperature)
         self.sigma_noise = float(sigma_noise)
         self.prior_precision = prior_precision
@@ -187,8 +195,19 @@ class WeightPosterior:
 
     @property
     def curvature_scale(self) -> float:
-        """``s = 1 / (sigma_noise^2 temperature)``."""
-        return 1.0 / (self.sigma_noise**2 * self.temperature)
+        """``s = 1 / (sigma_noise^2 temperature)`` (``sigma_noise^4`` for a regression EF)."""
+        return self._scale(self.sigma_noise)
+
+    def _scale(self, sigma):
+        """``s`` at noise ``sigma`` (a float or a tensor, for the evidence's gradient).
+
+        A Gauss-Newton of the Gaussian log-likelihood is ``J^T J / sigma^2``; its
+        empirical Fisher ``sum_n J_n^T r_n r_n^T J_n / sigma^4`` squares gradients
+        that each carry ``1 / sigma^2``: scaling it like the GGN would make the
+        posterior depend on the units of ``y``.
+        """
+        gradients = self.likelihood == "regression" and self.curvature_kind != "ggn"
+        return 1.0 / (sigma ** (4 if gradients else 2) * self.temperature)
 
     def set_hyperparameters(self, prior_precision=None, sigma_noise=None) -> None:
         """Change ``delta`` and/or ``sigma_noise``; cached factors are refreshed lazily."""
@@ -262,7 +281,7 @@ class WeightPosterior:
         """
         d = self.prior_precision if prior_precision is None else prior_precision
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
-        s = 1.0 / (torch.as_tensor(sigma, dtype=self.mean.dtype) ** 2 * self.temperature)
+        s = self._scale(torch.as_tensor(sigma, dtype=self.mean.dtype))
         return self.log_likelihood(sigma) - 0.5 * (
             self.log_det_ratio(d, s) + self.scatter(d)
         )
@@ -746,6 +765,7 @@ def posterior_from_curvature(
         prior_precision=prior_precision, group_sizes=group_sizes, sigma_noise=sigma_noise,
         temperature=temperature, loss=curvature.loss, n_data=curvature.n_data,
         n_outputs=curvature.n_outputs, likelihood=curvature.likelihood,
+        curvature_kind=curvature.curvature,
     )
     if curvature.structure == "diag":
         return DiagPosterior(mean, curvature.diag, **kwargs)

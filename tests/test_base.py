@@ -13,6 +13,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from skorch import NeuralNetClassifier
+from torch import nn
 
 from skuq import MAPClassifier, MAPRegressor, TemperatureScalingClassifier
 from skuq._utils import check_finite
@@ -357,6 +358,14 @@ def test_net_with_wrong_output_width_is_explained(small):
     module = torch.nn.Sequential(torch.nn.Linear(64, 3))  # 5 classes in y
     with pytest.raises(ValueError, match="must output"):
         MAPClassifier(module).fit(X, y)
+
+
+def test_a_network_in_another_precision_is_refused_saying_how_to_convert(small):
+    X, y = small
+    for dtype in (torch.float64, torch.bfloat16):
+        module = nn.Linear(X.shape[1], 5).to(dtype)
+        with pytest.raises(TypeError, match=r"module\.float\(\)"):
+            MAPClassifier(module).fit(X, y)
 
 
 def test_unexpected_fit_params_are_refused(small):

@@ -348,3 +348,34 @@ def test_a_skorch_validation_split_counts_only_the_rows_trained_on(digits):
     assert len(train_part) < len(digits.X_train)
     np.testing.assert_allclose(est.posterior_.h.numpy(),
                                (len(train_part) * 32 * v).numpy(), rtol=1e-6)
+
+
+def test_regression_posterior_follows_the_units_of_y():
+    """Adam's second moments are squared gradients of the unit-noise loss: they carry
+    1 / sigma^4 in the posterior precision, so that y in other units (x 100) scales
+    sigma and the predictive std by 100 (the weights stay where least squares put them:
+    the optimizer only reads gradients, lr=0)."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 3, generator=gen)
+    y0 = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + 0.4 * torch.randn(60, generator=gen)
+    A = torch.cat([X, torch.ones(60, 1)], 1).double()
+    fits = []
+    for k in (1.0, 100.0):
+        y = k * y0
+        coef = torch.linalg.lstsq(A, y.double()[:, None]).solution[:, 0].float()
+        model = nn.Linear(3, 1)
+        with torch.no_grad():
+            model.weight.copy_(coef[:3][None])
+            model.bias.copy_(coef[3:])
+        opt = torch.optim.Adam(model.parameters(), lr=0.0)
+        for _ in range(30):
+            for i in range(0, 60, 20):
+                opt.zero_grad()
+                nn.functional.mse_loss(model(X[i:i + 20])[:, 0], y[i:i + 20]).backward()
+                opt.step()
+        est = L2MRegressor(model, train_batch_size=20).fit(X.numpy(), y.numpy(), optimizer=opt)
+        fits.append((est, est.predict(X.numpy(), return_std=True)[1]))
+    (one, std_one), (hundred, std_hundred) = fits
+    np.testing.assert_allclose(hundred.sigma_noise_, 100 * one.sigma_noise_, rtol=1e-3)
+    np.testing.assert_allclose(hundred.prior_precision_, one.prior_precision_ / 1e4, rtol=1e-2)
+    np.testing.assert_allclose(std_hundred, 100 * std_one, rtol=1e-3)

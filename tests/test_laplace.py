@@ -230,6 +230,61 @@ def test_regressor_matches_laplace_torch(gap_data):
                                    float(la.log_marginal_likelihood()), rtol=2e-3)
 
 
+def _least_squares_line(k: float):
+    """A linear model fitted exactly to ``k * y``, and that data."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(60, 3, generator=gen, dtype=torch.float64)
+    y = k * (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
+             + 0.4 * torch.randn(60, generator=gen, dtype=torch.float64))
+    A = torch.cat([X, torch.ones(60, 1, dtype=torch.float64)], 1)
+    coef = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
+    model = nn.Linear(3, 1)
+    with torch.no_grad():
+        model.weight.copy_(coef[:3][None])
+        model.bias.copy_(coef[3:])
+    return model, X.float().numpy(), y.float().numpy()
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+@pytest.mark.parametrize("structure", ["diag", "full"])
+def test_regression_posterior_follows_the_units_of_y(curvature, structure):
+    """y in other units (x 100): the same evidence up to a constant, so sigma and the
+    predictive std scale by 100 and the prior precision by 1 / 100^2. An empirical Fisher
+    squares loss gradients that carry 1 / sigma^2 each: scaled like the GGN (by
+    1 / sigma^2), its posterior kept the std of y = 1 on y = 100."""
+    fits = []
+    for k in (1.0, 100.0):
+        model, X, y = _least_squares_line(k)
+        est = LaplaceRegressor(model, subset_of_weights="all", hessian_structure=structure,
+                               curvature=curvature, prior_precision="marglik",
+                               sigma_noise="marglik").fit(X, y)
+        fits.append((est, est.predict(X, return_std=True)[1]))
+    (one, std_one), (hundred, std_hundred) = fits
+    np.testing.assert_allclose(hundred.sigma_noise_, 100 * one.sigma_noise_, rtol=1e-4)
+    np.testing.assert_allclose(hundred.prior_precision_, one.prior_precision_ / 1e4, rtol=1e-3)
+    np.testing.assert_allclose(std_hundred, 100 * std_one, rtol=1e-4)
+    # and the epistemic part, not only the noise, follows
+    epistemic = [np.sqrt(s**2 - e.sigma_noise_**2) for e, s in fits]
+    np.testing.assert_allclose(epistemic[1], 100 * epistemic[0], rtol=1e-3)
+
+
+def test_regression_empirical_fisher_is_that_of_the_gaussian_likelihood():
+    """The posterior precision of an EF Laplace is sum_n g_n g_n^T + delta with g_n the
+    gradient of the negative log-likelihood at noise sigma, built here by hand."""
+    model, X, y = _least_squares_line(3.0)
+    sigma, delta = 2.5, 0.7
+    est = LaplaceRegressor(model, subset_of_weights="all", hessian_structure="full",
+                           curvature="ef", prior_precision=delta, sigma_noise=sigma).fit(X, y)
+    A = np.column_stack([X, np.ones(len(X))])
+    r = y - A @ np.r_[model.weight.detach().numpy()[0], model.bias.detach().numpy()]
+    g = A * (r / sigma**2)[:, None]  # d/d theta of 0.5 r^2 / sigma^2
+    precision = g.T @ g + delta * np.eye(4)
+    x_new = np.array([[0.3, -1.0, 2.0]])
+    a_new = np.r_[x_new[0], 1.0]
+    var = a_new @ np.linalg.solve(precision, a_new) + sigma**2
+    np.testing.assert_allclose(est.predict(x_new, return_std=True)[1] ** 2, var, rtol=1e-6)
+
+
 @pytest.mark.parametrize("structure", ["kron", "lowrank"])
 def test_grid_search_computes_curvature_once_per_fold(digits, monkeypatch, structure):
     """Only posterior parameters change: one curvature per fold (lowrank too: its
