@@ -451,10 +451,15 @@ class L2MRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseL2M):
     __doc__ = """L2M for regression nets trained on ``MSELoss`` with an Adam-family optimizer.
 
     As :class:`L2MClassifier`; the gradient of the mean squared error is
-    rescaled to the Gaussian likelihood's (see :func:`l2m_curvature`), the
-    noise ``sigma_noise_`` starts from the RMS training residual (one forward
-    pass) and is fitted with the prior by the marginal likelihood.
-    """ + _SHARED_DOC + """    sigma_noise : float or "marglik", default="marglik"
+    rescaled to the Gaussian likelihood's (see :func:`l2m_curvature`), and the
+    noise ``sigma_noise_`` is the RMS training residual (one forward pass).
+    """ + _SHARED_DOC + """    sigma_noise : float, "residual" or "marglik", default="residual"
+        Observation noise. ``"residual"``: the RMS training residual, the
+        maximum-likelihood noise at the trained weights. ``"marglik"`` fits it
+        with the prior by the marginal likelihood, which over all the weights
+        of a net inflates it (several times the residual on the comparison's
+        regression tasks: the log-determinant over thousands of weights
+        rewards a larger noise), so intervals come out far too wide.
 
     Attributes
     ----------
@@ -479,7 +484,7 @@ class L2MRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseL2M):
 
     def __init__(
         self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
-        sigma_noise="marglik", prior_precision="marglik", prior_structure="scalar",
+        sigma_noise="residual", prior_precision="marglik", prior_structure="scalar",
         pred_type="glm", n_samples=100, temperature=1.0, calibration_fraction=0.2,
         device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
     ):

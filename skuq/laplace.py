@@ -59,6 +59,9 @@ __all__ = [
 
 PRED_TYPES = ("glm", "nn")
 PRIOR_METHODS = ("marglik", "heldout")
+#: ``sigma_noise`` options of the regressors: fitted by the evidence, or the trained
+#: net's RMS training residual (the maximum-likelihood noise at its weights)
+SIGMA_METHODS = ("marglik", "residual")
 #: log10 grid of prior precisions searched by ``prior_precision="heldout"``
 HELDOUT_GRID = np.logspace(-4, 4, 33)
 
@@ -431,7 +434,7 @@ class _RegressionLikelihood:
 
     def _validate_likelihood_options(self) -> None:
         if isinstance(self.sigma_noise, str):
-            check_option("sigma_noise", self.sigma_noise, ("marglik",))
+            check_option("sigma_noise", self.sigma_noise, SIGMA_METHODS)
         else:
             check_positive("sigma_noise", self.sigma_noise)
 
@@ -439,9 +442,8 @@ class _RegressionLikelihood:
         return self.sigma_noise == "marglik"
 
     def _initial_sigma(self) -> float:
-        if self.sigma_noise != "marglik":
-            return float(self.sigma_noise)
-        return self._rms
+        # "residual" keeps the RMS training residual; "marglik" starts from it
+        return self._rms if isinstance(self.sigma_noise, str) else float(self.sigma_noise)
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         self._fit_noise_from_residuals(X, y)
@@ -615,10 +617,14 @@ class LaplaceRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseLaplace):
     Parameters
     ----------
     estimator : skorch net, FrozenEstimator or torch.nn.Module
-    sigma_noise : float or "marglik", default="marglik"
+    sigma_noise : float, "marglik" or "residual", default="marglik"
         Observation noise; ``"marglik"`` fits it (with the prior precision
         when that is ``"marglik"`` too) by the Laplace marginal likelihood,
-        starting from the RMS training residual.
+        starting from the RMS training residual; ``"residual"`` keeps that
+        residual (the maximum-likelihood noise at the trained weights). Over a
+        last layer the two agree closely; over all the weights of a net the
+        evidence inflates the noise (the log-determinant over thousands of
+        weights rewards it), so use ``"residual"`` there.
     subset_of_weights, hessian_structure, prior_precision, prior_structure, curvature, \
 pred_type, n_samples, temperature, subnetwork_size, subnetwork_selection, \
 subnetwork_indices, rank, calibration_fraction
@@ -650,7 +656,9 @@ subnetwork_indices, rank, calibration_fraction
     """
 
     _benchmark_hints = {"variants": {
-        "all,diag": {"init_params": {"subset_of_weights": "all", "hessian_structure": "diag"}},
+        "all,diag,residual": {"init_params": {"subset_of_weights": "all",
+                                              "hessian_structure": "diag",
+                                              "sigma_noise": "residual"}},
     }}
 
     def __init__(

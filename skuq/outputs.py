@@ -214,10 +214,10 @@ class OutputDistribution:
         mean = self.mean
         if self.covariance is None:
             return mean.unsqueeze(0).expand(n_samples, *mean.shape)
+        check_finite(self.covariance, "the predicted output covariance")
         eps = torch.randn(
             (n_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
         )
-        check_finite(self.covariance, "the predicted output covariance")
         if self.covariance.ndim == 2:
             return mean + eps * self.covariance.clamp_min(0).sqrt()
         chol = _safe_cholesky(self.covariance)
