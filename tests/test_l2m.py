@@ -379,3 +379,11 @@ def test_regression_posterior_follows_the_units_of_y():
     np.testing.assert_allclose(hundred.sigma_noise_, 100 * one.sigma_noise_, rtol=1e-3)
     np.testing.assert_allclose(hundred.prior_precision_, one.prior_precision_ / 1e4, rtol=1e-2)
     np.testing.assert_allclose(std_hundred, 100 * std_one, rtol=1e-3)
+
+
+def test_regressor_noise_defaults_to_the_training_residual(gap_data):
+    net = make_regressor_net(max_epochs=30, module__n_outputs=1).fit(
+        gap_data.X, gap_data.y.reshape(-1, 1))
+    est = L2MRegressor(FrozenEstimator(net)).fit(gap_data.X, gap_data.y)
+    residual = net.predict(gap_data.X)[:, 0] - gap_data.y
+    assert est.sigma_noise_ == pytest.approx(float(np.sqrt(np.mean(residual**2))), rel=1e-5)
