@@ -453,13 +453,14 @@ class L2MRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseL2M):
     As :class:`L2MClassifier`; the gradient of the mean squared error is
     rescaled to the Gaussian likelihood's (see :func:`l2m_curvature`), and the
     noise ``sigma_noise_`` is the RMS training residual (one forward pass).
-    """ + _SHARED_DOC + """    sigma_noise : float, "residual" or "marglik", default="residual"
+    """ + _SHARED_DOC + """    sigma_noise : float, "residual", "marglik" or "auto", default="residual"
         Observation noise. ``"residual"``: the RMS training residual, the
         maximum-likelihood noise at the trained weights. ``"marglik"`` fits it
         with the prior by the marginal likelihood, which over all the weights
         of a net inflates it (several times the residual on the comparison's
         regression tasks: the log-determinant over thousands of weights
-        rewards a larger noise), so intervals come out far too wide.
+        rewards a larger noise), so intervals come out far too wide; ``"auto"``
+        as in :class:`skuq.LaplaceRegressor`.
 
     Attributes
     ----------

@@ -447,3 +447,29 @@ def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
     assert abs(fitted.sigma_noise_ / rms - 1) > 1e-3  # the evidence's own optimum
     with pytest.raises(ValueError, match="sigma_noise must be one of"):
         LaplaceRegressor(model, sigma_noise="rms").fit(X, y)
+
+
+def test_auto_noise_is_the_evidence_over_few_weights_and_the_residual_over_many():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    X = torch.randn(60, 3, generator=gen)
+    y = torch.sin(X.sum(1)) + 0.2 * torch.randn(60, generator=gen)
+    model = nn.Sequential(nn.Linear(3, 16), nn.Tanh(), nn.Linear(16, 1))  # 81 weights
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        ((model(X)[:, 0] - y) ** 2).mean().backward()
+        opt.step()
+    X, y = X.numpy(), y.numpy()
+
+    def sigma(**kw):
+        return LaplaceRegressor(copy.deepcopy(model), prior_precision="marglik",
+                                **kw).fit(X, y).sigma_noise_
+
+    # last layer: 17 weights <= 60 targets, so the evidence decides
+    assert sigma() == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
+    assert sigma() != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
+    # all 81 weights > 60 targets: the residual
+    assert sigma(subset_of_weights="all", hessian_structure="full") == pytest.approx(
+        sigma(subset_of_weights="all", hessian_structure="full", sigma_noise="residual"),
+        rel=1e-6)
