@@ -453,7 +453,7 @@ class L2MRegressor(UQRegressorMixin, _RegressionLikelihood, _BaseL2M):
     As :class:`L2MClassifier`; the gradient of the mean squared error is
     rescaled to the Gaussian likelihood's (see :func:`l2m_curvature`), and the
     noise ``sigma_noise_`` is the RMS training residual (one forward pass).
-    """ + _SHARED_DOC + """    sigma_noise : float, "residual", "marglik" or "auto", default="residual"
+    """ + _SHARED_DOC + """    sigma_noise : float or str, default="residual"
         Observation noise. ``"residual"``: the RMS training residual, the
         maximum-likelihood noise at the trained weights. ``"marglik"`` fits it
         with the prior by the marginal likelihood, which over all the weights
