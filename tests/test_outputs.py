@@ -81,6 +81,24 @@ def test_centered_probit_is_the_probit_of_the_centered_logits():
         "centered_probit"), expected)
 
 
+def test_two_class_centered_probit_is_the_probit_of_the_logit_difference():
+    """For two classes E softmax(f)_1 = E sigmoid(d), d = f_1 - f_0: the link is the
+    standard sigmoid probit of d, and much closer to MC than either per-class probit."""
+    mean, cov = random_gaussian(n=6, c=2, scale=3.0)
+    d_mean = mean[:, 1] - mean[:, 0]
+    d_var = cov[:, 0, 0] + cov[:, 1, 1] - 2 * cov[:, 0, 1]
+    expected = torch.sigmoid(d_mean / torch.sqrt(1 + math.pi / 8 * d_var))
+    p = centered_probit_probabilities(mean, cov)
+    torch.testing.assert_close(p[:, 1], expected)
+    gen = torch.Generator().manual_seed(0)
+    truth = OutputDistribution.gaussian(mean, cov).probabilities(
+        "mc", n_samples=400_000, generator=gen)
+    gap = (p - truth).abs().max()
+    assert gap < 0.02
+    assert (probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2))
+            - truth).abs().max() > 2 * gap
+
+
 def test_centered_probit_ignores_a_shared_shift_like_softmax_does():
     """Adding the variance of a common shift ``s 1`` leaves E[softmax] unchanged.
 
