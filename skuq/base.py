@@ -150,6 +150,15 @@ def _criterion_outputs(net) -> str:
     """What a skorch net's module returns, read from its criterion."""
     criterion = net.criterion
     cls = criterion if inspect.isclass(criterion) else type(criterion)
+    if issubclass(cls, (nn.BCEWithLogitsLoss, nn.BCELoss)):
+        # one output for two classes: the posteriors and links here work on one logit
+        # per class, and a constant second logit would defeat the last-layer routes
+        raise TypeError(
+            f"{type(net).__name__} with {cls.__name__} gives one output for two classes; "
+            "skuq's classifiers need one logit per class: use skorch's NeuralNetClassifier "
+            "with criterion=torch.nn.CrossEntropyLoss and two outputs (e.g. "
+            "skuq.nets.MLP, which sizes its output from the classes)"
+        )
     return "probabilities" if issubclass(cls, nn.NLLLoss) else "logits"
 
 
@@ -351,11 +360,12 @@ class BaseUQEstimator(BaseEstimator):
         if isinstance(est, nn.Module):
             net, module, outputs = est, est, "logits"
         elif _is_skorch_net(est):
+            outputs = _criterion_outputs(est) if self._is_classifier() else "logits"
             if isinstance(self.estimator, FrozenEstimator):
                 net = est
             else:
                 net = self._train_skorch(est, X, y)
-            module, outputs = net.module_, _criterion_outputs(net)
+            module = net.module_
         else:
             raise TypeError(f"cannot use a FrozenEstimator around {type(est).__name__}")
         if not any(True for _ in module.parameters()):

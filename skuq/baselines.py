@@ -427,6 +427,7 @@ class _DeepEnsembleBase(BaseUQEstimator):
                 f"{type(self.estimator).__name__}. Pass the skorch net itself (not a "
                 "FrozenEstimator or torch.nn.Module)."
             )
+        outputs = _criterion_outputs(self.estimator) if self._is_classifier() else "logits"
         seeds = np.random.RandomState(self._seed).randint(0, 2**31 - 1, self.n_estimators)
         train = check_memory(self.memory).cache(_train_net)
         y_net = self._net_target(y)
@@ -440,7 +441,7 @@ class _DeepEnsembleBase(BaseUQEstimator):
             module.to(self.device_)
             module.eval()
             if self._is_classifier():
-                module = logit_model(module, _criterion_outputs(net))
+                module = logit_model(module, outputs)
             members.append(module)
         self.net_ = list(nets)
         self.member_seeds_ = seeds

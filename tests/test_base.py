@@ -12,9 +12,10 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import GridSearchCV, cross_val_score
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
-from skorch import NeuralNetClassifier
+from skorch import NeuralNetBinaryClassifier, NeuralNetClassifier
 from torch import nn
 
+import skuq
 from skuq import MAPClassifier, MAPRegressor, TemperatureScalingClassifier
 from skuq._utils import check_finite
 from skuq.baselines import LOG_TEMPERATURE_BOUNDS, fit_temperature
@@ -366,6 +367,18 @@ def test_a_network_in_another_precision_is_refused_saying_how_to_convert(small):
         module = nn.Linear(X.shape[1], 5).to(dtype)
         with pytest.raises(TypeError, match=r"module\.float\(\)"):
             MAPClassifier(module).fit(X, y)
+
+
+@pytest.mark.parametrize("name", ["MAPClassifier", "LaplaceClassifier", "DeepEnsembleClassifier"])
+def test_a_binary_skorch_net_is_refused_before_training_saying_what_to_use(small, name):
+    """NeuralNetBinaryClassifier (one BCE logit) would fail inside skorch's training
+    with a dtype error; it is refused up front, naming the net to use instead."""
+    X, y = small
+    X, y = X[y < 2], y[y < 2]
+    net = NeuralNetBinaryClassifier(MLP, module__n_outputs=1, max_epochs=1, verbose=0,
+                                    train_split=None)
+    with pytest.raises(TypeError, match="NeuralNetClassifier with criterion"):
+        getattr(skuq, name)(net).fit(X, y)
 
 
 def test_unexpected_fit_params_are_refused(small):
