@@ -964,11 +964,11 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     >>> from skorch import NeuralNetClassifier
     >>> from skuq import RegVarClassifier
     >>> from skuq.datasets import load_digits_ood
-    >>> from skuq.nets import MLP
     >>> d = load_digits_ood()
-    >>> net = NeuralNetClassifier(MLP, module__hidden=(8,), criterion=torch.nn.CrossEntropyLoss,
-    ...                           optimizer=torch.optim.Adam, optimizer__weight_decay=1e-3,
-    ...                           lr=1e-2, max_epochs=10, train_split=None, verbose=0)
+    >>> net = NeuralNetClassifier(torch.nn.Linear, module__in_features=64,
+    ...                           module__out_features=5, criterion=torch.nn.CrossEntropyLoss,
+    ...                           optimizer=torch.optim.Adam, optimizer__weight_decay=1e-2,
+    ...                           lr=1e-2, max_epochs=20, train_split=None, verbose=0)
     >>> est = RegVarClassifier(net, random_state=0).fit(d.X_train, d.y_train)
     >>> est.predict_proba(d.X_test[:2]).shape  # exact mode: one fine-tune per row and class
     (2, 5)
@@ -1042,10 +1042,10 @@ prior_precision, exact_solver, exact_max_iter
     >>> from skorch import NeuralNetRegressor
     >>> from skuq import RegVarRegressor
     >>> from skuq.datasets import make_gap_regression
-    >>> from skuq.nets import MLP
     >>> d = make_gap_regression()
-    >>> net = NeuralNetRegressor(MLP, optimizer=torch.optim.Adam, lr=1e-2,
-    ...                          optimizer__weight_decay=1e-3, max_epochs=50,
+    >>> net = NeuralNetRegressor(torch.nn.Linear, module__in_features=1,
+    ...                          module__out_features=1, optimizer=torch.optim.Adam, lr=1e-2,
+    ...                          optimizer__weight_decay=1e-2, max_epochs=50,
     ...                          train_split=None, verbose=0)
     >>> est = RegVarRegressor(net, random_state=0).fit(d.X, d.y)
     >>> mean, std = est.predict(d.X_test[:3], return_std=True)
