@@ -22,7 +22,7 @@ The per-class hook (data, not code)
     * ``"shared_net"``: ``False`` when the method cannot use a trained net
       (deep ensembles train their own members).
     * ``"init_params"``: extra constructor kwargs for this benchmark only
-      (empty for every method today: defaults are the product).
+      (defaults are the product; RegVar sets its cheap `"amortized"` mode).
     * ``"variants"``: ``{label: hints}``, extra rows ``Cls[label]`` built with
       those hints (their own ``init_params`` / ``shared_net`` / ``net_params``),
       e.g. the Laplace structures a user would also try. The default row stays.

@@ -8,7 +8,12 @@ batch of ``B`` rows, ``E[g_B^2] ~ (1/B) (1/N) sum_n g_n^2``, so
     sum_n g_n^2  ~  N * B * v_hat
 
 is the diagonal empirical Fisher of the summed loss over the ``N`` training
-rows (``scale="fisher"``, the default). The curvature comes for free: fitting
+rows (``scale="fisher"``, the default). Exactly, for batches ``b`` of a fixed
+partition averaged with equal weights, ``N B mean_b(g_b^2) = sum_n g_n^2 +
+sum_b sum_{n != m in b} g_n g_m``: the cross terms average out only when
+``B << N`` and the mean gradient is ~0. Full-batch training (``B = N``) leaves
+``(sum_n g_n)^2``, the squared full gradient, which vanishes at convergence:
+no curvature at all (L2M warns). The curvature comes for free: fitting
 reads optimizer state and never passes over the training data again. The
 posterior and the predictive are those of the diagonal Laplace
 (:class:`skuq.posterior.DiagPosterior`, :mod:`skuq.predictive`).
@@ -19,6 +24,8 @@ scikit-learn face on it.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -347,8 +354,19 @@ class _BaseL2M(_BaseLaplace):
         optimizer = self._trained_optimizer()
         self._check_criterion_reduction()
         n_train = self._n_train(len(X))
+        batch = self._train_batch_size(n_train)
+        if self.scale == "fisher" and batch >= n_train:
+            warnings.warn(
+                "L2M's scale='fisher' reads the optimizer's second moment as the noise of "
+                "mini-batch gradients, but this net was trained full-batch (batch size "
+                f"{batch} >= {n_train} rows): v_hat is then the square of the full gradient, "
+                "(sum_n g_n)^2 / N^2, which vanishes at convergence, not sum_n g_n^2 / N. The "
+                "curvature is near zero and the posterior near the prior. Train with "
+                "mini-batches, or use LaplaceClassifier/LaplaceRegressor(hessian_structure="
+                "'diag')", UserWarning, stacklevel=4,
+            )
         return l2m_curvature(
-            weights, optimizer, n_train=n_train, train_batch_size=self._train_batch_size(n_train),
+            weights, optimizer, n_train=n_train, train_batch_size=batch,
             scale=self.scale, likelihood=self._likelihood, n_outputs=self.n_outputs_,
             loss=self._training_loss(X, y, n_train), bias_correction=self.bias_correction,
             params=self._optimizer_params(weights),

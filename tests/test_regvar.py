@@ -211,7 +211,8 @@ def digits_net(digits):
 
 
 def test_amortized_is_finite_nonnegative_reproducible(digits, digits_net):
-    est = RegVarClassifier(FrozenEstimator(digits_net), random_state=0, device="cpu")
+    est = RegVarClassifier(FrozenEstimator(digits_net), mode="amortized", random_state=0,
+                           device="cpu")
     var = est.fit(digits.X_train, digits.y_train).predict_distribution(digits.X_test).variance
     assert var.shape == (len(digits.X_test), 5)
     assert bool(torch.isfinite(var).all()) and bool((var >= 0).all())
@@ -242,7 +243,8 @@ def test_amortized_ranking_correlates_with_the_laplace_variance():
         nn.functional.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y)).backward()
         opt.step()
     queries = np.concatenate([X[:100], np.random.RandomState(0).uniform(-4, 4, (100, 2))])
-    rv = RegVarClassifier(model, prior_precision=len(X) * 1e-2, random_state=0, device="cpu")
+    rv = RegVarClassifier(model, mode="amortized", prior_precision=len(X) * 1e-2,
+                          random_state=0, device="cpu")
     rv.fit(X, y)
     lap = LaplaceClassifier(model, subset_of_weights="all", hessian_structure="full",
                             prior_precision=rv.prior_precision_, device="cpu").fit(X, y)
@@ -325,7 +327,8 @@ def test_a_probability_net_gives_the_same_exact_covariance_as_its_logit_net(tiny
 
 def test_regressor_amortized_runs_and_scales_with_the_noise(gap_data):
     net = make_regressor_net(max_epochs=60, hidden=(16,), optimizer__weight_decay=1e-4)
-    est = RegVarRegressor(net, random_state=0, device="cpu").fit(gap_data.X, gap_data.y)
+    est = RegVarRegressor(net, mode="amortized", random_state=0, device="cpu")
+    est.fit(gap_data.X, gap_data.y)
     var = est.predict_uncertainty(gap_data.X_test, "epistemic_variance")
     assert var.shape == (len(gap_data.X_test),) and np.all(np.isfinite(var)) and np.all(var >= 0)
     mean, std = est.predict(gap_data.X_test, return_std=True)
@@ -381,7 +384,8 @@ def test_a_loss_skuq_cannot_differentiate_is_refused(digits):
 
 
 def test_non_finite_variance_is_reported_never_returned(digits, digits_net):
-    est = RegVarClassifier(FrozenEstimator(digits_net), random_state=0, device="cpu")
+    est = RegVarClassifier(FrozenEstimator(digits_net), mode="amortized", random_state=0,
+                           device="cpu")
     est.fit(digits.X_train, digits.y_train)
     with torch.no_grad():  # a fine-tuned net whose outputs overflow
         next(est.finetuned_[0].parameters())[0, 0] = float("inf")
@@ -396,3 +400,109 @@ def test_non_finite_variance_is_reported_never_returned(digits, digits_net):
     far = np.full((2, digits.X_test.shape[1]), 3e38, dtype=np.float32)
     with pytest.raises(FloatingPointError):
         est.predict_proba(far)
+
+
+# ------------------------------------------- the default mode on a linear regression
+def _ridge_line(n=50, delta=2.0):
+    """A 2-D linear regression fitted exactly at the minimum of sum (f - y)^2 + delta/2 |w|^2."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.3],
+                                                                            dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.5 + 0.3 * torch.randn(
+        n, generator=g, dtype=torch.float64)
+    A = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
+    H = 2 * A.T @ A + delta * torch.eye(3, dtype=torch.float64)  # Hessian of R (MSE, C = 1)
+    coef = torch.linalg.solve(H, 2 * A.T @ y)
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(coef[:2][None])
+        model.bias.copy_(coef[2:])
+    return model, X.float().numpy(), y.float().numpy(), H
+
+
+def test_default_mode_is_the_laplace_variance_of_a_linear_regression_everywhere():
+    """The default is the exact mode: on a linear regression (R quadratic, so exact for any
+    lam) it is the Laplace variance 2 sigma^2 a^T H^-1 a (a = (x, 1)) at every input, to
+    float32 (1e-5), also on the hyperplane J(x) H^-1 u = 0 where the amortized score is
+    zero (its one direction u: the gradient of the output regularizer)."""
+    model, X, y, H = _ridge_line()
+    delta, sigma = 2.0, 0.3
+    est = RegVarRegressor(model, sigma_noise=sigma, prior_precision=delta, device="cpu")
+    assert est.mode == "exact"
+    amortized = clone(est).set_params(mode="amortized", random_state=0).fit(X, y)
+    # the amortized fine-tunes' displacement theta_lam - theta_0 = lam H^-1 u: its zero set
+    w_lam, w_0 = (torch.cat([m.weight.reshape(-1), m.bias]) for m in amortized.finetuned_)
+    d = (w_lam - w_0).double()
+    normal = d[:2] / d[:2].norm()
+    on_plane = -d[2] / d[:2].norm() * normal  # the point of the hyperplane nearest 0
+    along = torch.stack([-normal[1], normal[0]])
+    angles = torch.linspace(0, 2 * np.pi, 16, dtype=torch.float64)[:, None]
+    queries = torch.cat([
+        on_plane + torch.tensor([-100.0, -10.0, 10.0, 100.0], dtype=torch.float64)[:, None]
+        * along,  # on the hyperplane
+        100 * torch.cat([angles.cos(), angles.sin()], 1),  # a circle of radius 100
+    ]).float().numpy()
+    a = torch.cat([torch.as_tensor(queries).double(), torch.ones(len(queries), 1,
+                                                                 dtype=torch.float64)], 1)
+    expected = 2 * sigma**2 * torch.einsum("qi,ij,qj->q", a, torch.linalg.inv(H), a)
+    exact = est.fit(X, y).predict_uncertainty(queries, "epistemic_variance")
+    np.testing.assert_allclose(exact, expected.numpy(), rtol=1e-5)
+    assert expected[:4].min() > 0.01  # the variance there is far from zero
+    # what the amortized score does there: ~0 on the hyperplane, not a variance
+    score = amortized.predict_uncertainty(queries, "epistemic_variance")
+    assert np.all(score[:4] < 1e-3 * exact[:4])
+    assert score[4:].max() > 10 * score[4:].min()  # while the variance varies by less:
+    assert exact[4:].max() < 10 * exact[4:].min()
+
+
+# ------------------------------------------------ decoupled weight decay (AdamW)
+def _adamw_net(optimizer=torch.optim.AdamW, steps=6000):
+    """A skorch net whose module is trained here, full batch, by its own optimizer."""
+    from skorch import NeuralNetRegressor
+
+    _, X, y, _ = _ridge_line()
+    torch.manual_seed(0)
+    net = NeuralNetRegressor(nn.Linear(2, 1), optimizer=optimizer, lr=1e-2,
+                             optimizer__weight_decay=0.5, max_epochs=0, train_split=None,
+                             verbose=0, device="cpu").initialize()
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)[:, None]
+    for _ in range(steps):
+        net.optimizer_.zero_grad()
+        nn.functional.mse_loss(net.module_(Xt), yt).backward()
+        net.optimizer_.step()
+    return net, X, y
+
+
+def test_adamw_prior_is_the_one_its_decoupled_decay_implies():
+    """AdamW's step lr (m_hat / (sqrt(v_hat) + eps) + wd theta) vanishes where the mean
+    gradient is -wd (sqrt(v_hat) + eps) theta: delta_i = N wd (sqrt(v_hat_i) + eps). At the
+    trained weights the gradient of R with that prior is ~0, with N wd (the coupled reading,
+    what RegVar used before) it is the whole decay term."""
+    net, X, y = _adamw_net()
+    est = RegVarRegressor(FrozenEstimator(net), sigma_noise=0.3, device="cpu").fit(X, y)
+    module = net.module_
+    params = list(module.parameters())
+    opt = net.optimizer_
+    beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
+    v_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"])))
+                       .reshape(-1) for p in params]).double()
+    n = len(X)
+    np.testing.assert_allclose(est.prior_precision_, n * 0.5 * (v_hat.sqrt() + eps).numpy(),
+                               rtol=1e-6)  # v_hat bias-corrected here in float32
+    theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
+    A = torch.cat([torch.as_tensor(X).double(), torch.ones(n, 1, dtype=torch.float64)], 1)
+    data_grad = 2 * A.T @ (A @ theta - torch.as_tensor(y).double())  # of sum (f - y)^2
+    implied = data_grad + torch.as_tensor(est.prior_precision_) * theta
+    coupled = data_grad + n * 0.5 * theta
+    # measured 2.4e-4 after 6000 steps (2e-3 after 2000: v_hat, an average over ~1/(1 - beta2)
+    # steps, has to settle too); the coupled reading leaves the whole decay term
+    assert float(implied.abs().max()) < 1e-3 * float(coupled.abs().max())
+
+
+@pytest.mark.parametrize("optimizer", [torch.optim.RAdam, torch.optim.NAdam])
+def test_other_decoupled_decay_is_refused(optimizer):
+    from functools import partial
+
+    net, X, y = _adamw_net(partial(optimizer, decoupled_weight_decay=True), steps=2)
+    with pytest.raises(ValueError, match=r"decoupled weight decay.*prior_precision"):
+        RegVarRegressor(FrozenEstimator(net), sigma_noise=0.3, device="cpu").fit(X, y)

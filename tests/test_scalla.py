@@ -21,6 +21,7 @@ from torch import nn
 
 from skuq import LaplaceClassifier, ScaLLAClassifier, scalla
 from skuq.curvature import hessian_sqrt, jacobians, select_weights
+from skuq.metrics import ood_auroc
 from skuq.scalla import (
     FeaturePosterior,
     draw_probes,
@@ -237,6 +238,28 @@ def test_context_rows_join_the_kernel_fit():
     assert kernel_error(biased, fresh) < 0.7 * kernel_error(plain, fresh)
     inside = X.numpy()[:100]
     assert kernel_error(biased, inside) < 1.3 * kernel_error(plain, inside)
+
+
+def test_the_biased_kernel_improves_ood_detection(digits):
+    """Kernel biasing with context rows like the OOD inputs raises the OOD AUROC of the
+    predictive variance on *other* OOD rows. Digits 0-4 (a 64-16-5 tanh net), context: 150
+    rows of digits 5-9, scored on the remaining ones against the test digits. Measured:
+    AUROC 0.349 without context (the surrogate's kernel is lower off the data), 0.529 with
+    it; the context also raises the OOD / test variance ratio (0.89 -> 1.05). Without the
+    bias (context ignored, or weighted 0) the two would be equal."""
+    torch.manual_seed(0)
+    X, y = torch.as_tensor(digits.X_train), torch.as_tensor(digits.y_train)
+    net = _train(nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 5)), X, y, steps=200)
+    perm = np.random.RandomState(0).permutation(len(digits.X_ood))
+    ctx, held = digits.X_ood[perm[:150]], digits.X_ood[perm[150:]]
+    kw = dict(n_features=16, surrogate_epochs=30, surrogate_width=64, prior_precision=1.0,
+              random_state=0, device="cpu")
+    auroc = {}
+    for name, context in (("plain", None), ("biased", ctx)):
+        est = ScaLLAClassifier(net, **kw).fit(digits.X_train, digits.y_train, context=context)
+        auroc[name] = ood_auroc(est.predict_uncertainty(digits.X_test, "variance"),
+                                est.predict_uncertainty(held, "variance"))
+    assert auroc["biased"] > auroc["plain"] + 0.1, auroc
 
 
 # --------------------------------------------------------------------- memory
