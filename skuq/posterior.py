@@ -662,7 +662,8 @@ class CholeskyFullPosterior(FullPosterior):
         self.H = H
         self._work_dtype = dense_factor_dtype(P, H.dtype)
         self._check_work_memory()
-        self.eigvals = _eigvalsh_lower(H, self._work_dtype).clamp_min(0)
+        # the evidence (FullPosterior's _log_det) reads eigvals, in H's dtype as there
+        self.eigvals = _eigvalsh_lower(H, self._work_dtype).clamp_min(0).to(H.dtype)
         self._eigvecs = None
         WeightPosterior.__init__(self, mean, **kwargs)
 
@@ -680,13 +681,6 @@ class CholeskyFullPosterior(FullPosterior):
             del H
             self._eigvecs = evecs.to(self.H.dtype)
         return self._eigvecs
-
-    def _log_det(self, delta, s):
-        if delta.ndim == 0:
-            return torch.log(s * self.eigvals + delta).sum()
-        P = s * self.H + torch.diag(self._delta_vector(delta))
-        L = torch.linalg.cholesky(P)  # lower triangle of P: H's
-        return 2 * torch.log(torch.diagonal(L)).sum()
 
     def _factor(self) -> Tensor:
         """``A = L^-T`` (upper triangular) with ``A A^T = Sigma``."""
