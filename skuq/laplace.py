@@ -736,7 +736,7 @@ calibration_fraction
     classes_ : ndarray
     subnetwork_indices_ : ndarray of int64
         The chosen positions in the flat vector of the trainable parameters.
-    posterior_ : skuq.posterior.FullPosterior
+    posterior_ : skuq.posterior.CholeskyFullPosterior
     weights_ : skuq.curvature.WeightSubset
     prior_precision_ : float or ndarray
     n_params_ : int

@@ -1,7 +1,9 @@
 """Gaussian posteriors over weights: ``N(theta*, (s H + diag(delta))^-1)``.
 
 One class per structure of the curvature ``H``: :class:`DiagPosterior`,
-:class:`KronPosterior`, :class:`FullPosterior`, :class:`LowRankPosterior`.
+:class:`KronPosterior`, :class:`FullPosterior` (and :class:`CholeskyFullPosterior`,
+the one :func:`posterior_from_curvature` builds: eigenvalues only, a Cholesky
+factor per ``delta``), :class:`LowRankPosterior`.
 ``s = 1 / (sigma_noise^2 * temperature)`` scales the curvature (computed at
 unit noise; for an empirical Fisher of a regression, a sum of squared loss
 gradients that carry ``1 / sigma_noise^2`` each, ``s = 1 / (sigma_noise^4 *
