@@ -639,8 +639,10 @@ class CholeskyFullPosterior(FullPosterior):
     needs only the columns from its own first row on, half the products of a
     dense factor.
 
-    ``eigvecs`` (for a grid of ``delta`` values sharing one rotation of the
-    Jacobians) are computed on first access only.
+    ``eigvecs`` (for a grid of ``delta`` values sharing one rotation: each
+    value then costs ``O(P^2)``, not a factorization) are computed on first
+    access only, and then serve every scalar ``delta`` (as in
+    :class:`FullPosterior`, with its memory).
 
     Examples
     --------
@@ -679,15 +681,23 @@ class CholeskyFullPosterior(FullPosterior):
         """``H``'s eigenvectors (P, P), formed on first access (a full eigendecomposition)."""
         if self._eigvecs is None:
             H = self.H.tril() + self.H.tril(-1).T
-            _, evecs = _eigh64(H)
+            evals, evecs = _eigh64(H)
             del H
             self._eigvecs = evecs.to(self.H.dtype)
+            # the pairs stay together (the same eigenvalues to rounding)
+            self.eigvals = evals.clamp_min(0).to(self.H.dtype)
+            self._invalidate()
         return self._eigvecs
 
     def _factor(self) -> Tensor:
         """``A = L^-T`` (upper triangular) with ``A A^T = Sigma``."""
         if "A" not in self._cache:
             self._cache.pop("cov", None)
+            if self.prior_precision.ndim == 0 and self._eigvecs is not None:
+                # eigenvectors at hand (a grid of delta values): each delta is O(P^2)
+                rs = torch.rsqrt(self.curvature_scale * self.eigvals + self.prior_precision)
+                self._cache["A"] = self._eigvecs * rs
+                return self._cache["A"]
             self._check_work_memory()
             s = float(self.curvature_scale)
             dv = self._delta_vector(self.prior_precision).to(self._work_dtype)

@@ -189,3 +189,24 @@ def test_memory_error_before_allocating(monkeypatch):
 def test_available_memory_reads_the_machine():
     avail = memory.available_memory("cpu")
     assert avail is None or 0 < avail < 2**50
+
+
+def test_a_grid_of_delta_reuses_one_eigendecomposition(monkeypatch):
+    """Once the eigenvectors exist (the held-out grid asks for them), a new scalar delta
+    is a rescaling, not a Cholesky factorization; the covariance is the same."""
+    H, mean = _spd(30, 10, seed=3)
+    post = CholeskyFullPosterior(mean, H, prior_precision=0.3)
+    by_cholesky = post.covariance().clone()
+    _ = post.eigvecs
+    import skuq.posterior as posterior
+
+    def fail(W):
+        raise AssertionError("factorized again")
+
+    monkeypatch.setattr(posterior, "_inverse_cholesky_lower", fail)
+    for delta in (0.3, 3.0):
+        post.set_hyperparameters(prior_precision=delta)
+        cov = torch.linalg.inv(H + delta * torch.eye(30, dtype=torch.float64))
+        torch.testing.assert_close(post.covariance(), cov, rtol=1e-9, atol=1e-12)
+    post.set_hyperparameters(prior_precision=0.3)
+    torch.testing.assert_close(post.covariance(), by_cholesky, rtol=1e-9, atol=1e-12)
