@@ -618,8 +618,9 @@ class CholeskyFullPosterior(FullPosterior):
 
     * the **evidence** for any scalar ``delta`` and ``s`` needs ``H``'s
       eigenvalues only, ``log det = sum log(s lambda + delta)``: computed once,
-      without eigenvectors (LAPACK ``?syevr``, ``jobz="N"``; several times
-      cheaper than the eigenvectors, whose back-transformation dominates);
+      when the evidence is first asked for, without eigenvectors (LAPACK
+      ``?syevr``, ``jobz="N"``; several times cheaper than the eigenvectors,
+      whose back-transformation dominates);
     * the **covariance** at the current ``(delta, s)`` is the factor ``A =
       L^-T`` of the Cholesky factorization ``s H + diag(delta) = L L^T``
       (``A A^T = Sigma``), formed once per ``(delta, s)``: a Cholesky and a
@@ -666,10 +667,23 @@ class CholeskyFullPosterior(FullPosterior):
         self.H = H
         self._work_dtype = dense_factor_dtype(P, H.dtype)
         self._check_work_memory()
-        # the evidence (FullPosterior's _log_det) reads eigvals, in H's dtype as there
-        self.eigvals = _eigvalsh_lower(H, self._work_dtype).clamp_min(0).to(H.dtype)
+        self._eigvals = None  # on first use: a fixed delta and predictions never need them
         self._eigvecs = None
         WeightPosterior.__init__(self, mean, **kwargs)
+
+    @property
+    def eigvals(self) -> Tensor:
+        """``H``'s eigenvalues (P,), ascending, computed once on first use (the evidence)."""
+        if self._eigvals is None:
+            self._check_work_memory()
+            # the evidence (FullPosterior's _log_det) reads them in H's dtype, as there
+            lam = _eigvalsh_lower(self.H, self._work_dtype).clamp_min(0)
+            self._eigvals = lam.to(self.H.dtype)
+        return self._eigvals
+
+    @eigvals.setter
+    def eigvals(self, value: Tensor) -> None:
+        self._eigvals = value
 
     def _check_work_memory(self) -> None:
         P = self.n_params if hasattr(self, "n_params") else self.H.shape[0]
