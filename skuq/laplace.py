@@ -36,6 +36,7 @@ from .curvature.weights import SUBSETS
 from .outputs import LINKS, OutputDistribution, probit_probabilities
 from .posterior import (
     PRIOR_STRUCTURES,
+    CholeskyFullPosterior,
     FullPosterior,
     augment_centered,
     posterior_from_curvature,
@@ -372,6 +373,8 @@ class _BaseLaplace(BaseUQEstimator):
         curvature's eigenbasis once, so each value costs ``O(B C^2 k)``).
         """
         post, weights = self.posterior_, self.weights_
+        if isinstance(post, CholeskyFullPosterior):
+            _ = post.eigvecs  # one eigendecomposition serves every grid value; no Cholesky each
         grid = [float(v) for v in HELDOUT_GRID]
         nll = np.zeros(len(grid))
         for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
@@ -736,7 +739,7 @@ calibration_fraction
     classes_ : ndarray
     subnetwork_indices_ : ndarray of int64
         The chosen positions in the flat vector of the trainable parameters.
-    posterior_ : skuq.posterior.FullPosterior
+    posterior_ : skuq.posterior.CholeskyFullPosterior
     weights_ : skuq.curvature.WeightSubset
     prior_precision_ : float or ndarray
     n_params_ : int

@@ -1,7 +1,9 @@
 """Gaussian posteriors over weights: ``N(theta*, (s H + diag(delta))^-1)``.
 
 One class per structure of the curvature ``H``: :class:`DiagPosterior`,
-:class:`KronPosterior`, :class:`FullPosterior`, :class:`LowRankPosterior`.
+:class:`KronPosterior`, :class:`FullPosterior` (and :class:`CholeskyFullPosterior`,
+the one :func:`posterior_from_curvature` builds: eigenvalues only, a Cholesky
+factor per ``delta``), :class:`LowRankPosterior`.
 ``s = 1 / (sigma_noise^2 * temperature)`` scales the curvature (computed at
 unit noise; for an empirical Fisher of a regression, a sum of squared loss
 gradients that carry ``1 / sigma_noise^2`` each, ``s = 1 / (sigma_noise^4 *
@@ -32,12 +34,14 @@ import torch
 from torch import Tensor
 
 from .curvature.ggn import Curvature, KronBlock
+from .curvature.memory import check_full_memory, dense_factor_dtype
 
 __all__ = [
     "WeightPosterior",
     "DiagPosterior",
     "KronPosterior",
     "FullPosterior",
+    "CholeskyFullPosterior",
     "LowRankPosterior",
     "posterior_from_curvature",
     "center_outputs",
@@ -583,6 +587,201 @@ class FullPosterior(WeightPosterior):
         return JA @ JA.transpose(1, 2)
 
 
+def _eigvalsh_lower(H: Tensor, dtype: torch.dtype) -> Tensor:
+    """Eigenvalues (ascending) of the symmetric matrix whose lower triangle is ``H``'s.
+
+    Computed in ``dtype`` on a working copy that LAPACK overwrites (``?syevr``
+    without eigenvectors: no ``P x P`` output); returned in float64.
+    """
+    if H.device.type != "cpu":
+        return torch.linalg.eigvalsh(H.to(dtype), UPLO="L").double()
+    work = H.detach().to(dtype, copy=True).numpy()
+    # the transpose is Fortran-ordered, so LAPACK works on the copy in place; its upper
+    # triangle is H's lower one
+    evals = scipy.linalg.eigh(work.T, lower=False, eigvals_only=True, driver="evr",
+                              overwrite_a=True, check_finite=False)
+    return torch.from_numpy(evals).double()
+
+
+def _inverse_cholesky_lower(W: Tensor) -> Tensor:
+    """``L^-1`` (lower triangular) of ``W = L L^T``, from ``W``'s lower triangle, in place.
+
+    On the CPU, LAPACK's ``?potrf`` and ``?trtri`` overwrite ``W`` (no second
+    ``P x P`` array); elsewhere torch's Cholesky and triangular solve.
+    """
+    if W.device.type != "cpu":
+        L = torch.linalg.cholesky_ex(W)
+        if int(L.info) != 0:
+            raise _not_positive_definite(W)
+        eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
+        return torch.linalg.solve_triangular(L.L, eye, upper=False)
+    F = W.numpy().T  # Fortran view: its upper triangle is W's lower one
+    potrf, trtri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "trtri"), (F,))
+    U, info = potrf(F, lower=0, overwrite_a=1, clean=0)
+    if info != 0 or not np.may_share_memory(U, F):
+        if info != 0:
+            raise _not_positive_definite(W)
+        F[...] = U  # LAPACK worked on a copy (not expected for a Fortran view)
+    Ui, info = trtri(F, lower=0, overwrite_c=1)
+    if info != 0:
+        raise _not_positive_definite(W)
+    if not np.may_share_memory(Ui, F):
+        F[...] = Ui
+    return W.tril_()
+
+
+def _not_positive_definite(W: Tensor) -> FloatingPointError:
+    return FloatingPointError(
+        f"the posterior precision s H + diag(delta) ({W.shape[0]:,} x {W.shape[0]:,}, "
+        f"{str(W.dtype).replace('torch.', '')}) is not positive definite to working "
+        "precision: raise prior_precision, or use a structure that needs no dense factor"
+    )
+
+
+class CholeskyFullPosterior(FullPosterior):
+    """Dense posterior that never forms ``H``'s eigenvectors: the default for ``"full"``.
+
+    ``N(theta*, (s H + diag(delta))^-1)`` with a dense ``H``, like
+    :class:`FullPosterior`, with the work split by what each step needs:
+
+    * the **evidence** for any scalar ``delta`` and ``s`` needs ``H``'s
+      eigenvalues only, ``log det = sum log(s lambda + delta)``: computed once,
+      when the evidence is first asked for, without eigenvectors (LAPACK
+      ``?syevr``, ``jobz="N"``; several times cheaper than the eigenvectors,
+      whose back-transformation dominates);
+    * the **covariance** at the current ``(delta, s)`` is the factor ``A =
+      L^-T`` of the Cholesky factorization ``s H + diag(delta) = L L^T``
+      (``A A^T = Sigma``), formed once per ``(delta, s)``: a Cholesky and a
+      triangular inverse, in place. A per-layer ``delta`` takes the same path.
+
+    Memory: ``H`` (kept as given, its lower triangle read, never copied) and
+    one ``P x P`` work array -- the eigenvalues' working copy, then the factor
+    -- twice the covariance's size; a :class:`MemoryError` names the bytes
+    before a work array that does not fit is allocated. Up to
+    :data:`~skuq.curvature.memory.FLOAT64_FACTOR_MAX_PARAMS` weights the work
+    array is float64, as :class:`FullPosterior`'s eigendecomposition (the
+    factor is then stored in ``H``'s dtype).
+
+    For a last Linear layer, whose Jacobian is ``I_C (x) phi(x)``, the
+    predictive covariance contracts ``phi`` with the factor's rows of each class
+    (:meth:`functional_variance_last_layer`): ``A`` is triangular, so class ``c``
+    needs only the columns from its own first row on, half the products of a
+    dense factor.
+
+    ``eigvecs`` (for a grid of ``delta`` values sharing one rotation: each
+    value then costs ``O(P^2)``, not a factorization) are computed on first
+    access only, and then serve every scalar ``delta`` (as in
+    :class:`FullPosterior`, with its memory).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq.posterior import CholeskyFullPosterior
+    >>> H = torch.tensor([[2.0, 1.0], [1.0, 2.0]])
+    >>> post = CholeskyFullPosterior(torch.zeros(2), H)
+    >>> torch.allclose(post.covariance(), torch.linalg.inv(H + torch.eye(2)))
+    True
+    """
+
+    structure = "full"
+
+    def __init__(self, mean: Tensor, curvature: Tensor, **kwargs):
+        P = mean.numel()
+        if curvature.shape != (P, P):
+            raise ValueError("curvature must be a P x P matrix")
+        H = curvature.detach()
+        if H.dtype != mean.dtype or not H.is_contiguous():
+            H = H.to(mean.dtype).contiguous()
+        self.H = H
+        self._work_dtype = dense_factor_dtype(P, H.dtype)
+        self._check_work_memory()
+        self._eigvals = None  # on first use: a fixed delta and predictions never need them
+        self._eigvecs = None
+        WeightPosterior.__init__(self, mean, **kwargs)
+
+    @property
+    def eigvals(self) -> Tensor:
+        """``H``'s eigenvalues (P,), ascending, computed once on first use (the evidence)."""
+        if self._eigvals is None:
+            self._check_work_memory()
+            # the evidence (FullPosterior's _log_det) reads them in H's dtype, as there
+            lam = _eigvalsh_lower(self.H, self._work_dtype).clamp_min(0)
+            self._eigvals = lam.to(self.H.dtype)
+        return self._eigvals
+
+    @eigvals.setter
+    def eigvals(self, value: Tensor) -> None:
+        self._eigvals = value
+
+    def _check_work_memory(self) -> None:
+        P = self.n_params if hasattr(self, "n_params") else self.H.shape[0]
+        item = torch.empty((), dtype=self._work_dtype).element_size()
+        check_full_memory(P, self.H.dtype, self.H.device, needed=P * P * item)
+
+    @property
+    def eigvecs(self) -> Tensor:
+        """``H``'s eigenvectors (P, P), formed on first access (a full eigendecomposition)."""
+        if self._eigvecs is None:
+            H = self.H.tril() + self.H.tril(-1).T
+            evals, evecs = _eigh64(H)
+            del H
+            self._eigvecs = evecs.to(self.H.dtype)
+            # the pairs stay together (the same eigenvalues to rounding)
+            self.eigvals = evals.clamp_min(0).to(self.H.dtype)
+            self._invalidate()
+        return self._eigvecs
+
+    def _factor(self) -> Tensor:
+        """``A = L^-T`` (upper triangular) with ``A A^T = Sigma``."""
+        if "A" not in self._cache:
+            self._cache.pop("cov", None)
+            if self.prior_precision.ndim == 0 and self._eigvecs is not None:
+                # eigenvectors at hand (a grid of delta values): each delta is O(P^2)
+                rs = torch.rsqrt(self.curvature_scale * self.eigvals + self.prior_precision)
+                self._cache["A"] = self._eigvecs * rs
+                return self._cache["A"]
+            self._check_work_memory()
+            s = float(self.curvature_scale)
+            dv = self._delta_vector(self.prior_precision).to(self._work_dtype)
+            W = self.H.to(self._work_dtype, copy=True)
+            W.mul_(s)
+            W.diagonal().add_(dv)
+            W = _inverse_cholesky_lower(W)  # L^-1, in place
+            if W.dtype != self.H.dtype:
+                W = W.to(self.H.dtype)
+            self._cache["A"] = W.T
+        return self._cache["A"]
+
+    def marginal_variance(self):
+        A = self._factor()
+        step = max(1, (1 << 22) // max(1, A.shape[1]))  # row chunks: no P x P temporary
+        return torch.cat([(A[i : i + step] ** 2).sum(1) for i in range(0, len(A), step)])
+
+    def functional_variance_last_layer(self, phi, n_out, has_bias, augment=False):
+        """``(J A)(J A)^T`` of a last Linear layer, ``J = I_C (x) [phi, 1]``.
+
+        The rows of ``A`` that belong to class ``c``'s weights start at column
+        ``c d`` (``A`` is upper triangular), the bias rows at ``C d + c``: each
+        class's product skips the zeros before them. A sum of squares, as
+        :meth:`FullPosterior.functional_variance_last_layer`.
+        ``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``.
+        """
+        A = self._factor()
+        if A.dtype != phi.dtype:
+            A = A.to(phi.dtype)
+        B, d = phi.shape
+        nw = n_out * d
+        JA = torch.zeros(B, n_out, self.n_params, dtype=phi.dtype, device=phi.device)
+        for c in range(n_out):
+            lo = c * d
+            JA[:, c, lo:] = phi @ A[lo : lo + d, lo:]
+        if has_bias:
+            JA[:, :, nw:] += A[nw:, nw:]
+        if augment:
+            JA = augment_centered(JA, 1)
+        return JA @ JA.transpose(1, 2)
+
+
 class KronPosterior(WeightPosterior):
     """K-FAC posterior: blocks ``s G (x) A + delta I`` (or dense ``s B + delta I`` for biases).
 
@@ -801,7 +1000,7 @@ def posterior_from_curvature(
     if curvature.structure == "diag":
         return DiagPosterior(mean, curvature.diag, **kwargs)
     if curvature.structure == "full":
-        return FullPosterior(mean, curvature.full, **kwargs)
+        return CholeskyFullPosterior(mean, curvature.full, **kwargs)
     if curvature.structure == "kron":
         return KronPosterior(mean, curvature.kron, **kwargs)
     if curvature.structure == "lowrank":

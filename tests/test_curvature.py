@@ -392,7 +392,13 @@ def test_non_finite_curvature_is_refused():
 
 
 def test_full_refuses_huge_subset():
-    model = nn.Linear(200, 101)
-    with pytest.raises(ValueError, match="use at most 20000 weights"):
-        compute_curvature(select_weights(model), [(torch.zeros(2, 200), torch.zeros(2))],
-                          structure="full")
+    """2M weights: a 2M x 2M curvature and its factor (32 TB) fit no machine; refused
+    before the data is read."""
+    model = nn.Linear(2000, 1000)
+
+    def batches():
+        raise AssertionError("the data was read before the memory check")
+        yield
+
+    with pytest.raises(MemoryError, match="GiB are available"):
+        compute_curvature(select_weights(model), batches(), structure="full")

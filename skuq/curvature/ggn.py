@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians, jvp_batch, vjp_batch
+from .memory import check_full_memory
 from .weights import WeightSubset
 
 __all__ = [
@@ -68,8 +69,6 @@ __all__ = [
 LIKELIHOODS = ("classification", "regression")
 STRUCTURES = ("diag", "kron", "full", "lowrank")
 CURVATURES = ("ggn", "ef")
-#: largest P for which a dense P x P curvature is formed
-MAX_FULL_PARAMS = 20_000
 
 
 # ------------------------------------------------------------------ likelihoods
@@ -398,7 +397,10 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
                 R[:, slices["weight"]] = per.reshape(len(R), -1)
             if "bias" in slices:
                 R[:, slices["bias"]] = gt[rows].sum(1)
-        acc["full"] = acc.get("full", 0) + R.T @ R
+        if "full" in acc:  # in place: no P x P temporary per chunk
+            acc["full"].addmm_(R.T, R)
+        else:
+            acc["full"] = R.T @ R
 
 
 def _accumulate_direct(acc: dict, mod, slices, a: Tensor, M: Tensor, structure: str,
@@ -429,9 +431,10 @@ def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_element
     """A last Linear layer's dense block: ``sum_n M_n M_n^T (x) phi_n phi_n^T``.
 
     ``phi_n`` is the layer's input with a 1 appended for the bias; the block is
-    kept as ``(C, C, D, D)`` (classes, then features) and laid out once at the end
-    (:func:`_layout_full_direct`). ``O(N C^2 D^2)``, a factor ``C`` below the
-    ``O(N K P^2)`` of per-sample gradients (``P = C D``).
+    kept as its ``D x D`` blocks for the class pairs ``c <= c'`` (the others are
+    their transposes) and laid out once at the end (:func:`_layout_full_direct`).
+    ``O(N C^2 D^2 / 2)``, a factor ``2 C`` below the ``O(N K P^2)`` of per-sample
+    gradients (``P = C D``).
     """
     n, C = M.shape[0], M.shape[1]
     lam = M @ M.transpose(1, 2)  # (B, C, C)
@@ -439,20 +442,33 @@ def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_element
         [torch.ones(n, 1, dtype=a.dtype, device=a.device)] if "bias" in slices else [])
     phi = torch.cat(feats, 1)
     D = phi.shape[1]
+    iu = torch.triu_indices(C, C, device=phi.device)
+    lam = lam[:, iu[0], iu[1]]  # (B, pairs)
+    n_pairs = lam.shape[1]
     if "full_cd" not in acc:
-        acc["full_cd"] = torch.zeros(C * C * D, D, dtype=phi.dtype, device=phi.device)
-    step = max(1, max_elements // max(1, C * C * D))
+        acc["full_cd"] = torch.zeros(n_pairs * D, D, dtype=phi.dtype, device=phi.device)
+    step = max(1, max_elements // max(1, n_pairs * D))
     for s in range(0, n, step):
         lam_s, phi_s = lam[s : s + step], phi[s : s + step]
-        Z = (lam_s.reshape(len(lam_s), C * C, 1) * phi_s.unsqueeze(1)).reshape(len(lam_s), -1)
+        Z = (lam_s.unsqueeze(2) * phi_s.unsqueeze(1)).reshape(len(lam_s), -1)
         acc["full_cd"].addmm_(Z.T, phi_s)  # in place: no block-sized temporary per batch
     acc["full_shape"] = (C, D)
 
 
 def _layout_full_direct(H2: Tensor, shape, slices, n_params: int) -> Tensor:
-    """The ``(C C D, D)`` block to the flat layout ``[vec(W) row-major, b]``, in one gather."""
+    """The class-pair blocks to the flat layout ``[vec(W) row-major, b]``.
+
+    The blocks go to a class-major matrix (row ``c D + i``: class ``c``, feature
+    ``i``), then one gather orders its rows and columns as the flat vector.
+    """
     C, D = shape
-    H4 = H2.reshape(C, C, D, D)
+    blocks = H2.reshape(-1, D, D)
+    iu = torch.triu_indices(C, C)
+    Hcm = torch.empty(C * D, C * D, dtype=H2.dtype, device=H2.device)
+    for k, (c, c2) in enumerate(zip(iu[0].tolist(), iu[1].tolist(), strict=True)):
+        Hcm[c * D : (c + 1) * D, c2 * D : (c2 + 1) * D] = blocks[k]
+        if c != c2:
+            Hcm[c2 * D : (c2 + 1) * D, c * D : (c + 1) * D] = blocks[k].T
     c = torch.arange(C, device=H2.device)
     cls = torch.empty(n_params, dtype=torch.long, device=H2.device)
     feat = torch.empty(n_params, dtype=torch.long, device=H2.device)
@@ -463,7 +479,8 @@ def _layout_full_direct(H2: Tensor, shape, slices, n_params: int) -> Tensor:
     if "bias" in slices:  # the appended constant feature
         cls[slices["bias"]] = c
         feat[slices["bias"]] = D - 1
-    return H4[cls[:, None], cls[None, :], feat[:, None], feat[None, :]]
+    order = cls * D + feat
+    return Hcm[order[:, None], order[None, :]]
 
 
 def _hook_curvature(weights, plan, batches, likelihood, curvature, structure, max_elements):
@@ -517,7 +534,7 @@ def _jacobian_curvature(weights, batches, likelihood, curvature, structure, max_
             if structure == "diag":
                 acc += (MJ**2).sum(0)
             else:
-                acc += MJ.T @ MJ
+                acc.addmm_(MJ.T, MJ)  # in place: the P x P accumulator is the only one
             loss += float(sum_loss(f, y[rows], likelihood))
             n_data += f.shape[0]
     key = "diag" if structure == "diag" else "full"
@@ -659,13 +676,8 @@ def compute_curvature(
         raise ValueError(f"curvature must be one of {CURVATURES}, got {curvature!r}")
     if route not in ("auto", "layers", "jacobians"):
         raise ValueError(f"route must be one of ('auto', 'layers', 'jacobians'), got {route!r}")
-    if structure == "full" and weights.n_params > MAX_FULL_PARAMS:
-        raise ValueError(
-            f"hessian_structure='full' over {weights.n_params} weights needs a "
-            f"{weights.n_params}x{weights.n_params} matrix; use at most {MAX_FULL_PARAMS} "
-            "weights (subset_of_weights='last_layer' or 'subnetwork') or another structure "
-            "('kron', 'diag', 'lowrank')"
-        )
+    if structure == "full":  # the curvature and the posterior's factor, before either exists
+        check_full_memory(weights.n_params, weights.dtype, weights.device)
     data = batches() if callable(batches) and structure != "lowrank" else batches
     if structure == "lowrank":
         parts = _lowrank_curvature(
@@ -709,7 +721,9 @@ def compute_curvature(
     result = Curvature(structure, curvature, likelihood, n_data, n_out, loss, **fields)
     for name, t in fields.items():
         tensors = [f for b in t for f in b.factors] if name == "kron" else [t]
-        if not all(bool(torch.isfinite(s).all()) for s in tensors):
+        # in row chunks: a P x P boolean mask would be a quarter of a dense curvature
+        if not all(bool(torch.isfinite(s[i : i + 1024]).all()) for s in tensors
+                   for i in range(0, max(len(s), 1), 1024)):
             raise FloatingPointError(
                 f"the {curvature.upper()} curvature ({structure}) contains NaN or inf: the "
                 "network's outputs or gradients overflow on the training data; check the "
