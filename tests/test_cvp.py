@@ -21,7 +21,6 @@ from skuq.cvp import (
     Moments,
     UnsupportedLayerError,
     fit_layer_scales,
-    probit_nll,
     register_rule,
 )
 from skuq.cvp import moments as mom
@@ -399,16 +398,40 @@ def test_batchnorm_rule_exact():
     _check_layer(bn, (3, 2, 2))
 
 
+def _check_norm(m, n=400_000):
+    """A normalization layer (D = 64, random weight) against MC, on inputs whose
+    variance is ~40 % of the normalizer's statistic (the ``(1 - 1/D) mean(v)`` term
+    matters) with weight variances that matter too.
+
+    The expected-statistic rule ignores the randomness of the normalizer and the
+    covariance of the centring; measured at D = 64 (1e6 draws): variance averaged over
+    the layer within 1 % of MC, median entry 1.4-2.5 % off, the worst entries (small
+    input variance, where the normalizer's own spread dominates) 10-19 % off. Dropping
+    the input-variance term of the statistic overestimates by ~1.6x; dropping the
+    weight variance underestimates by up to 2x."""
+    torch.manual_seed(0)
+    m.weight.data.normal_(1.0, 0.2)
+    m = m.double().eval()
+    x_mean, x_var = _input((64,), spread=(0.1, 2.0))
+    variances = _variances(m)
+    out = MomentPropagator(m, variances)(Moments(x_mean, x_var))
+    mc_mean, mc_var = _mc_module(m, x_mean, x_var, variances, n=n)
+    rms = (mc_mean**2 + mc_var).sqrt()
+    assert _rel(out.mean[0], mc_mean, rms) < 0.02
+    rel = (out.var[0] - mc_var).abs() / mc_var
+    assert abs(float(out.var[0].mean() / mc_var.mean()) - 1) < 0.03
+    assert float(rel.median()) < 0.05
+    assert float(rel.max()) < 0.25
+
+
 def test_layernorm_rule_expected_statistic():
-    """An approximation (the normalizer is random); accurate for wide layers."""
-    ln = nn.LayerNorm(64)
-    ln.weight.data.normal_(1.0, 0.2)
-    _check_layer(ln, (64,), tol_mean=0.05, tol_var=0.2, spread=(1e-3, 0.3))
+    """An approximation (the normalizer is random); see :func:`_check_norm`."""
+    _check_norm(nn.LayerNorm(64))
 
 
 @pytest.mark.skipif(not hasattr(nn, "RMSNorm"), reason="torch without nn.RMSNorm")
 def test_rmsnorm_rule_expected_statistic():
-    _check_layer(nn.RMSNorm(64), (64,), tol_mean=0.05, tol_var=0.2, spread=(1e-3, 0.3))
+    _check_norm(nn.RMSNorm(64))
 
 
 def test_pooling_rules():
@@ -850,20 +873,30 @@ def test_cvp_classifier_ivon_end_to_end(digits):
     got = torch.cat([est.posterior_.variances[n].flatten() for n, _ in
                      est.model_.named_parameters()])
     torch.testing.assert_close(got, expect.float())
-    # calibration lowers the held-out NLL on its own split relative to none. The split
-    # is recomputed from the seed; refitting the scales on it reproduces them, so it is
-    # the one fit used
+    # the scales are fitted on the held-out split (recomputed from the seed; refitting
+    # on it reproduces them), not on the rows IVON trained on
     _, _, X_cal, y_cal = est._calibration_split(digits.X_train, digits.y_train)
     X_cal, y_cal = torch.as_tensor(X_cal), torch.as_tensor(y_cal)
     refit = fit_layer_scales(est.propagator_, [(X_cal, y_cal)])
     assert refit == pytest.approx(est.layer_scales_, rel=1e-3)
-
-    def nll(scales):
-        with torch.no_grad():
-            out = est.propagator_(X_cal, layer_scales=scales)
-        return float(probit_nll(out.mean.double(), out.variance.double(), y_cal))
-
-    assert nll(est.layer_scales_) < nll({}) - 1e-4, (nll(est.layer_scales_), nll({}))
+    # uncalibrated CVP is the moments of IVON's own posterior: against 400 draws from
+    # IVON's sampler (which reads its state itself), logit variance within [0.8, 1.25]
+    # (an MLP: ReLU and Linear are exact under independence; a posterior read with the
+    # wrong ess, hess or offsets is off by far more)
+    x = torch.as_tensor(digits.X_test[:64])
+    with torch.no_grad():
+        out = est.propagator_(x)
+        opt = est.net_.optimizer_
+        torch.manual_seed(0)
+        draws = []
+        for _ in range(400):
+            with opt.sampled_params():
+                draws.append(est.model_(x))
+    draws = torch.stack(draws)
+    ratio = float(out.var.mean() / draws.var(0).mean())
+    assert 0.8 < ratio < 1.25, ratio
+    per_row = out.var.mean(1) / draws.var(0).mean(1)
+    assert float(per_row.median()) == pytest.approx(ratio, rel=0.25)
     unc = est.predict_uncertainty(digits.X_ood, kind="variance")
     assert np.isfinite(unc).all()
 
