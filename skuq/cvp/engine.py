@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import moments as mom
+from .pooled import find_pooled_sites, pooled_correction
 
 __all__ = [
     "Moments",
@@ -618,6 +619,8 @@ class MomentPropagator:
             found = _elementwise_product(gm, node)
             if found is not None:
                 self._products[node] = found
+        # global average pools after a shared-weight layer: cross-position covariance
+        self._pooled = find_pooled_sites(gm, self.layer_names, self._products)
         self._warned_modes: set[bool] = set()
         # tensors derived from the weights (squares, squares plus variances), kept
         # across calls: see PropagationContext.derived
@@ -858,6 +861,16 @@ class MomentPropagator:
                             f"CVP has no propagation rule for {what} (node {node.name!r})."
                             " " + _how_to_register("function", key)
                         )
+                sites = self._pooled.get(node)
+                if sites and isinstance(out, Moments) and out.var is not None:
+                    var = out.var
+                    for site in sites:
+                        corr = pooled_correction(ctx, gm, site, env, self._products,
+                                                 scales.get(site.layer.target, 1.0))
+                        if corr is not None:
+                            var = var + corr.reshape(var.shape).to(var.dtype)
+                    if var is not out.var:
+                        out = Moments(out.mean, var.clamp_min(0.0))
                 env[node] = out
         raise RuntimeError("the traced graph has no output")  # pragma: no cover
 

@@ -786,6 +786,13 @@ def _adaptive_avgpool(ctx, m, x: Moments) -> Moments:
     return Moments(mean, m(x.var) / count)
 
 
+@register_rule(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+def _adaptive_avgpool_fn(ctx, fn, x: Moments, output_size) -> Moments:
+    pool = (nn.AdaptiveAvgPool1d if fn is F.adaptive_avg_pool1d else nn.AdaptiveAvgPool2d)(
+        output_size)
+    return _adaptive_avgpool(ctx, pool, x)
+
+
 @register_rule(nn.MaxPool1d, nn.MaxPool2d)
 def _maxpool(ctx, m, x: Moments) -> Moments:
     """Max pooling by Clark's moment matching, folded over the window.

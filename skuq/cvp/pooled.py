@@ -1,0 +1,355 @@
+"""Global average pooling after a shared-weight layer: the covariance across positions.
+
+A convolution (or a Linear applied to every token) uses one weight tensor at every
+position, so its weight noise moves all positions together: the outputs at two
+positions are correlated, ``Cov(y_cp, y_cq) = sum_j s_cj x_jp x_jq + s_b``
+(``x_jp`` the input patch at position p, ``s`` the weight variances). Per-unit
+propagation drops these covariances; for most layers that is the documented
+mean-field approximation, but a global average pool sums exactly those covariances,
+and dropping them underestimates the pooled variance by up to the number of
+positions (a factor 5 to 25 on small CNNs).
+
+So when a global average pool (``AdaptiveAvgPool1d/2d`` to size 1, its functional
+form, or a mean over all position dimensions) is reached from such a layer ``L``
+through per-position maps only -- elementwise activations, eval-mode BatchNorm,
+dropout/identity, and residual additions of a branch that does not depend on
+``L`` -- the pooled variance gets the cross-position part of ``L``'s own weight
+noise, carried through those maps to first order:
+
+``Var[mean_p g(y_cp)] += sum_j s_cj (z_cj^2 - d_cj) + s_bc ((sum_p G_cp)^2 - sum_p G_cp^2)``
+
+with ``G_cp = E[g'(y_cp)] / P`` (the expected slope of the chain, exact for
+ReLU's first Hermite term: Stein's lemma), ``z_cj = sum_p G_cp mu_jp`` and ``d_cj =
+sum_p G_cp^2 mu_jp^2`` (``mu`` the mean of ``L``'s input). The diagonal (``p = q``)
+stays the exact per-unit rule's. For a pool right after ``L`` (no nonlinearity) the
+pooled variance of ``L``'s weight noise is then exact for independent inputs; through
+a nonlinearity the cross-position covariance is first order in the correlation. The
+cost is two batched matrix products of the size of ``L``'s weight gradient.
+
+The covariance that reaches the pool through layers further down (the weight noise
+of an earlier layer, mixed by ``L``) is not carried: per-unit propagation stays an
+approximation there (``docs/methods/cvp.md`` has the measured ratios).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import moments as mom
+
+__all__ = ["PooledSite", "find_pooled_sites", "pooled_correction"]
+
+_SHARED = (nn.Conv1d, nn.Conv2d, nn.Linear)
+_POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+_POOL_FNS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+_PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
+_ADD_FNS = ("add", "iadd", "sub", "isub")
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+
+
+def _norm_ok(mod) -> bool:
+    """A normalization layer whose affine part is shared across positions in a form
+    the correction handles (LayerNorm/RMSNorm over the last dim only)."""
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        return not mod.training and mod.running_mean is not None
+    return len(mod.normalized_shape) == 1
+# entries of the (rows, out, in) temporaries per chunk of rows
+_CHUNK = 1 << 22
+
+
+@dataclass
+class PooledSite:
+    """A global average pool reached from a shared-weight layer through per-position maps.
+
+    ``chain`` lists the nodes from the layer's output to the pool's input, as
+    ``(node, kind, parent)``: kind ``"unary"`` (elementwise map of ``parent``),
+    ``"product"`` (an elementwise function of ``parent`` found by the propagator),
+    ``"bn"``, ``"pass"``, ``"add"`` or ``"sub"`` (the chain operand is ``parent``).
+    """
+
+    pool: torch.fx.Node
+    layer: torch.fx.Node
+    chain: list
+    dims: object  # the mean's dims (None for an adaptive pool)
+
+
+def _is_global_pool(gm, node):
+    """``(input node, dims)`` of a global average pool, else None."""
+    if not isinstance(node, torch.fx.Node) or not node.args:
+        return None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, _POOL_MODULES):
+            size = mod.output_size
+            size = size if isinstance(size, tuple) else (size,)
+            if all(s == 1 for s in size):
+                return node.args[0], None
+        return None
+    if node.op == "call_function" and node.target in _POOL_FNS:
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("output_size")
+        size = size if isinstance(size, (tuple, list)) else (size,)
+        if all(s == 1 for s in size):
+            return node.args[0], None
+        return None
+    is_mean = (node.op == "call_method" and node.target == "mean") or (
+        node.op == "call_function" and node.target is torch.mean)
+    if not is_mean:
+        return None
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    if dims is None or node.kwargs.get("dtype") is not None:
+        return None
+    return node.args[0], dims
+
+
+def find_pooled_sites(gm: torch.fx.GraphModule, layer_names, products) -> dict:
+    """``{pool node: [PooledSite, ...]}`` for the traced module ``gm``.
+
+    ``layer_names``: the call sites with posterior variance; ``products``: the
+    propagator's elementwise products (``{node: (root, g)}``).
+    """
+    from .engine import _unary_parent
+
+    layers = set(layer_names)
+    ancestors: dict = {}
+    for n in gm.graph.nodes:
+        acc = set()
+        for a in n.all_input_nodes:
+            acc |= ancestors[a] | {a}
+        ancestors[n] = acc
+
+    found: list = []
+
+    def walk(n, chain, depth=0):
+        """Append ``(layer, chain)`` to ``found`` for the random shared layers behind n."""
+        if depth > 64 or not isinstance(n, torch.fx.Node):
+            return None
+        if n.op == "call_module" and n.target in layers:
+            mod = gm.get_submodule(n.target)
+            if len(n.args) != 1 or n.kwargs:
+                return None
+            if isinstance(mod, _SHARED) or (isinstance(mod, _NORMS) and _norm_ok(mod)):
+                found.append((n, chain))
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):  # per channel: go on
+                return walk(n.args[0], [(n, "bn", n.args[0]), *chain], depth + 1)
+            return None
+        if n in products:
+            return walk(products[n][0], [(n, "product", products[n][0]), *chain], depth + 1)
+        if n.op == "call_module":
+            mod = gm.get_submodule(n.target)
+            if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)) and len(n.args) == 1:
+                return walk(n.args[0], [(n, "bn", n.args[0]), *chain], depth + 1)
+            if isinstance(mod, _PASS_MODULES) and len(n.args) == 1:
+                return walk(n.args[0], [(n, "pass", n.args[0]), *chain], depth + 1)
+        name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
+        if (n.op in ("call_function", "call_method") and name in _ADD_FNS
+                and len(n.args) == 2 and not n.kwargs
+                and all(isinstance(a, torch.fx.Node) for a in n.args)):
+            a, b = n.args
+            for this, other in ((a, b), (b, a)):
+                kind = "sub" if this is b and "sub" in name else "add"
+                before = len(found)
+                walk(this, [(n, kind, this), *chain], depth + 1)
+                # keep the layers the other operand does not depend on
+                found[before:] = [f for f in found[before:]
+                                  if f[0] not in ancestors[other] | {other}]
+            return None
+        parent = _unary_parent(gm, n)
+        if parent is None:
+            return None
+        identity = n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity)
+        return walk(parent, [(n, "pass" if identity else "unary", parent), *chain], depth + 1)
+
+    sites = {}
+    for node in gm.graph.nodes:
+        pooled = _is_global_pool(gm, node)
+        if pooled is None:
+            continue
+        found.clear()
+        walk(pooled[0], [])
+        if found:
+            sites[node] = [PooledSite(node, layer, chain, pooled[1]) for layer, chain in found]
+    return sites
+
+
+# ------------------------------------------------------------------ slopes
+_N_SLOPE = 20
+_sz, _sw = np.polynomial.hermite_e.hermegauss(_N_SLOPE)
+_SLOPE_Z = torch.as_tensor(_sz, dtype=torch.float64)
+_SLOPE_W = torch.as_tensor(_sw / math.sqrt(2.0 * math.pi), dtype=torch.float64)
+
+
+def _relu_like(gm, node) -> float | None:
+    """The negative slope of a ReLU / LeakyReLU node, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if type(mod) is nn.ReLU:
+            return 0.0
+        if type(mod) is nn.LeakyReLU:
+            return float(mod.negative_slope)
+        return None
+    if node.target in (torch.relu, F.relu, "relu"):
+        return 0.0
+    if node.target is F.leaky_relu:
+        s = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        return float(s)
+    return None
+
+
+def expected_slope(fn, mu: Tensor, var: Tensor | None) -> Tensor:
+    """``E[fn'(x)]`` for ``x ~ N(mu, var)`` elementwise, by Stein's lemma
+    ``E[fn'(x)] = E[(x - mu) fn(x)] / var`` with Gauss-Hermite quadrature (float64)."""
+    m = mu.double()
+    v = torch.zeros_like(m) if var is None else var.double()
+    sd = v.sqrt().clamp_min(1e-10 * (1.0 + m.abs()))
+
+    def one(mm, ss):
+        x = mm.unsqueeze(-1) + ss.unsqueeze(-1) * _SLOPE_Z.to(mm.device)
+        d = fn(x) - fn(mm).unsqueeze(-1)
+        return (d * _SLOPE_Z.to(mm.device) * _SLOPE_W.to(mm.device)).sum(-1) / ss, ss
+
+    slope, _ = mom._in_slices(one, m, sd)
+    return slope.to(mu.dtype)
+
+
+def _chain_slopes(gm, site: PooledSite, env, products) -> Tensor:
+    from .engine import _eval_chain
+
+    out = env[site.layer]
+    g = torch.ones_like(out.mean)
+    for node, kind, parent in site.chain:
+        x = env[parent]
+        if kind == "pass" or kind == "add":
+            continue
+        if kind == "sub":
+            g = -g
+        elif kind == "bn":
+            bn = gm.get_submodule(node.target)
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.affine:
+                scale = scale * bn.weight
+            g = g * scale.view((1, -1) + (1,) * (g.ndim - 2))
+        else:
+            neg = _relu_like(gm, node) if kind == "unary" else None
+            if neg is not None:
+                if x.var is None:
+                    slope = torch.where(x.mean > 0, 1.0, neg).to(x.mean.dtype)
+                else:
+                    sd = x.var.clamp_min(torch.finfo(x.var.dtype).tiny).sqrt()
+                    slope = neg + (1.0 - neg) * 0.5 * torch.erfc(-x.mean / sd / math.sqrt(2))
+            else:
+                if kind == "product":
+                    root, fn = products[node]
+                    if fn is None:  # x * sigmoid(x)
+                        fn = F.silu
+                else:
+                    def fn(t, _n=node, _p=parent):
+                        return _eval_chain(gm, [_n], _p, t)
+                slope = expected_slope(fn, x.mean, x.var)
+            g = g * slope
+    return g
+
+
+# -------------------------------------------------------------- correction
+def _pooled_dims(site: PooledSite, ndim: int, conv: bool):
+    """Whether the pool reduces exactly the position dims of the layer's output."""
+    if site.dims is None:
+        return conv  # an adaptive pool: over the spatial dims of (N, C, ...)
+    dims = site.dims if isinstance(site.dims, (tuple, list)) else (site.dims,)
+    if not all(isinstance(d, int) for d in dims):
+        return False
+    dims = {d % ndim for d in dims}
+    want = set(range(2, ndim)) if conv else set(range(1, ndim - 1))
+    return bool(want) and dims == want
+
+
+def _normalized_mean(mod, x) -> Tensor:
+    """The mean of a normalization layer's normalized input (before its affine part)."""
+    if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        shape = (1, -1) + (1,) * (x.mean.ndim - 2)
+        inv = torch.rsqrt(mod.running_var + mod.eps).view(shape)
+        return (x.mean - mod.running_mean.view(shape)) * inv
+    if isinstance(mod, nn.LayerNorm):
+        from .rules import layer_norm_moments
+
+        return layer_norm_moments(x, mod.normalized_shape, mod.eps).mean
+    eps = mod.eps if mod.eps is not None else torch.finfo(x.mean.dtype).eps
+    ms = (x.mean * x.mean).mean(-1, keepdim=True)
+    if x.var is not None:
+        ms = ms + x.var.mean(-1, keepdim=True)
+    return x.mean * torch.rsqrt(ms + eps)
+
+
+def pooled_correction(ctx, gm, site: PooledSite, env, products, scale=1.0) -> Tensor | None:
+    """The cross-position variance of the pool's output from its layer's weight noise,
+    shaped ``(N, C)`` (None when the site does not apply to this call)."""
+    mod = gm.get_submodule(site.layer.target)
+    x = env[site.layer.args[0]]
+    out = env[site.layer]
+    pool_in = env[site.chain[-1][0]] if site.chain else out
+    if not hasattr(x, "mean") or pool_in.mean.shape != out.mean.shape:
+        return None
+    channel_first = isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d))
+    if not _pooled_dims(site, out.mean.ndim, channel_first):
+        return None
+    wv, bv = ctx.param_var(mod.weight), ctx.param_var(getattr(mod, "bias", None))
+    if wv is None and bv is None:
+        return None
+    g = _chain_slopes(gm, site, env, products)
+    n = g.shape[0]
+    if channel_first:  # (N, C, positions)
+        c_out = g.shape[1]
+        g = g.reshape(n, c_out, -1)
+    else:  # (N, positions, C) -> (N, C, positions)
+        c_out = g.shape[-1]
+        g = g.reshape(n, -1, c_out).transpose(1, 2)
+    g = g / g.shape[-1]
+    corr = torch.zeros(n, c_out, dtype=g.dtype, device=g.device)
+    if wv is not None and isinstance(mod, _NORMS):  # one shared scale per channel
+        xh = _normalized_mean(mod, x)
+        xh = xh.reshape(n, c_out, -1) if channel_first else \
+            xh.reshape(n, -1, c_out).transpose(1, 2)
+        z, d = (g * xh).sum(-1), (g * g * xh * xh).sum(-1)
+        corr = corr + wv * (z * z - d)
+    elif wv is not None:
+        if channel_first:
+            patches = _patches(mod, x.mean)  # (N, C_in * K, P)
+        else:
+            patches = x.mean.reshape(n, -1, x.mean.shape[-1]).transpose(1, 2)  # (N, D, P)
+        groups = getattr(mod, "groups", 1)
+        out_g, per = c_out // groups, patches.shape[1] // groups
+        w2 = wv.reshape(c_out, -1)
+        rows = max(1, _CHUNK // max(out_g * per, 1))
+        for gi in range(groups):
+            o, p = slice(gi * out_g, (gi + 1) * out_g), slice(gi * per, (gi + 1) * per)
+            for i in range(0, n, rows):
+                gg, xx = g[i: i + rows, o], patches[i: i + rows, p]
+                z = torch.bmm(gg, xx.transpose(1, 2))
+                d = torch.bmm(gg * gg, (xx * xx).transpose(1, 2))
+                corr[i: i + rows, o] = ((z * z - d) * w2[o]).sum(-1)
+    if bv is not None:
+        corr = corr + bv * (g.sum(-1) ** 2 - (g * g).sum(-1))
+    return corr * scale
+
+
+def _patches(mod, x: Tensor) -> Tensor:
+    """The convolution's input patches, ``(N, C_in * prod(kernel), positions)``."""
+    padding = mod.padding
+    if mod.padding_mode != "zeros" or isinstance(padding, str):  # 'same', 'valid', modes
+        mode = "constant" if mod.padding_mode == "zeros" else mod.padding_mode
+        x = F.pad(x, mod._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * (x.ndim - 2)
+    if isinstance(mod, nn.Conv1d):
+        x = x.unsqueeze(2)
+        k, d, s = (1, mod.kernel_size[0]), (1, mod.dilation[0]), (1, mod.stride[0])
+        padding = (0, padding[0] if isinstance(padding, tuple) else padding)
+    else:
+        k, d, s = mod.kernel_size, mod.dilation, mod.stride
+    return F.unfold(x, k, dilation=d, padding=padding, stride=s)
