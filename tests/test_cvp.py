@@ -552,40 +552,39 @@ def test_pooled_shared_layer_is_exact(kind):
 
 @pytest.mark.parametrize("kind", ["bn relu", "gelu", "silu product", "residual relu",
                                   "tokens relu"])
-def test_pooled_shared_layer_through_activations(kind):
-    """Through activations the cross-position covariance is carried to first order
-    (expected slopes): with posterior-sized weight variances (1e-3, relative output
-    sd ~0.1) the pooled variance is within 5 % of MC, where per-unit propagation is
-    10x too small."""
+@pytest.mark.parametrize("weight_var", [1e-3, 1e-2])
+def test_pooled_shared_layer_through_activations(kind, weight_var):
+    """Through an activation the cross-position covariance is carried to first order by
+    the expected slopes and beyond by the Hermite series with one correlation per
+    channel. Against 50,000 weight draws: the pooled variance averaged over outputs
+    within 3 %, each output within 10 % (or 1 % of the largest, for units that are off
+    at every position); per-unit propagation is 5-25x too small here."""
     torch.manual_seed(0)
 
     class SiLUByHand(nn.Module):
         def forward(self, t):
             return t * torch.sigmoid(t)
 
-    conv = nn.Conv2d(3, 4, 3, padding=1)
-    bn = nn.BatchNorm2d(4).eval()
-    bn.running_var.uniform_(0.5, 2.0)
-    bn.running_mean.normal_(0, 0.3)
     model, shape = {
-        "bn relu": (_Pool(conv, (bn, nn.ReLU())), (3, 6, 6)),
-        "gelu": (_Pool(conv, (nn.GELU(),)), (3, 6, 6)),
-        "silu product": (_Pool(conv, (SiLUByHand(),), form="mean"), (3, 6, 6)),
+        "bn relu": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (_eval_bn(4), nn.ReLU())),
+                    (3, 6, 6)),
+        "gelu": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (nn.GELU(),)), (3, 6, 6)),
+        "silu product": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (SiLUByHand(),),
+                               form="mean"), (3, 6, 6)),
         "residual relu": (_Pool(nn.Conv2d(3, 3, 3, padding=1), (), residual=True),
                           (3, 6, 6)),
         "tokens relu": (_Pool(nn.Linear(6, 5), (nn.ReLU(),)), (12, 6)),
     }[kind]
-    ratios, mean_ratio = _pooled_ratio(model, shape, 1e-3)
-    assert abs(mean_ratio - 1) < 0.05, ratios
-    assert bool(((ratios - 1).abs() < 0.1).all()), ratios
-    prop = MomentPropagator(model, {n: 1e-3 for n, _ in model.named_parameters()
-                                    if n.startswith("layer.")})
-    prop._pooled = {}  # per-unit propagation only
-    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(0),
-                   dtype=torch.float64) + 0.25
-    with_rule = MomentPropagator(model, {n: 1e-3 for n, _ in model.named_parameters()
-                                         if n.startswith("layer.")})(x)
-    assert float(prop(x).var.mean()) < 0.3 * float(with_rule.var.mean())
+    model, x, variances = _pooled_setup(model, shape, weight_var)
+    with torch.no_grad():
+        prop = MomentPropagator(model, variances)
+        out = prop(x).var[0]
+        _, mc = _mc_module(model, x, torch.zeros_like(x), variances, n=50_000, chunk=25_000)
+        assert abs(float(out.mean() / mc.mean()) - 1) < 0.03, (out, mc)
+        assert bool(((out - mc).abs() <= torch.maximum(0.1 * mc, 0.01 * mc.max())).all()), (
+            out, mc)
+        prop._pooled = {}  # per-unit propagation only
+        assert float(prop(x).var[0].mean()) < 0.25 * float(out.mean())
 
 
 def test_structural_ops_and_residual_exact():

@@ -219,11 +219,27 @@ def expected_slope(fn, mu: Tensor, var: Tensor | None) -> Tensor:
     return slope.to(mu.dtype)
 
 
-def _chain_slopes(gm, site: PooledSite, env, products) -> Tensor:
+def _unary_fn(gm, node, kind, parent, products):
+    """The elementwise map of a chain node, as a function of a tensor."""
     from .engine import _eval_chain
 
+    if kind == "product":
+        fn = products[node][1]
+        return F.silu if fn is None else fn
+
+    def fn(t, _n=node, _p=parent):
+        return _eval_chain(gm, [_n], _p, t)
+
+    return fn
+
+
+def _chain_slopes(gm, site: PooledSite, env, products):
+    """``(G, nonlinear)``: the expected slope of the chain per unit, and, when the chain
+    has exactly one nonlinear map, ``(lam, node, kind, parent, kappa)`` -- the slopes
+    before and after it and the map -- else None."""
     out = env[site.layer]
     g = torch.ones_like(out.mean)
+    nonlinear = []
     for node, kind, parent in site.chain:
         x = env[parent]
         if kind == "pass" or kind == "add":
@@ -245,16 +261,64 @@ def _chain_slopes(gm, site: PooledSite, env, products) -> Tensor:
                     sd = x.var.clamp_min(torch.finfo(x.var.dtype).tiny).sqrt()
                     slope = neg + (1.0 - neg) * 0.5 * torch.erfc(-x.mean / sd / math.sqrt(2))
             else:
-                if kind == "product":
-                    root, fn = products[node]
-                    if fn is None:  # x * sigmoid(x)
-                        fn = F.silu
-                else:
-                    def fn(t, _n=node, _p=parent):
-                        return _eval_chain(gm, [_n], _p, t)
-                slope = expected_slope(fn, x.mean, x.var)
+                slope = expected_slope(_unary_fn(gm, node, kind, parent, products),
+                                       x.mean, x.var)
+            nonlinear.append((node, kind, parent, g))
             g = g * slope
-    return g
+    if len(nonlinear) != 1:
+        return g, None
+    node, kind, parent, lam = nonlinear[0]
+    # slopes after the map: the chain's product over the nodes past it
+    after = torch.ones_like(out.mean)
+    seen = False
+    for n2, k2, _p2 in site.chain:
+        if n2 is node:
+            seen = True
+            continue
+        if not seen or k2 in ("pass", "add"):
+            continue
+        if k2 == "sub":
+            after = -after
+        elif k2 == "bn":
+            bn = gm.get_submodule(n2.target)
+            scale = torch.rsqrt(bn.running_var + bn.eps)
+            if bn.affine:
+                scale = scale * bn.weight
+            after = after * scale.view((1, -1) + (1,) * (after.ndim - 2))
+    return g, (lam, node, kind, parent, after)
+
+
+#: Hermite orders of the higher-order cross-covariance term
+_HERMITE_ORDERS = 12
+
+
+def _hermite_coefficients(gm, node, kind, parent, products, mu, var):
+    """``f_k = E[f(mu + sd z) He_k(z)]``, k = 2 .. _HERMITE_ORDERS, of the chain's map
+    (closed form for ReLU / LeakyReLU, 32-node Gauss-Hermite otherwise); a list of
+    tensors shaped like ``mu`` (float64)."""
+    m = mu.double()
+    v = torch.zeros_like(m) if var is None else var.double()
+    sd = v.clamp_min(1e-300).sqrt()
+    neg = _relu_like(gm, node) if kind == "unary" else None
+    out = []
+    if neg is not None:
+        a = (m / sd).clamp(-40.0, 40.0)
+        pdf = torch.exp(-0.5 * a * a) / math.sqrt(2.0 * math.pi)
+        # f_k = (1 - s) sd He_{k-2}(-a) phi(a); He_n(t) = t He_{n-1} - (n - 1) He_{n-2}
+        h_prev, h = torch.zeros_like(a), torch.ones_like(a)  # He_{-1}, He_0 at -a
+        for k in range(2, _HERMITE_ORDERS + 1):
+            out.append((1.0 - neg) * sd * h * pdf)
+            h_prev, h = h, -a * h - (k - 1) * h_prev
+        return out
+    fn = _unary_fn(gm, node, kind, parent, products)
+    z = mom._HE_X.to(m.device)
+    w = mom._HE_W.to(m.device)
+    vals = fn(m.unsqueeze(-1) + sd.unsqueeze(-1) * z)
+    he_prev, he = torch.ones_like(z), z  # He_0, He_1
+    for k in range(2, _HERMITE_ORDERS + 1):
+        he_prev, he = he, z * he - (k - 1) * he_prev
+        out.append((vals * (he * w)).sum(-1))
+    return out
 
 
 # -------------------------------------------------------------- correction
@@ -302,15 +366,56 @@ def pooled_correction(ctx, gm, site: PooledSite, env, products, scale=1.0) -> Te
     wv, bv = ctx.param_var(mod.weight), ctx.param_var(getattr(mod, "bias", None))
     if wv is None and bv is None:
         return None
-    g = _chain_slopes(gm, site, env, products)
+    g, nonlinear = _chain_slopes(gm, site, env, products)
     n = g.shape[0]
-    if channel_first:  # (N, C, positions)
-        c_out = g.shape[1]
-        g = g.reshape(n, c_out, -1)
-    else:  # (N, positions, C) -> (N, C, positions)
-        c_out = g.shape[-1]
-        g = g.reshape(n, -1, c_out).transpose(1, 2)
-    g = g / g.shape[-1]
+    c_out = g.shape[1] if channel_first else g.shape[-1]
+
+    def per_channel(t):  # (N, C, positions)
+        t = t.expand(g.shape) if t.shape != g.shape else t
+        return t.reshape(n, c_out, -1) if channel_first else \
+            t.reshape(n, -1, c_out).transpose(1, 2)
+
+    n_pos = per_channel(g).shape[-1]
+    corr = _cross(mod, x, per_channel(g) / n_pos, wv, bv, n, c_out, channel_first)
+    if nonlinear is not None:
+        corr = corr + _higher_orders(gm, site, env, products, nonlinear, mod, x, wv, bv, n,
+                                     c_out, channel_first, per_channel)
+    return corr * scale
+
+
+def _higher_orders(gm, site, env, products, nonlinear, mod, x, wv, bv, n, c_out,
+                   channel_first, per_channel):
+    """The orders k >= 2 of the cross-position covariance through the one nonlinear map
+    ``f`` of the chain: ``sum_k rho^k / k! [(sum_p kappa_p f_k(p))^2 - sum_p (kappa_p
+    f_k(p))^2] / P^2``, with one correlation ``rho`` per channel (the positions taken
+    as equicorrelated: the pairwise covariance of the map's input from the layer's
+    weight noise, summed, over the sum of ``sd_p sd_q``)."""
+    lam, node, kind, parent, after = nonlinear
+    a = env[parent]
+    if a.var is None:
+        return 0.0
+    lam_p, sd = per_channel(lam), per_channel(a.var.clamp_min(0.0).sqrt())
+    n_pos = sd.shape[-1]
+    if n_pos < 2:
+        return 0.0
+    cov_sum = _cross(mod, x, lam_p, wv, bv, n, c_out, channel_first)
+    sd_sum = sd.sum(-1) ** 2 - (sd * sd).sum(-1)
+    rho = (cov_sum / sd_sum.clamp_min(torch.finfo(sd.dtype).tiny)).clamp(-1.0, 1.0)
+    kappa = per_channel(after)
+    coeffs = _hermite_coefficients(gm, node, kind, parent, products, a.mean, a.var)
+    total = torch.zeros_like(rho, dtype=torch.float64)
+    rho64, fact = rho.double(), 1.0
+    for k, f_k in enumerate(coeffs, start=2):
+        fact *= k
+        t = per_channel(f_k.to(kappa.dtype)).double() * kappa.double()
+        total = total + rho64**k / fact * (t.sum(-1) ** 2 - (t * t).sum(-1))
+    return (total / (n_pos * n_pos)).to(rho.dtype)
+
+
+def _cross(mod, x, g, wv, bv, n, c_out, channel_first) -> Tensor:
+    """``sum_j s_cj [(sum_p g_cp x_jp)^2 - sum_p g_cp^2 x_jp^2]`` plus the bias' term:
+    the off-diagonal sum of the layer's weight-noise covariance weighted by ``g`` (N,
+    C, P)."""
     corr = torch.zeros(n, c_out, dtype=g.dtype, device=g.device)
     if wv is not None and isinstance(mod, _NORMS):  # one shared scale per channel
         xh = _normalized_mean(mod, x)
@@ -336,7 +441,7 @@ def pooled_correction(ctx, gm, site: PooledSite, env, products, scale=1.0) -> Te
                 corr[i: i + rows, o] = ((z * z - d) * w2[o]).sum(-1)
     if bv is not None:
         corr = corr + bv * (g.sum(-1) ** 2 - (g * g).sum(-1))
-    return corr * scale
+    return corr
 
 
 def _patches(mod, x: Tensor) -> Tensor:
