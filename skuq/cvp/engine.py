@@ -4,7 +4,10 @@ mean and a variance through every node with a rule from a registry.
 Weights are independent Gaussians ``N(theta, sigma^2)`` with ``theta`` the
 trained values and ``sigma^2`` a per-parameter variance (a diagonal posterior);
 activations are treated as independent Gaussians per unit (the usual variance-
-propagation assumption). A rule is a function ``rule(ctx, target, *args,
+propagation assumption, mean-field). Rules that are exact are exact under that
+assumption; units that share a random ancestor are correlated in truth, and the
+covariance is dropped except for a global average pool after a shared-weight
+layer (:mod:`skuq.cvp.pooled`). A rule is a function ``rule(ctx, target, *args,
 **kwargs)`` that receives the node's inputs -- :class:`Moments` for tensors,
 plain Python values otherwise -- and returns :class:`Moments` (or a tuple of
 them). Rules are looked up by module type (walking the class hierarchy), by
@@ -570,7 +573,11 @@ class MomentPropagator:
     smooth maps); any other product or matmul whose factors share a random
     ancestor is still propagated as if independent, with a
     :class:`CorrelatedFactorsWarning` (sums are not warned about: a residual
-    ``x + f(x)`` is the usual, accepted case of that approximation).
+    ``x + f(x)`` is the usual, accepted case of that approximation). A global
+    average pool (``AdaptiveAvgPool`` to size 1, or a mean over all positions)
+    reached from a convolution, a per-token Linear or a normalization layer's
+    affine part through per-position maps gets the cross-position covariance of
+    that layer's weight noise (:mod:`skuq.cvp.pooled`).
 
     Examples
     --------
