@@ -22,9 +22,13 @@ with ``G_cp = E[g'(y_cp)] / P`` (the expected slope of the chain, exact for
 ReLU's first Hermite term: Stein's lemma), ``z_cj = sum_p G_cp mu_jp`` and ``d_cj =
 sum_p G_cp^2 mu_jp^2`` (``mu`` the mean of ``L``'s input). The diagonal (``p = q``)
 stays the exact per-unit rule's. For a pool right after ``L`` (no nonlinearity) the
-pooled variance of ``L``'s weight noise is then exact for independent inputs; through
-a nonlinearity the cross-position covariance is first order in the correlation. The
-cost is two batched matrix products of the size of ``L``'s weight gradient.
+pooled variance of ``L``'s weight noise is then exact for independent inputs. When the
+chain has one activation ``f``, the orders beyond the first are added from the Hermite
+(Mehler) series of the covariance of ``f`` of two correlated Gaussians,
+``sum_{k>=2} rho^k / k! f_k(p) f_k(q)`` with ``f_k = E[f(mu + sd z) He_k(z)]``, taking
+the positions of a channel as equicorrelated (one ``rho`` per channel: the summed
+off-diagonal covariance over the summed ``sd_p sd_q``); ReLU's ``f_k`` are closed forms.
+The cost is a few batched matrix products of the size of ``L``'s weight gradient.
 
 The covariance that reaches the pool through layers further down (the weight noise
 of an earlier layer, mixed by ``L``) is not carried: per-unit propagation stays an
