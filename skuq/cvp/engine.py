@@ -4,7 +4,10 @@ mean and a variance through every node with a rule from a registry.
 Weights are independent Gaussians ``N(theta, sigma^2)`` with ``theta`` the
 trained values and ``sigma^2`` a per-parameter variance (a diagonal posterior);
 activations are treated as independent Gaussians per unit (the usual variance-
-propagation assumption). A rule is a function ``rule(ctx, target, *args,
+propagation assumption, mean-field). Rules that are exact are exact under that
+assumption; units that share a random ancestor are correlated in truth, and the
+covariance is dropped except for a global average pool after a shared-weight
+layer (:mod:`skuq.cvp.pooled`). A rule is a function ``rule(ctx, target, *args,
 **kwargs)`` that receives the node's inputs -- :class:`Moments` for tensors,
 plain Python values otherwise -- and returns :class:`Moments` (or a tuple of
 them). Rules are looked up by module type (walking the class hierarchy), by
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import moments as mom
+from .pooled import find_pooled_sites, pooled_correction
 
 __all__ = [
     "Moments",
@@ -569,7 +573,11 @@ class MomentPropagator:
     smooth maps); any other product or matmul whose factors share a random
     ancestor is still propagated as if independent, with a
     :class:`CorrelatedFactorsWarning` (sums are not warned about: a residual
-    ``x + f(x)`` is the usual, accepted case of that approximation).
+    ``x + f(x)`` is the usual, accepted case of that approximation). A global
+    average pool (``AdaptiveAvgPool`` to size 1, or a mean over all positions)
+    reached from a convolution, a per-token Linear or a normalization layer's
+    affine part through per-position maps gets the cross-position covariance of
+    that layer's weight noise (:mod:`skuq.cvp.pooled`).
 
     Examples
     --------
@@ -618,6 +626,8 @@ class MomentPropagator:
             found = _elementwise_product(gm, node)
             if found is not None:
                 self._products[node] = found
+        # global average pools after a shared-weight layer: cross-position covariance
+        self._pooled = find_pooled_sites(gm, self.layer_names, self._products)
         self._warned_modes: set[bool] = set()
         # tensors derived from the weights (squares, squares plus variances), kept
         # across calls: see PropagationContext.derived
@@ -858,6 +868,16 @@ class MomentPropagator:
                             f"CVP has no propagation rule for {what} (node {node.name!r})."
                             " " + _how_to_register("function", key)
                         )
+                sites = self._pooled.get(node)
+                if sites and isinstance(out, Moments) and out.var is not None:
+                    var = out.var
+                    for site in sites:
+                        corr = pooled_correction(ctx, gm, site, env, self._products,
+                                                 scales.get(site.layer.target, 1.0))
+                        if corr is not None:
+                            var = var + corr.reshape(var.shape).to(var.dtype)
+                    if var is not out.var:
+                        out = Moments(out.mean, var.clamp_min(0.0))
                 env[node] = out
         raise RuntimeError("the traced graph has no output")  # pragma: no cover
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import numpy as np
 import torch
+from sklearn.model_selection import train_test_split
 from torch import Tensor
 
 from .._utils import check_option, check_positive, iter_batches
@@ -59,9 +61,14 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         Fit one variance scale per parameterized layer, one shared scale, or
         none (plain variance propagation).
     calibration_fraction : float, default=0.2
-        Share of ``fit``'s rows held out for the scales when the net is
-        trained inside ``fit`` (a prefit net uses all rows; or pass
-        ``X_cal, y_cal`` to ``fit``).
+        Share of ``fit``'s rows held out for the scales (stratified), so that
+        the scales are never fitted on the rows the net or the posterior was
+        fitted on. A prefit net whose posterior is read without data (a
+        mapping, a :class:`~skuq.cvp.posterior.DiagonalWeightPosterior`,
+        ``"ivon"``) calibrates on all of ``fit``'s rows, as
+        :class:`skuq.TemperatureScalingClassifier` does. Or pass ``X_cal,
+        y_cal`` to ``fit``: all of ``X`` then goes to the net (unless prefit)
+        and the posterior.
     device, batch_size, random_state, verbose, memory
         See :class:`skuq.base.BaseUQEstimator`.
 
@@ -116,6 +123,31 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     @property
     def _uses_calibration_split(self) -> bool:
         return self.calibration is not None
+
+    def _posterior_uses_data(self) -> bool:
+        return isinstance(self.posterior, str) and POSTERIOR_SOURCES[self.posterior].uses_data
+
+    def _calibration_split(self, X, y):
+        """Held-out rows for the scales; with a prefit net whose posterior is fitted on
+        data (``"laplace_diag"``, ``"l2m"``) too, as for a net trained here, so that
+        posterior and scales never share rows."""
+        if not (self._net_is_prefit() and self._posterior_uses_data()):
+            return super()._calibration_split(X, y)
+        fraction = self.calibration_fraction
+        if fraction >= 1:
+            raise ValueError(f"calibration_fraction must be in (0, 1), got {fraction!r}")
+        n_cal = int(round(fraction * len(X)))
+        n_min = max(len(self.classes_), MIN_CALIBRATION_ROWS)
+        if n_cal < n_min or len(X) - n_cal < n_min:
+            raise ValueError(
+                f"calibration_fraction={fraction} of {len(X)} rows leaves too few rows for "
+                "the posterior or the calibration; give more data, change "
+                "calibration_fraction, or pass X_cal and y_cal to fit"
+            )
+        stratify = y if np.bincount(y).min() >= 2 else None
+        X_post, X_cal, y_post, y_cal = train_test_split(
+            X, y, test_size=n_cal, random_state=self._seed, stratify=stratify)
+        return X_post, y_post, X_cal, y_cal
 
     # --------------------------------------------------------------- options
     def _validate_options(self) -> None:

@@ -69,6 +69,9 @@ class DiagonalWeightPosterior:
 class _Source:
     fit: Callable[..., DiagonalWeightPosterior]
     prepare_net: Callable | None = None
+    #: whether ``fit`` reads the rows it is given (a prefit net then keeps the
+    #: calibration rows apart from them)
+    uses_data: bool = True
 
 
 POSTERIOR_SOURCES: dict[str, _Source] = {}
@@ -78,6 +81,8 @@ def register_posterior_source(
     name: str,
     source: Callable[..., DiagonalWeightPosterior],
     prepare_net: Callable | None = None,
+    *,
+    uses_data: bool = True,
 ) -> None:
     """Make ``CVPClassifier(posterior=name)`` use ``source``.
 
@@ -89,6 +94,12 @@ def register_posterior_source(
         a :class:`DiagonalWeightPosterior` (or a plain ``{name: variance}`` dict).
     prepare_net : callable, optional
         ``prepare_net(net, n_train, **options)`` returning the skorch net to train.
+    uses_data : bool, default=True
+        Whether ``source`` fits on the rows it is given. With a prefit net,
+        ``CVPClassifier`` then holds a calibration split out of ``fit``'s rows,
+        so that the posterior and the variance scales see different rows;
+        ``False`` (the posterior is read from the trained net, as IVON's is)
+        lets the calibration use all of them.
 
     Examples
     --------
@@ -99,7 +110,7 @@ def register_posterior_source(
     ...         {n: torch.full_like(p, variance) for n, p in model.named_parameters()})
     >>> register_posterior_source("fixed_example", fixed)
     """
-    POSTERIOR_SOURCES[name] = _Source(source, prepare_net)
+    POSTERIOR_SOURCES[name] = _Source(source, prepare_net, uses_data)
 
 
 def variances_from_mapping(model: nn.Module, mapping: Mapping) -> dict[str, Tensor]:
@@ -282,7 +293,7 @@ def ivon_posterior(model: nn.Module, net, X=None, y=None, *, device=None, batch_
     return DiagonalWeightPosterior(variances)
 
 
-register_posterior_source("ivon", ivon_posterior, prepare_ivon_net)
+register_posterior_source("ivon", ivon_posterior, prepare_ivon_net, uses_data=False)
 
 
 # ------------------------------------------------------------- Laplace (diag)

@@ -1,24 +1,37 @@
 """The built-in propagation rules (registered on import).
 
+"Exact" below means exact for the model's assumption: independent Gaussian weights
+and, per unit, independent Gaussian inputs. That assumption holds for a layer whose
+inputs are deterministic or come from independent sources; it fails wherever two
+units share a random ancestor -- the outputs of one layer with random weights are
+correlated with each other (a convolution's positions, a per-token Linear's tokens,
+the hidden units of an MLP two layers below a random layer). A rule that sums or
+mixes such units (Linear, convolution, pooling, mean) is then exact *under
+independence* only; ``docs/methods/cvp.md`` gives the measured error per source.
+One such case is handled: a global average pool reached from a shared-weight layer
+through per-position maps gets the cross-position covariance of that layer's weight
+noise (:mod:`skuq.cvp.pooled`).
+
 Supported out of the box:
 
 * weights: ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d`` and ``F.linear`` (exact
   for independent inputs and weights); ``nn.BatchNorm1d/2d`` in eval mode
   (affine, exact); ``nn.LayerNorm``, ``F.layer_norm`` and ``nn.RMSNorm`` (the
-  expected-statistic rule); ``nn.MultiheadAttention``,
+  expected-statistic rule, approximate); ``nn.MultiheadAttention``,
   ``F.scaled_dot_product_attention``, ``nn.TransformerEncoderLayer`` and
   ``nn.TransformerEncoder`` (attention weights from the means, variance
-  through the values and the output projection);
+  through the values and the output projection: approximate);
 * activations: ReLU, LeakyReLU (exact), GELU, SiLU, sigmoid, tanh (see
   :mod:`skuq.cvp.moments`), ELU and Softplus (Gauss-Hermite quadrature);
   clamp (exact); softmax, log-softmax and log of a positive tensor by
   linearization (named as such; attention weights stay softmax of the means);
-* structure: ``+``/``-`` (variances add; ``torch.add``'s ``alpha``), products
-  (independent factors; ``h * h`` and ``x ** 2`` are exact squares),
-  ``@`` (independent factors), division by constants, indexing, flatten,
-  reshape/view, permute/transpose, (un)squeeze, cat/stack, chunk/split,
-  mean/sum, average pooling (exact), max pooling (Clark's moment matching,
-  folded over the window), dropout and identity (eval mode).
+* structure: ``+``/``-`` (variances add: exact for independent operands;
+  ``torch.add``'s ``alpha``), products (independent factors; ``h * h`` and
+  ``x ** 2`` are exact squares), ``@`` (independent factors), division by
+  constants, indexing, flatten, reshape/view, permute/transpose, (un)squeeze,
+  cat/stack, chunk/split (exact), mean/sum and average pooling (exact for
+  independent entries), max pooling (Clark's moment matching, folded over the
+  window: approximate), dropout and identity (eval mode).
 """
 
 from __future__ import annotations
@@ -717,7 +730,9 @@ def _reduced_count(x: Tensor, dim, keepdim) -> int:
 
 @register_rule("mean", torch.mean)
 def _mean(ctx, target, x: Moments, dim=None, keepdim=False, **kwargs) -> Moments:
-    """Mean of independent entries: ``var = sum(v) / n^2``."""
+    """Mean of independent entries: ``var = sum(v) / n^2`` (exact under independence; a
+    global mean after a shared-weight layer also gets the cross-position term of
+    :mod:`skuq.cvp.pooled`, added by the propagator)."""
     def red(t):
         return t.mean() if dim is None else t.mean(dim=dim, keepdim=keepdim)
 
@@ -745,7 +760,8 @@ def _meta(ctx, name, x, *args):
 
 # ---------------------------------------------------------------- pooling
 def _avg_pool_var(x: Moments, pool: Callable[[Tensor], Tensor], kernel_numel: int) -> Moments:
-    """Average pooling with all weights 1/k: ``var = pool(v) / k``."""
+    """Average pooling with all weights 1/k: ``var = pool(v) / k`` (exact for
+    independent entries)."""
     mean = pool(x.mean)
     return Moments(mean, None if x.var is None else pool(x.var) / kernel_numel)
 
@@ -784,6 +800,13 @@ def _adaptive_avgpool(ctx, m, x: Moments) -> Moments:
         c = c.view(shape)
         count = c if count is None else count * c
     return Moments(mean, m(x.var) / count)
+
+
+@register_rule(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
+def _adaptive_avgpool_fn(ctx, fn, x: Moments, output_size) -> Moments:
+    pool = (nn.AdaptiveAvgPool1d if fn is F.adaptive_avg_pool1d else nn.AdaptiveAvgPool2d)(
+        output_size)
+    return _adaptive_avgpool(ctx, pool, x)
 
 
 @register_rule(nn.MaxPool1d, nn.MaxPool2d)
