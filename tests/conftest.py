@@ -14,6 +14,20 @@ from skuq.outputs import centered_probit_probabilities
 torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads for the run (default 1); other thread counts "
+        "change the blocking of float32 reductions, which the numerics tests must survive",
+    )
+
+
+def pytest_configure(config):
+    threads = config.getoption("--torch-threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
 def make_classifier_net(max_epochs: int = 20, hidden=(32,), lr: float = 1e-2, **kwargs):
     """An unfitted skorch classifier over skuq's lazy MLP (logit outputs)."""
     params = dict(
