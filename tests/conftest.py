@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,22 @@ def pytest_configure(config):
     threads = config.getoption("--torch-threads")
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+#: test names that compare numbers against a reference (brute force, laplace-torch, a
+#: closed form, float64, another batch or unit) to a tolerance set by float32 accuracy
+#: or an optimizer's stopping rule: they get the ``numerics`` marker, and CI runs them
+#: again as another CPU would compute them (non-vectorized kernels, 1 and 4 threads)
+NUMERICS = re.compile(
+    r"brute|against|match|exact|equal|agree|laplace_torch|float(32|64)|units_of_y|marglik"
+    r"|invariance|neighbours|batch_size"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if NUMERICS.search(getattr(item, "originalname", item.name)):
+            item.add_marker(pytest.mark.numerics)
 
 
 def make_classifier_net(max_epochs: int = 20, hidden=(32,), lr: float = 1e-2, **kwargs):
