@@ -154,7 +154,8 @@ def main() -> None:
     table = "\n".join([header, *rows])
     note = (
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, {epochs} epochs per net, "
-        "random_state=0; differences from the serial run.\n\n"
+        "random_state=0; differences from the serial run. Seconds: wall time of each "
+        "run on a shared machine, not a speed comparison.\n\n"
     )
     print(table)
     RESULTS.mkdir(exist_ok=True)
