@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -48,6 +50,47 @@ def make_generator(seed: int, device: torch.device) -> torch.Generator:
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
     return gen
+
+
+#: held while torch's process-wide generator is privately seeded (see ``seeded_global_rng``)
+_GLOBAL_RNG_LOCK = threading.RLock()
+
+
+@contextmanager
+def seeded_global_rng(seed: int, devices: Sequence[torch.device] = ()) -> Iterator[None]:
+    """Run a block on a private copy of torch's global generator, seeded with ``seed``.
+
+    For third-party code that can only draw from the global generator (skorch's
+    training: lazy initialization, batch shuffling, dropout). The caller's
+    generator states (the CPU's and those of the CUDA ``devices``) are restored
+    on exit. That generator is one per process, so two threads inside such blocks
+    at once would interleave their draws and neither run would follow its seed:
+    a lock lets one block run at a time, which makes a thread pool give the
+    draws of a serial run.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skuq._utils import seeded_global_rng
+    >>> state = torch.get_rng_state()
+    >>> with seeded_global_rng(0):
+    ...     a = torch.rand(2)
+    >>> with seeded_global_rng(0):
+    ...     b = torch.rand(2)
+    >>> torch.equal(a, b), torch.equal(torch.get_rng_state(), state)
+    (True, True)
+    """
+    indices = [
+        d.index if d.index is not None else torch.cuda.current_device()
+        for d in map(torch.device, devices)
+        if d.type == "cuda"
+    ]
+    with _GLOBAL_RNG_LOCK, torch.random.fork_rng(devices=indices):
+        torch.default_generator.manual_seed(seed)
+        for index in indices:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 def iter_batches(

@@ -39,6 +39,7 @@ from ._utils import (
     progress,
     resolve_device,
     seed_from_random_state,
+    seeded_global_rng,
 )
 from .outputs import (
     CLASSIFICATION_UNCERTAINTIES,
@@ -71,20 +72,15 @@ def _train_net(net, X: np.ndarray, y: np.ndarray, seed: int | None):
     """Fit a (cloned) skorch net. Module level so that ``joblib.Memory`` can cache it.
 
     With a ``seed``, training draws from a private copy of torch's global RNG
-    (``torch.random.fork_rng``) seeded with it: the run is reproducible and the
-    caller's global RNG state, CPU and the CUDA device trained on, is left as it was.
+    seeded with it (:func:`skuq._utils.seeded_global_rng`): the run is
+    reproducible, the caller's global RNG state (CPU, and the CUDA device trained
+    on) is left as it was, and nets trained from several threads at once (joblib's
+    threading backend, a grid search over threads) take turns, so each gets
+    exactly the draws of a serial run.
     """
     if seed is None:  # the caller's RNG drives training, as a plain skorch fit would
         return net.fit(X, y)
-    device = torch.device(net.device or "cpu")
-    cuda = []
-    if device.type == "cuda":
-        cuda = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=cuda):
-        torch.default_generator.manual_seed(seed)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(seed)
+    with seeded_global_rng(seed, [torch.device(net.device or "cpu")]):
         return net.fit(X, y)
 
 
@@ -504,9 +500,10 @@ class UQClassifierMixin(ClassifierMixin):
         ndarray of shape (n_samples, n_classes)
             Columns in the order of ``classes_``.
         """
-        gen = self._generator()
+        # a fresh generator per batch: every batch gets the same draws, so a row's
+        # probabilities do not depend on the batch it falls in
         parts = [
-            d.probabilities(self._link(), self._n_link_samples(), gen).cpu()
+            d.probabilities(self._link(), self._n_link_samples(), self._generator()).cpu()
             for d in self._iter_distributions(X)
         ]
         proba = check_finite(torch.cat(parts), "predict_proba").double()
@@ -538,10 +535,9 @@ class UQClassifierMixin(ClassifierMixin):
         """
         if kind not in CLASSIFICATION_UNCERTAINTIES:
             raise ValueError(f"kind must be one of {CLASSIFICATION_UNCERTAINTIES}, got {kind!r}")
-        gen = self._generator()
         parts = [
             classification_uncertainty(
-                d, kind, self._link(), self._n_link_samples(), gen
+                d, kind, self._link(), self._n_link_samples(), self._generator()
             ).cpu()
             for d in self._iter_distributions(X)
         ]

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from joblib import Parallel, delayed
 from scipy.optimize import minimize_scalar
-from sklearn.utils.validation import check_is_fitted, check_memory
+from sklearn.utils.validation import check_memory
 from torch import Tensor
 
 from ._utils import check_positive, check_positive_int, iter_batches
@@ -24,7 +24,7 @@ from .base import (
     _train_net,
     logit_model,
 )
-from .ensembles import EnsembleModule, dropout_modules, mc_dropout_mode, mc_dropout_samples
+from .ensembles import DropoutSampler, EnsembleModule, dropout_modules, mc_dropout_mode
 from .outputs import OutputDistribution
 
 __all__ = [
@@ -271,30 +271,23 @@ class _MCDropoutBase(BaseUQEstimator):
         if isinstance(self, UQRegressorMixin):
             self._fit_noise_from_residuals(X, y)
 
-    def _iter_distributions(self, X):
-        # Dropout masks come from torch's global RNG: seed a private copy of it
-        # once per call, so that predictions are reproducible and the user's
-        # global RNG state is left untouched.
-        check_is_fitted(self, "model_")
-        devices = [self.device_] if self.device_.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self._seed)
-            yield from super()._iter_distributions(X)
-
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
-        return OutputDistribution.from_samples(
-            mc_dropout_samples(self.model_, x, self.n_samples).float()
-        )
+        # a fresh generator per batch draws the same masks for every batch: each
+        # sample is one network applied to every row of the call
+        sampler = DropoutSampler(self.model_, self.n_samples, self._generator())
+        return OutputDistribution.from_samples(sampler(x).float())
 
 
 class MCDropoutClassifier(UQClassifierMixin, _MCDropoutBase):
     """MC dropout (Gal & Ghahramani, 2016): dropout kept on at prediction.
 
-    ``predict_proba`` averages ``softmax`` over ``n_samples`` forward passes,
-    each with fresh dropout masks. Only the dropout layers sample; batch
-    normalization and every other layer stay in inference mode. The network
-    must contain dropout (e.g. ``skuq.nets.MLP(dropout=0.1)``); one without
-    gets a ``ValueError`` in ``fit``.
+    ``predict_proba`` averages ``softmax`` over ``n_samples`` networks, each
+    with its own dropout masks; a network's masks are shared by every row, so
+    a row's prediction never depends on the other rows of the call. Only the
+    dropout layers sample; batch normalization and every other layer stay in
+    inference mode. The network must contain dropout (e.g.
+    ``skuq.nets.MLP(dropout=0.1)``); one without gets a ``ValueError`` in
+    ``fit``.
 
     Parameters
     ----------
@@ -316,9 +309,9 @@ class MCDropoutClassifier(UQClassifierMixin, _MCDropoutBase):
 
     Notes
     -----
-    Masks are drawn from a private copy of torch's global generator seeded
-    from ``random_state`` at each prediction call, so repeated calls with the
-    same ``batch_size`` return the same numbers.
+    Masks are drawn from a generator seeded from ``random_state`` at each
+    prediction call (torch's global generator is not touched), so repeated
+    calls return the same numbers, whatever the batch size and row order.
 
     Examples
     --------
@@ -355,10 +348,11 @@ class MCDropoutClassifier(UQClassifierMixin, _MCDropoutBase):
 class MCDropoutRegressor(UQRegressorMixin, _MCDropoutBase):
     """MC dropout for regression: mean and variance over dropout forward passes.
 
-    The epistemic variance is the (unbiased) sample variance of ``n_samples``
-    outputs with fresh dropout masks; the aleatoric ``sigma_noise_`` is the RMS
-    residual of the deterministic (dropout-off) net on the training data, as
-    in :class:`MAPRegressor`.
+    The epistemic variance is the (unbiased) sample variance of the outputs of
+    ``n_samples`` networks with their own dropout masks (shared by every
+    row); the aleatoric ``sigma_noise_`` is the RMS residual of the
+    deterministic (dropout-off) net on the training data, as in
+    :class:`MAPRegressor`.
 
     Parameters
     ----------
@@ -488,11 +482,13 @@ class DeepEnsembleClassifier(UQClassifierMixin, _DeepEnsembleBase):
 
     Notes
     -----
-    Each member seeds torch's global generator before training, so members
-    are reproducible with process-based joblib backends (the default
-    ``loky``, Dask, Ray). The ``"threading"`` backend shares that generator
-    between members trained at the same time, so their seeds then no longer
-    pin them down.
+    Each member trains on a private copy of torch's global generator seeded
+    with its seed (skorch draws initialization, batch order and dropout from
+    that generator), so the same ``random_state`` gives the same members under
+    every joblib backend: serial, process-based (``loky``, Dask, Ray) or
+    threads. The global generator is one per process, so members in threads
+    of one process train one at a time; use a process-based backend to train
+    them in parallel. The caller's global generator is left as it was.
 
     Examples
     --------
@@ -584,5 +580,8 @@ class DeepEnsembleRegressor(UQRegressorMixin, _DeepEnsembleBase):
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         with torch.no_grad():
-            outs = self.model_.member_outputs(x).float()
-        return OutputDistribution.gaussian(outs.mean(dim=0), outs.var(dim=0, unbiased=False))
+            outs = self.model_.member_outputs(x).double()
+        # moments over members in float64, so that their rounding does not hang on
+        # the row's position in the batch (torch's float32 sums differ there)
+        mean, var = outs.mean(dim=0), outs.var(dim=0, unbiased=False)
+        return OutputDistribution.gaussian(mean.float(), var.float())

@@ -162,7 +162,9 @@ class OutputDistribution:
     @property
     def output_mean(self) -> Tensor:
         """Mean of the outputs, shape (N, C)."""
-        return self.samples.mean(dim=0) if self.is_sampled else self.mean
+        if self.is_sampled:  # summed in float64: rounding then does not hang on N (below)
+            return self.samples.double().mean(dim=0).to(self.samples.dtype)
+        return self.mean
 
     @property
     def variance(self) -> Tensor:
@@ -170,7 +172,9 @@ class OutputDistribution:
         if self.is_sampled:
             if self.samples.shape[0] < 2:
                 return torch.zeros_like(self.samples[0])
-            return self.samples.var(dim=0, unbiased=True)
+            # torch's float32 sums over samples round a row's entry differently with
+            # its position (vectorized body vs tail); float64 makes that invisible
+            return self.samples.double().var(dim=0, unbiased=True).to(self.samples.dtype)
         if self.covariance is None:
             return torch.zeros_like(self.mean)
         if self.covariance.ndim == 3:
@@ -207,7 +211,11 @@ class OutputDistribution:
         """Draw output samples, shape (n_samples, N, C).
 
         A sample-form distribution returns its own draws (``n_samples`` is then
-        ignored); a point mass repeats its mean.
+        ignored); a point mass repeats its mean. Each draw uses one standard
+        normal vector for every row (``mean_i + L_i eps_s``): each row's draws
+        have the row's exact distribution and depend on that row alone, not on
+        the other rows or their order (rows are not independent of each other;
+        a joint over rows is not modelled here anyway).
         """
         if self.is_sampled:
             return self.samples
@@ -216,8 +224,9 @@ class OutputDistribution:
             return mean.unsqueeze(0).expand(n_samples, *mean.shape)
         check_finite(self.covariance, "the predicted output covariance")
         eps = torch.randn(
-            (n_samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype
-        )
+            (n_samples, 1, mean.shape[-1]), generator=generator, device=mean.device,
+            dtype=mean.dtype,
+        ).expand(n_samples, *mean.shape)
         if self.covariance.ndim == 2:
             return mean + eps * self.covariance.clamp_min(0).sqrt()
         chol = _safe_cholesky(self.covariance)
@@ -255,8 +264,9 @@ class OutputDistribution:
         """
         if link not in LINKS:
             raise ValueError(f"link must be one of {LINKS}, got {link!r}")
-        if self.is_sampled:
-            return torch.softmax(self.samples, dim=-1).mean(dim=0)
+        if self.is_sampled:  # float64 average, as in ``output_mean``
+            probs = torch.softmax(self.samples, dim=-1)
+            return probs.double().mean(dim=0).to(probs.dtype)
         if self.covariance is None:
             return torch.softmax(self.mean, dim=-1)
         if link == "probit":
@@ -266,7 +276,8 @@ class OutputDistribution:
             return centered_probit_probabilities(self.mean, cov)
         if link == "bridge":
             return bridge_probabilities(self.mean, self.variance)
-        return torch.softmax(self.sample(n_samples, generator), dim=-1).mean(dim=0)
+        probs = torch.softmax(self.sample(n_samples, generator), dim=-1)
+        return probs.double().mean(dim=0).to(probs.dtype)
 
 
 def _safe_cholesky(cov: Tensor) -> Tensor:
@@ -455,7 +466,8 @@ def classification_uncertainty(
         p = distribution.probabilities(link, n_samples, generator)
         return entropy(p) if kind == "entropy" else 1.0 - p.max(dim=-1).values
     probs = torch.softmax(distribution.sample(n_samples, generator), dim=-1)
+    dtype, probs = probs.dtype, probs.double()  # float64 averages, as in ``probabilities``
     expected = entropy(probs).mean(dim=0)
     if kind == "expected_entropy":
-        return expected
-    return (entropy(probs.mean(dim=0)) - expected).clamp_min(0)
+        return expected.to(dtype)
+    return (entropy(probs.mean(dim=0)) - expected).clamp_min(0).to(dtype)

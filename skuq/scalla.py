@@ -78,6 +78,7 @@ from ._utils import (
     iter_batches,
     make_generator,
     progress,
+    seeded_global_rng,
 )
 from .base import BaseUQEstimator, UQClassifierMixin
 from .curvature import WeightSubset, hessian_sqrt, jvp_batch, select_weights, sum_loss
@@ -998,8 +999,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
             if key in _CACHE:
                 _CACHE.move_to_end(key)
                 return copy.deepcopy(_CACHE[key])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self._seed)
+        with seeded_global_rng(self._seed):
             net = self._build_surrogate(self.n_outputs_ * m)
         fit = fit_surrogate(
             weights, net.to(self.device_), X, n_outputs=self.n_outputs_, n_features=m,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,35 @@ from skuq.nets import MLP
 from skuq.outputs import centered_probit_probabilities
 
 torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--torch-threads", type=int, default=None,
+        help="torch intra-op threads for the run (default 1); other thread counts "
+        "change the blocking of float32 reductions, which the numerics tests must survive",
+    )
+
+
+def pytest_configure(config):
+    threads = config.getoption("--torch-threads")
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+#: test names that compare numbers against a reference (brute force, laplace-torch,
+#: float64, another batch or unit) to a tolerance set by float32 accuracy or an
+#: optimizer's stopping rule: they get the ``numerics`` marker, and CI runs them
+#: again as another CPU would compute them (non-vectorized kernels, 1 and 4 threads)
+NUMERICS = re.compile(
+    r"brute|laplace_torch|float(32|64)|units_of_y|marglik|invariance|neighbours|batch_size"
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if NUMERICS.search(getattr(item, "originalname", item.name)):
+            item.add_marker(pytest.mark.numerics)
 
 
 def make_classifier_net(max_epochs: int = 20, hidden=(32,), lr: float = 1e-2, **kwargs):

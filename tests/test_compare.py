@@ -62,15 +62,21 @@ def test_mc_dropout_moments_match_analytic_dropout_moments():
 
 
 def test_mc_dropout_samples_are_the_explicit_loop_with_the_same_masks():
-    net = _tiny_dropout_net(0.5)
+    """Sample s is one network: a mask over the 6 hidden units drawn from a generator
+    seeded with random_state (sample by sample), the same for every row."""
+    p = 0.5
+    net = _tiny_dropout_net(p)
     X, y = _xy(10)
     est = MCDropoutClassifier(net, n_samples=7, random_state=3, device="cpu").fit(X, y)
     got = est.predict_distribution(X).samples
-    torch.manual_seed(3)
-    net.eval()
-    net[2].train()
+    gen = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        expected = torch.stack([net(torch.as_tensor(X)) for _ in range(7)])
+        h = torch.relu(net[0](torch.as_tensor(X)))
+        expected = []
+        for _ in range(7):
+            keep = torch.empty(6).bernoulli_(1 - p, generator=gen)
+            expected.append(net[3](h * keep / (1 - p)))
+        expected = torch.stack(expected)
     torch.testing.assert_close(got, expected)
     # the predictive is the average softmax of those passes, and passes differ
     np.testing.assert_allclose(
