@@ -206,8 +206,9 @@ def test_ece_matches_netcal(n_classes):
 def test_top_label_and_positive_class_ece_bin_differently():
     # p_1 = 0.2 and 0.8 share the top-label bin (confidence 0.8), not a p_1 bin
     p, y = [[0.8, 0.2], [0.2, 0.8]], [0, 0]
-    assert metrics.expected_calibration_error(y, p) == pytest.approx(abs(0.5 - 0.8))
-    assert metrics.expected_calibration_error(y, p, kind="positive_class") == pytest.approx(
+    assert metrics.expected_calibration_error(y, p, labels=[0, 1]) == pytest.approx(0.3)
+    assert metrics.expected_calibration_error(y, p, labels=[0, 1], kind="positive_class") == \
+        pytest.approx(
         0.5 * 0.2 + 0.5 * 0.8
     )
 
