@@ -207,10 +207,8 @@ def test_top_label_and_positive_class_ece_bin_differently():
     # p_1 = 0.2 and 0.8 share the top-label bin (confidence 0.8), not a p_1 bin
     p, y = [[0.8, 0.2], [0.2, 0.8]], [0, 0]
     assert metrics.expected_calibration_error(y, p, labels=[0, 1]) == pytest.approx(0.3)
-    assert metrics.expected_calibration_error(y, p, labels=[0, 1], kind="positive_class") == \
-        pytest.approx(
-        0.5 * 0.2 + 0.5 * 0.8
-    )
+    positive = metrics.expected_calibration_error(y, p, labels=[0, 1], kind="positive_class")
+    assert positive == pytest.approx(0.5 * 0.2 + 0.5 * 0.8)
 
 
 def test_positive_class_ece_needs_two_classes_and_a_known_kind():
