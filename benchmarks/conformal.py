@@ -24,8 +24,9 @@ scored on the grid points outside the data's support (in the gap or beyond
 
 Usage::
 
-    PYTHONPATH=. python benchmarks/conformal.py           # the table in results/
-    PYTHONPATH=. python benchmarks/conformal.py --quick   # smoke run
+    PYTHONPATH=. python benchmarks/conformal.py                 # compare.py's CPU nets
+    PYTHONPATH=. python benchmarks/conformal.py --small --seeds 2  # results/conformal.md
+    PYTHONPATH=. python benchmarks/conformal.py --quick         # smoke run
 """
 
 from __future__ import annotations
@@ -201,7 +202,9 @@ def markdown(summary, command, seconds):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small nets, one seed")
+    parser.add_argument("--quick", action="store_true", help="small nets, one seed, 2 splits")
+    parser.add_argument("--small", action="store_true",
+                        help="the small nets of --quick (one hidden layer of 32, 10-40 epochs)")
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--splits", type=int, default=None, help="cal/test halves per seed")
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -216,7 +219,7 @@ def main(argv=None):
     for name in args.tasks.split(","):
         kind = TASKS[name][0]
         cfg = dict(profile[name])
-        if args.quick:
+        if args.quick or args.small:
             cfg.update(quick, **({"epochs": 40, "n": 100} if name == "gap_regression" else {}))
         for seed in seeds:
             d = load_task(name, seed, cfg)
