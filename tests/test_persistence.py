@@ -116,3 +116,21 @@ def test_portable_state_refuses_what_it_cannot_audit():
         to_portable({"s": Slotted()})
     with pytest.raises(ValueError, match="unknown skuq state format"):
         from_portable({"__skuq_portable__": 99})
+
+
+def test_skops_round_trip_of_a_module_and_a_frozen_net(data):
+    from sklearn.frozen import FrozenEstimator
+
+    from skuq import CVPClassifier, LaplaceClassifier
+
+    X, y = data
+    module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    net = make_classifier_net(max_epochs=2).fit(X, y)
+    for est in (LaplaceClassifier(module, device="cpu", random_state=0),
+                CVPClassifier(FrozenEstimator(net), device="cpu", random_state=0)):
+        est.fit(X, y)
+        blob = sio.dumps(est)
+        loaded = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+        np.testing.assert_array_equal(loaded.predict_proba(X), est.predict_proba(X))
+        if isinstance(est.estimator, torch.nn.Module):  # the wrapped module is the one used
+            assert loaded.model_ is loaded.estimator
