@@ -101,18 +101,23 @@ class _Encoder:
             return self._memo[key][1]
         if type(t) not in (torch.Tensor, torch.nn.Parameter):
             raise TypeError(f"cannot save a tensor of type {type(t).__name__} with skops")
-        data = t.detach().cpu()
+        # the memory layout too (eigh's eigenvectors are column-major, a weight.T is a
+        # view): float32 kernels round differently for other strides, and predictions
+        # must come back bit for bit. Stored contiguous in the order of the strides.
+        strides = t.stride()
+        perm = sorted(range(t.ndim), key=lambda d: -strides[d])
+        data = t.detach().cpu().permute(perm).contiguous()
         dtype = str(t.dtype).removeprefix("torch.")
         try:
-            array = data.numpy()
+            array = data.numpy().copy()
         except TypeError:  # bfloat16 and friends: numpy has no such dtype
-            array = data.float().numpy()
+            array = data.float().numpy().copy()
         index = len(self.tensors)
         self._memo[key] = ("T", index)
         self._keep.append(t)
         self.tensors.append(
-            [array.copy(), dtype, str(t.device), isinstance(t, torch.nn.Parameter),
-             bool(t.requires_grad)]
+            [array, dtype, str(t.device), isinstance(t, torch.nn.Parameter),
+             bool(t.requires_grad), perm]
         )
         return index
 
@@ -204,11 +209,17 @@ class _Decoder:
     def _tensor(self, index: int) -> torch.Tensor:
         if index in self._tensors:
             return self._tensors[index]
-        array, dtype_name, device, is_param, requires_grad = self._tensor_states[index]
+        array, dtype_name, device, is_param, requires_grad, perm = self._tensor_states[index]
         dtype = getattr(torch, dtype_name, None)
         if not isinstance(dtype, torch.dtype):
             raise ValueError(f"unknown torch dtype {dtype_name!r} in the saved state")
-        t = torch.from_numpy(np.array(array, copy=True)).to(device=device, dtype=dtype)
+        array = np.array(array, copy=True, order="C")
+        if sorted(perm) != list(range(array.ndim)):
+            raise ValueError("malformed skuq state: a tensor's layout is not a permutation")
+        inverse = [0] * len(perm)
+        for i, d in enumerate(perm):
+            inverse[d] = i
+        t = torch.from_numpy(array).permute(inverse).to(device=device, dtype=dtype)
         if is_param:
             t = torch.nn.Parameter(t, requires_grad=requires_grad)
         elif requires_grad:

@@ -82,6 +82,13 @@ MAY_FAIL: dict[str, dict[str, str]] = {
             "variance is taken in float64"
         ),
     },
+    "CVPClassifier": {
+        "check_methods_subset_invariance": (
+            "decision_function is log predict_proba: the float32 propagation rounds "
+            "differently for other batch shapes (within 1e-7 in the probabilities), and "
+            "the log turns that into up to 1.9e-7 relative where |log p| < 1"
+        ),
+    },
 }
 
 

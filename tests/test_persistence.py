@@ -103,6 +103,9 @@ def test_portable_state_keeps_sharing_dtypes_and_parameters():
     assert isinstance(back["a"].weight, torch.nn.Parameter) and back["a"].weight.requires_grad
     assert back["b"][1][1] == torch.Size([2, 3]) and back["dtype"] is torch.float64
     assert back["h"].dtype == torch.bfloat16 and torch.equal(back["h"], half)
+    cols = torch.randn(4, 3).T  # a column-major view keeps its strides
+    again = from_portable(sio.loads(sio.dumps(to_portable({"c": cols})), trusted=[]))["c"]
+    assert again.stride() == cols.stride() and torch.equal(again, cols)
     assert back["nested"] == {1: {"x"}, "k": (None, 2.5)}
     x = torch.randn(4, 3)
     torch.testing.assert_close(back["a"](x), lin(x), rtol=0, atol=0)
