@@ -17,6 +17,7 @@ uncertainty measures, regression bands, refusing to return NaN -- lives here.
 from __future__ import annotations
 
 import copy
+import copyreg
 import inspect
 from abc import abstractmethod
 
@@ -443,6 +444,29 @@ class BaseUQEstimator(BaseEstimator):
         check_finite(dist.variance, "the predicted output variance")
         return dist
 
+    # ------------------------------------------------------------- persistence
+    def __getstate__(self):
+        """State for ``skops.io``: tensors as numpy arrays, objects as class + attributes.
+
+        skops cannot rebuild torch tensors, and a fitted skorch net would carry
+        its module as ``torch.save`` bytes; see :mod:`skuq._persist`. Pickle and
+        ``copy`` keep the plain attribute dict (``__reduce_ex__``).
+        """
+        from ._persist import to_portable
+
+        return to_portable(super().__getstate__())
+
+    def __reduce_ex__(self, protocol):
+        # pickle, joblib and copy.deepcopy: the plain state, as BaseEstimator gives it
+        return copyreg.__newobj__, (type(self),), BaseEstimator.__getstate__(self)
+
+    def __setstate__(self, state):
+        from ._persist import PORTABLE_KEY, from_portable
+
+        if isinstance(state, dict) and PORTABLE_KEY in state:
+            state = from_portable(state)
+        super().__setstate__(state)
+
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()
         tags.input_tags.allow_nan = False
@@ -513,6 +537,41 @@ class UQClassifierMixin(ClassifierMixin):
         """Most probable class label under the predictive distribution."""
         proba = self.predict_proba(X)  # raises NotFittedError before classes_ is read
         return self.classes_[proba.argmax(axis=1)]
+
+    def decision_function(self, X) -> np.ndarray:
+        """Confidence scores from the predictive probabilities, as scikit-learn reads them.
+
+        Two classes: the log-odds ``log p_1 - log p_0`` of ``classes_[1]`` under
+        the posterior predictive (positive means ``classes_[1]`` is predicted).
+        More classes: the log predictive probability of each class (its argmax
+        is :meth:`predict`). These are the predictive's, not the mean network's
+        logits, so they carry the posterior's spread: a wide posterior pulls
+        them towards zero (towards ``log(1 / n_classes)``).
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, ...)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) for two classes, else (n_samples, n_classes)
+            Finite: probabilities are clipped at the smallest positive double.
+
+        Examples
+        --------
+        >>> import numpy as np, torch
+        >>> from skuq import MAPClassifier
+        >>> module = torch.nn.Linear(2, 2)
+        >>> est = MAPClassifier(module, device="cpu").fit(np.eye(2), [0, 1])
+        >>> X = np.random.default_rng(0).normal(size=(4, 2))
+        >>> scores = est.decision_function(X)
+        >>> bool(np.all((scores > 0) == (est.predict(X) == 1)))
+        True
+        """
+        log_proba = np.log(np.clip(self.predict_proba(X), np.finfo(np.float64).tiny, None))
+        if log_proba.shape[1] == 2:
+            return log_proba[:, 1] - log_proba[:, 0]
+        return log_proba
 
     def predict_uncertainty(self, X, kind: str = "entropy") -> np.ndarray:
         """One uncertainty score per row; higher means less certain.

@@ -86,25 +86,64 @@ def _check_proba(y_true, y_proba, labels=None):
     return index, y_proba
 
 
-def expected_calibration_error(y_true, y_proba, *, n_bins: int = 15, labels=None) -> float:
-    """Top-label expected calibration error with equal-width bins.
+def expected_calibration_error(
+    y_true, y_proba, *, n_bins: int = 15, labels=None, kind: str = "top_label"
+) -> float:
+    """Expected calibration error with equal-width bins: top-label (default) or positive-class.
 
-    ``ECE = sum_b (n_b / N) |acc_b - conf_b|`` where the confidence of a row is
-    ``max_k p_k``, bin ``b`` holds confidences in ``(b/B, (b+1)/B]`` (the first
-    bin also holds 0), ``acc_b`` is the fraction of correct top-label
-    predictions in the bin and ``conf_b`` their mean confidence.
+    ``ECE = sum_b (n_b / N) |acc_b - conf_b|``, bin ``b`` holding confidences in
+    ``(b/B, (b+1)/B]`` (the first bin also holds 0). Two readings differ for
+    two classes:
+
+    * ``kind="top_label"`` (default, any number of classes): a row's confidence
+      is ``max_k p_k`` and ``acc_b`` is the fraction of correct argmax
+      predictions in the bin -- "when the model says 80 %, is it right 80 % of
+      the time?". For two classes the confidences lie in ``[0.5, 1]``.
+    * ``kind="positive_class"`` (two classes only): the confidence is
+      ``p_1``, the probability of the second label (``labels[1]``, or the
+      larger of the two sorted labels), over ``[0, 1]``, and ``acc_b`` is the
+      fraction of rows of that label -- a reliability diagram of ``p_1``.
+      netcal's ``ECE`` reports this one for binary inputs.
+
+    For more than two classes ``top_label`` is the usual ECE (netcal's too).
+
+    Parameters
+    ----------
+    y_true : array-like of shape (n_samples,)
+    y_proba : array-like of shape (n_samples, n_classes)
+    n_bins : int, default=15
+    labels : array-like, optional
+        The class of each column (default: the sorted labels of ``y_true``).
+    kind : {"top_label", "positive_class"}, default="top_label"
+
+    Returns
+    -------
+    float
 
     Examples
     --------
     >>> from skuq.metrics import expected_calibration_error
     >>> expected_calibration_error([0, 1], [[0.9, 0.1], [0.8, 0.2]])  # doctest: +ELLIPSIS
     0.45...
+    >>> expected_calibration_error([0, 1], [[0.9, 0.1], [0.8, 0.2]], kind="positive_class")
+    0.45
     """
+    if kind not in ("top_label", "positive_class"):
+        raise ValueError(f"kind must be 'top_label' or 'positive_class', got {kind!r}")
     index, proba = _check_proba(y_true, y_proba, labels)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    conf = proba.max(axis=1)
-    correct = (proba.argmax(axis=1) == index).astype(np.float64)
+    if kind == "positive_class":
+        if proba.shape[1] != 2:
+            raise ValueError(
+                f"kind='positive_class' needs two classes, got {proba.shape[1]}; "
+                "use kind='top_label' for more"
+            )
+        conf = proba[:, 1]
+        correct = (index == 1).astype(np.float64)
+    else:
+        conf = proba.max(axis=1)
+        correct = (proba.argmax(axis=1) == index).astype(np.float64)
     bins = np.clip(np.ceil(conf * n_bins).astype(int) - 1, 0, n_bins - 1)
     ece = 0.0
     for b in np.unique(bins):

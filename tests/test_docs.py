@@ -72,3 +72,16 @@ def test_every_public_name_has_a_runnable_example():
             if ">>>" not in doc:
                 missing.add(f"{obj.__module__}.{obj.__qualname__}")
     assert not missing, "no doctest example in: " + ", ".join(sorted(missing))
+
+
+@pytest.mark.slow
+def test_readme_usage_runs_and_prints_a_readable_result(capsys):
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README has no python block"
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {"__name__": "readme"})
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    numbers = dict(re.findall(r"(accuracy|ECE|OOD AUROC) ([0-9.]+)", line))
+    assert set(numbers) == {"accuracy", "ECE", "OOD AUROC"}, line
+    assert float(numbers["accuracy"]) > 0.9 and float(numbers["OOD AUROC"]) > 0.7, line

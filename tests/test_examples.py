@@ -161,3 +161,21 @@ def test_gpu_example_resolves_the_device(tmp_path):
         assert r["accuracy"] > 0.3, name  # 10 classes: chance is 0.1
         assert np.isfinite(r["NLL"]), name
     assert out.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_conformal_example_covers_and_widens_in_the_gap(tmp_path):
+    pytest.importorskip("mapie")
+    ex = _load("conformal")
+    out = tmp_path / "conformal.png"
+    r = ex.main(quick=True, out=str(out))
+    assert set(r) == {"absolute", "posterior"}
+    for score, res in r.items():
+        # 150 test rows at a 0.9 target: the binomial 99 % band is about +-0.065, and
+        # calibration on 150 rows adds a spread of its own
+        assert 0.8 <= res["coverage"] <= 1.0, score
+        assert res["width"] > 0, score
+    # the absolute score has one width; the posterior one widens where there is no data
+    assert r["absolute"]["width in gap"] == pytest.approx(r["absolute"]["width"], rel=1e-6)
+    assert r["posterior"]["width in gap"] > r["posterior"]["width"]
+    assert out.stat().st_size > 0

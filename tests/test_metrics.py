@@ -184,3 +184,36 @@ def test_get_scorer_knows_skuq_and_sklearn_names():
     assert metrics.get_scorer("accuracy") is not None
     with pytest.raises(ValueError):
         metrics.get_scorer("no_such_scorer")
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5])
+def test_ece_matches_netcal(n_classes):
+    """netcal (a test-only oracle): positive-class ECE for two classes, top-label for more."""
+    netcal = pytest.importorskip("netcal.metrics")
+    rng = np.random.default_rng(n_classes)
+    logits = rng.normal(size=(400, n_classes)) * 2
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    # labels drawn from a sharpened p: a miscalibrated predictor, so the ECE is not ~0
+    sharp = p**2 / (p**2).sum(axis=1, keepdims=True)
+    y = np.array([rng.choice(n_classes, p=row) for row in sharp])
+    ref = netcal.ECE(bins=15).measure(p, y)
+    kind = "positive_class" if n_classes == 2 else "top_label"
+    ours = metrics.expected_calibration_error(y, p, n_bins=15, kind=kind)
+    assert ref > 0.02
+    assert ours == pytest.approx(ref, abs=1e-12)
+
+
+def test_top_label_and_positive_class_ece_bin_differently():
+    # p_1 = 0.2 and 0.8 share the top-label bin (confidence 0.8), not a p_1 bin
+    p, y = [[0.8, 0.2], [0.2, 0.8]], [0, 0]
+    assert metrics.expected_calibration_error(y, p, labels=[0, 1]) == pytest.approx(0.3)
+    positive = metrics.expected_calibration_error(y, p, labels=[0, 1], kind="positive_class")
+    assert positive == pytest.approx(0.5 * 0.2 + 0.5 * 0.8)
+
+
+def test_positive_class_ece_needs_two_classes_and_a_known_kind():
+    p = np.full((3, 3), 1 / 3)
+    with pytest.raises(ValueError, match="needs two classes"):
+        metrics.expected_calibration_error([0, 1, 2], p, kind="positive_class")
+    with pytest.raises(ValueError, match="kind must be"):
+        metrics.expected_calibration_error([0, 1, 2], p, kind="binary")

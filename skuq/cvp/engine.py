@@ -751,6 +751,16 @@ class MomentPropagator:
         """Posterior variance per named parameter."""
         return dict(self._variances)
 
+    # the traced graph holds generated code and a per-instance class: a saved
+    # propagator (skuq._persist, for skops) keeps the model and variances and re-traces
+    def _skuq_getstate(self) -> dict:
+        return {"model": self.model, "variances": self._variances}
+
+    def _skuq_setstate(self, state: dict) -> None:
+        with warnings.catch_warnings():  # the same warnings were given when it was built
+            warnings.simplefilter("ignore", CorrelatedFactorsWarning)
+            self.__init__(state["model"], state["variances"])
+
     def clear_cache(self) -> None:
         """Drop the tensors cached from the weights (``W^2``, ``W^2 + sigma^2``...).
 
