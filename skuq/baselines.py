@@ -233,14 +233,14 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
       twice the training loss of its last epoch (``net.history``); held-out
       rows of a net that fits its training rows closely sit far above it.
 
-    It also warns, whatever the net, when the temperature reaches the lower
-    end of its search interval: the net classifies every calibration row
-    correctly, the NLL has no finite minimum and the probabilities would be
-    pushed to 0 and 1. The check cannot prove where rows came from: a net
-    that fits held-out rows as well as its training rows (strong
-    regularization, early stopping) can trigger it on a real held-out split,
-    where sharpening is then what the data asks for; a ``torch.nn.Module``
-    has no training record, so only the bound is checked there.
+    It also warns, whatever the net, when the net classifies every calibration
+    row correctly: the NLL then has no finite minimum, the temperature runs to
+    its search bound and the probabilities are pushed to 0 and 1. The check
+    cannot prove where rows came from: a net that fits held-out rows as well
+    as its training rows (strong regularization, early stopping) can trigger
+    it on a real held-out split, where sharpening is then what the data asks
+    for; a ``torch.nn.Module`` has no training record, so only the separation
+    is checked there.
 
     Parameters
     ----------
@@ -327,17 +327,20 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
                     "its probabilities, which makes the NLL on new and shifted inputs "
                     f"worse. {fix} (A net that fits held-out rows as well as its training "
                     "rows can trigger this on a real held-out split; then it is harmless.)",
-                    UserWarning, stacklevel=3,
+                    UserWarning, stacklevel=4,
                 )
                 return
-        if t <= np.exp(LOG_TEMPERATURE_BOUNDS[0]) * (1 + 1e-3):
+        true = logits.gather(1, y.long()[:, None])
+        others = logits.scatter(1, y.long()[:, None], float("-inf"))
+        if t < 1 and bool((true[:, 0] > others.max(dim=1).values).all()):
             warnings.warn(
-                f"TemperatureScalingClassifier: the fitted temperature {t:.3g} is the lower "
-                "end of its search interval: the net classifies every calibration row "
-                "correctly, so the NLL has no finite minimum and the probabilities are "
-                "pushed to 0 and 1. This happens on rows the net was trained on, or on too "
-                f"few held-out rows. {fix} Or pass a fixed temperature=.",
-                UserWarning, stacklevel=3,
+                f"TemperatureScalingClassifier: the net classifies every calibration row "
+                "correctly, so the NLL keeps falling as the temperature goes to 0 and has no "
+                f"finite minimum; the fitted temperature {t:.3g} only marks where the search "
+                "stopped and pushes the probabilities towards 0 and 1. This happens on rows "
+                f"the net was trained on, or on too few held-out rows. {fix} Or pass a fixed "
+                "temperature=.",
+                UserWarning, stacklevel=4,
             )
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
