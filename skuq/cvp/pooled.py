@@ -48,7 +48,8 @@ from torch import Tensor, nn
 
 from . import moments as mom
 
-__all__ = ["PooledSite", "find_pooled_sites", "pooled_correction"]
+# internal to the propagator (engine.py): no public names
+__all__: list[str] = []
 
 _SHARED = (nn.Conv1d, nn.Conv2d, nn.Linear)
 _POOL_MODULES = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
