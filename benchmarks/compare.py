@@ -387,16 +387,25 @@ class Run:
     error: str = ""
 
 
-def run_task(task, data, methods, seed, device, log):
-    """All methods on one task and seed; the net is trained once and shared."""
-    kind = data.kind
-    base_cls = MAPClassifier if kind == "classifier" else MAPRegressor
+def train_shared_net(task, data, seed, device, log):
+    """The task's net trained once for a seed, as a ``FrozenEstimator`` every method shares.
+
+    Returns the frozen net and the wall and CPU seconds its training took (added to the
+    fit time of the methods that reuse it).
+    """
+    base_cls = MAPClassifier if data.kind == "classifier" else MAPRegressor
     t, c = time.perf_counter(), time.process_time()
     trained = base_cls(clone(data.net), random_state=seed, device=str(device))
     trained.fit(data.X_train, data.y_train)
     net_s, net_cpu = time.perf_counter() - t, time.process_time() - c
     log(f"  {task:15s} seed {seed} shared net trained in {net_s:.2f}s")
-    frozen = FrozenEstimator(trained.net_)
+    return FrozenEstimator(trained.net_), net_s, net_cpu
+
+
+def run_task(task, data, methods, seed, device, log):
+    """All methods on one task and seed; the net is trained once and shared."""
+    kind = data.kind
+    frozen, net_s, net_cpu = train_shared_net(task, data, seed, device, log)
     evaluate = _evaluate_classifier if kind == "classifier" else _evaluate_regressor
     runs = []
     for method in methods:

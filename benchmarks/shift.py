@@ -78,9 +78,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.base import clone
 from sklearn.datasets import load_breast_cancer, load_wine
-from sklearn.frozen import FrozenEstimator
 from sklearn.utils import Bunch
 from torch import nn
 
@@ -96,10 +94,10 @@ from compare import (  # noqa: E402  (the shared helpers of the comparison bench
     _warm_up,
     method_rows,
     task_gap_regression,
+    train_shared_net,
 )
 
 import skuq  # noqa: E402
-from skuq import MAPClassifier, MAPRegressor  # noqa: E402
 from skuq.base import all_estimators  # noqa: E402
 from skuq.datasets import load_digits_ood, make_synthetic_images  # noqa: E402
 from skuq.metrics import (  # noqa: E402
@@ -483,13 +481,7 @@ class Run:
 def run_task(task, data, methods, seed, device, log):
     """All methods on one task and seed; the net is trained once and shared."""
     kind = data.kind
-    base_cls = MAPClassifier if kind == "classifier" else MAPRegressor
-    t, c = time.perf_counter(), time.process_time()
-    trained = base_cls(clone(data.net), random_state=seed, device=str(device))
-    trained.fit(data.X_train, data.y_train)
-    net_s, net_cpu = time.perf_counter() - t, time.process_time() - c
-    log(f"  {task:14s} seed {seed} shared net trained in {net_s:.2f}s")
-    frozen = FrozenEstimator(trained.net_)
+    frozen, net_s, net_cpu = train_shared_net(task, data, seed, device, log)
     evaluate = evaluate_classifier if kind == "classifier" else evaluate_regressor
     runs = []
     for name, cls, hints in methods:
