@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import copyreg
-import inspect
 from abc import abstractmethod
 
 import numpy as np
@@ -31,6 +30,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_memory, validate_data
 from torch import Tensor, nn
 
+from ._skorch import criterion_outputs, is_skorch_net, takes_n_outputs, train_net
 from ._utils import (
     check_finite,
     check_positive,
@@ -40,7 +40,6 @@ from ._utils import (
     progress,
     resolve_device,
     seed_from_random_state,
-    seeded_global_rng,
 )
 from .outputs import (
     CLASSIFICATION_UNCERTAINTIES,
@@ -61,30 +60,6 @@ __all__ = [
 
 
 # --------------------------------------------------------------------------- nets
-def _is_skorch_net(obj) -> bool:
-    try:
-        from skorch import NeuralNet
-    except ImportError:  # pragma: no cover - skorch is a run-time dependency
-        return False
-    return isinstance(obj, NeuralNet)
-
-
-def _train_net(net, X: np.ndarray, y: np.ndarray, seed: int | None):
-    """Fit a (cloned) skorch net. Module level so that ``joblib.Memory`` can cache it.
-
-    With a ``seed``, training draws from a private copy of torch's global RNG
-    seeded with it (:func:`skuq._utils.seeded_global_rng`): the run is
-    reproducible, the caller's global RNG state (CPU, and the CUDA device trained
-    on) is left as it was, and nets trained from several threads at once (joblib's
-    threading backend, a grid search over threads) take turns, so each gets
-    exactly the draws of a serial run.
-    """
-    if seed is None:  # the caller's RNG drives training, as a plain skorch fit would
-        return net.fit(X, y)
-    with seeded_global_rng(seed, [torch.device(net.device or "cpu")]):
-        return net.fit(X, y)
-
-
 class _LogOfProbabilities(nn.Module):
     """Turns a module that outputs probabilities into one that outputs logits."""
 
@@ -130,33 +105,6 @@ def _writable_float32(X: np.ndarray) -> np.ndarray:
     """float32 for the net; a copy when read-only (pandas), as torch wants to own it."""
     X = X.astype(np.float32, copy=False)
     return X if X.flags.writeable else X.copy()
-
-
-def _takes_n_outputs(module) -> bool:
-    """Whether a module class (or a base of it) takes ``n_outputs`` in ``__init__``."""
-    if not inspect.isclass(module):
-        return False
-    return any(
-        "n_outputs" in inspect.signature(cls.__init__).parameters
-        for cls in module.__mro__
-        if "__init__" in cls.__dict__ and cls is not object
-    )
-
-
-def _criterion_outputs(net) -> str:
-    """What a skorch net's module returns, read from its criterion."""
-    criterion = net.criterion
-    cls = criterion if inspect.isclass(criterion) else type(criterion)
-    if issubclass(cls, (nn.BCEWithLogitsLoss, nn.BCELoss)):
-        # one output for two classes: the posteriors and links here work on one logit
-        # per class, and a constant second logit would defeat the last-layer routes
-        raise TypeError(
-            f"{type(net).__name__} with {cls.__name__} gives one output for two classes; "
-            "skuq's classifiers need one logit per class: use skorch's NeuralNetClassifier "
-            "with criterion=torch.nn.CrossEntropyLoss and two outputs (e.g. "
-            "skuq.nets.MLP, which sizes its output from the classes)"
-        )
-    return "probabilities" if issubclass(cls, nn.NLLLoss) else "logits"
 
 
 def _n_rows(a) -> int:
@@ -275,7 +223,7 @@ class BaseUQEstimator(BaseEstimator):
     def _validate_shared_options(self) -> None:
         check_positive_int("batch_size", self.batch_size)
         if not (
-            _is_skorch_net(self.estimator)
+            is_skorch_net(self.estimator)
             or isinstance(self.estimator, (FrozenEstimator, nn.Module))
         ):
             raise TypeError(
@@ -352,12 +300,12 @@ class BaseUQEstimator(BaseEstimator):
         est = self.estimator
         if isinstance(est, FrozenEstimator):
             est = est.estimator
-            if _is_skorch_net(est):
+            if is_skorch_net(est):
                 check_is_fitted(est, "module_")
         if isinstance(est, nn.Module):
             net, module, outputs = est, est, "logits"
-        elif _is_skorch_net(est):
-            outputs = _criterion_outputs(est) if self._is_classifier() else "logits"
+        elif is_skorch_net(est):
+            outputs = criterion_outputs(est) if self._is_classifier() else "logits"
             if isinstance(self.estimator, FrozenEstimator):
                 net = est
             else:
@@ -388,7 +336,7 @@ class BaseUQEstimator(BaseEstimator):
         net = clone(net)
         params = {"device": str(self.device_)}
         module = net.module
-        if _takes_n_outputs(module) and "module__n_outputs" not in net.get_params():
+        if takes_n_outputs(module) and "module__n_outputs" not in net.get_params():
             params["module__n_outputs"] = self.n_outputs_
         net.set_params(**params)
         return net
@@ -399,7 +347,7 @@ class BaseUQEstimator(BaseEstimator):
 
     def _train_skorch(self, net, X, y):
         seed = None if self.random_state is None else self._seed
-        train = check_memory(self.memory).cache(_train_net)
+        train = check_memory(self.memory).cache(train_net)
         return train(self._prepare_skorch(net), X, self._net_target(y), seed)
 
     def _check_output_width(self, x: np.ndarray) -> None:

@@ -15,15 +15,9 @@ from scipy.optimize import minimize_scalar
 from sklearn.utils.validation import check_memory
 from torch import Tensor
 
+from ._skorch import criterion_outputs, train_net
 from ._utils import check_positive, check_positive_int, iter_batches
-from .base import (
-    BaseUQEstimator,
-    UQClassifierMixin,
-    UQRegressorMixin,
-    _criterion_outputs,
-    _train_net,
-    logit_model,
-)
+from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin, logit_model
 from .ensembles import DropoutSampler, EnsembleModule, dropout_modules, mc_dropout_mode
 from .outputs import OutputDistribution
 
@@ -518,9 +512,9 @@ class _DeepEnsembleBase(BaseUQEstimator):
                 f"{type(self.estimator).__name__}. Pass the skorch net itself (not a "
                 "FrozenEstimator or torch.nn.Module)."
             )
-        outputs = _criterion_outputs(self.estimator) if self._is_classifier() else "logits"
+        outputs = criterion_outputs(self.estimator) if self._is_classifier() else "logits"
         seeds = np.random.RandomState(self._seed).randint(0, 2**31 - 1, self.n_estimators)
-        train = check_memory(self.memory).cache(_train_net)
+        train = check_memory(self.memory).cache(train_net)
         y_net = self._net_target(y)
         nets = Parallel(n_jobs=self.n_jobs)(
             delayed(train)(self._prepare_skorch(self.estimator), X, y_net, int(seed))

@@ -32,8 +32,9 @@ import torch
 from sklearn.frozen import FrozenEstimator
 from torch import Tensor, nn
 
+from ._skorch import is_skorch_net
 from ._utils import check_option, check_positive, check_positive_int, iter_batches
-from .base import UQClassifierMixin, UQRegressorMixin, _is_skorch_net
+from .base import UQClassifierMixin, UQRegressorMixin
 from .curvature import Curvature, WeightSubset, sum_loss
 from .laplace import _BaseLaplace, _ClassificationLikelihood, _RegressionLikelihood
 
@@ -304,7 +305,7 @@ class _BaseL2M(_BaseLaplace):
         sizes = self._training_batches()
         if sizes:
             return int(max(sizes))
-        if not _is_skorch_net(self.net_) and self.scale == "fisher":
+        if not is_skorch_net(self.net_) and self.scale == "fisher":
             raise ValueError(
                 "scale='fisher' needs the batch size the net was trained with: set "
                 "train_batch_size (a skorch net tells it itself)"
@@ -345,7 +346,7 @@ class _BaseL2M(_BaseLaplace):
         ``model_`` may be a copy on another device (or a logit wrapper) of the
         trained module; parameters correspond by position.
         """
-        origin = self.net_.module_ if _is_skorch_net(self.net_) else self.net_
+        origin = self.net_.module_ if is_skorch_net(self.net_) else self.net_
         names = [n for n, _ in self.model_.named_parameters()]
         by_name = dict(zip(names, origin.parameters(), strict=True))
         return [by_name[n] for n in weights.names]
@@ -533,7 +534,7 @@ def _l2m_source(model: nn.Module, net, X, y, *, device, batch_size, optimizer=No
     """
     from .cvp.posterior import DiagonalWeightPosterior
 
-    wrapped = FrozenEstimator(net) if _is_skorch_net(net) else model
+    wrapped = FrozenEstimator(net) if is_skorch_net(net) else model
     est = L2MClassifier(wrapped, device=device, batch_size=batch_size, **options)
     est.fit(X, y, **({} if optimizer is None else {"optimizer": optimizer}))
     variances = est.posterior_.marginal_variance().detach()

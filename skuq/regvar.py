@@ -60,8 +60,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import vmap
 
+from ._skorch import criterion_outputs
 from ._utils import check_option, check_positive, check_positive_int, progress
-from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin, _criterion_outputs
+from .base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
 from .curvature import select_weights
 from .outputs import LINKS, OutputDistribution
 from .posterior import center_outputs
@@ -676,7 +677,7 @@ class _BaseRegVar(BaseUQEstimator):
                 f"RegVar reads the net's criterion as the mean loss of a batch, but it uses "
                 f"reduction={reduction!r}; train with reduction='mean' (torch's default)"
             )
-        probabilities = self._is_classifier() and _criterion_outputs(net) == "probabilities"
+        probabilities = self._is_classifier() and criterion_outputs(net) == "probabilities"
 
         def loss(f: Tensor, y: Tensor) -> Tensor:
             # model_ outputs logits; an NLLLoss net's own module outputs their softmax
