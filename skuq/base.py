@@ -365,11 +365,36 @@ class BaseUQEstimator(BaseEstimator):
 
     def _iter_distributions(self, X):
         check_is_fitted(self, "model_")
-        X = self._validate_predict_data(X)
+        yield from self._batch_distributions(self._validate_predict_data(X))
+
+    def _batch_distributions(self, X: np.ndarray):
+        """The distribution of each batch of the validated rows ``X``."""
         n_batches = -(-len(X) // self.batch_size)
         batches = iter_batches(X, batch_size=self.batch_size, device=self.device_)
         for (xb,) in progress(batches, self.verbose, "predict", n_batches):
             yield self._predict_batch(xb)
+
+    def _map_batches(self, X, fn) -> tuple[Tensor, ...]:
+        """``fn(distribution)`` (a tuple of tensors with one row per input row) over the
+        batches of ``X``, each gathered into one CPU tensor allocated once.
+
+        Keeping many small per-batch results alive between the large transient
+        allocations of every batch fragments the heap: the peak memory of a
+        prediction then grows with the rows predicted (an all-weights full posterior:
+        84 MB above the start for 20,000 rows against 24 MB with one output buffer).
+        """
+        check_is_fitted(self, "model_")
+        X = self._validate_predict_data(X)
+        outs: list[Tensor] = []
+        start = 0
+        for d in self._batch_distributions(X):
+            parts = fn(d)
+            if not outs:
+                outs = [torch.empty((len(X), *a.shape[1:]), dtype=a.dtype) for a in parts]
+            for out, a in zip(outs, parts, strict=True):
+                out[start : start + len(a)] = a
+            start += len(parts[0])
+        return tuple(outs)
 
     def predict_distribution(self, X) -> OutputDistribution:
         """Distribution over the network outputs (logits, or regression means).
