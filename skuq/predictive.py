@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .curvature.ggn import _layer_plan, _unfold
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
+from .curvature.layers import layer_plan, unfold
 from .curvature.weights import WeightSubset
 from .outputs import OutputDistribution
 from .posterior import (
@@ -92,7 +92,7 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor,
     ``center``: also the covariance of the centered logits, from output
     gradients centered over classes (see :func:`~skuq.posterior.augment_centered`).
     """
-    plan = _layer_plan(weights)
+    plan = layer_plan(weights)
     if isinstance(plan, str) or not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m, _ in plan):
         return None
     modules = [m for m, _ in plan]
@@ -194,7 +194,7 @@ def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) ->
         gb = gt.sum(-1)
         out += torch.einsum("bco,bdo,o->bcd", gb, gb, var[slices["bias"]])
     if "weight" in slices:
-        patches = _unfold(mod, a)  # (B, I, T)
+        patches = unfold(mod, a)  # (B, I, T)
         vw = var[slices["weight"]]
         per_row = g.shape[1] * vw.numel()
         step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
@@ -224,7 +224,7 @@ def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, star
         i = starts[slices["weight"].start]
         QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
         gq = torch.einsum("bcot,op->bcpt", gt, QG)
-        aq = torch.einsum("bit,ij->bjt", _unfold(mod, a), QA)  # (B, I, T) rotated
+        aq = torch.einsum("bit,ij->bjt", unfold(mod, a), QA)  # (B, I, T) rotated
         per_row = g.shape[1] * inv[i].numel()
         step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
         w = inv[i].reshape(-1)
