@@ -83,7 +83,24 @@ class KronPosterior(WeightPosterior):
             for i, d in enumerate(self._block_deltas(delta))
         )
 
-    def _inv_eig(self) -> list[Tensor]:
+    def inverse_eigvals(self) -> list[Tensor]:
+        """Per block, ``1 / (s lambda + delta)`` in the eigenbasis of its factors (cached).
+
+        A Kronecker block's entry ``(o, i)`` pairs the ``o``-th eigenvector of
+        ``G`` with the ``i``-th of ``A`` (``self.eig[block]``); a dense block's
+        is a vector.
+
+        Examples
+        --------
+        >>> import torch
+        >>> from skuq.curvature import KronBlock
+        >>> from skuq.posterior import KronPosterior
+        >>> G, A = torch.eye(2), 3 * torch.eye(2)
+        >>> post = KronPosterior(torch.zeros(4), [KronBlock(slice(0, 4), [G, A])])
+        >>> post.inverse_eigvals()[0]
+        tensor([[0.2500, 0.2500],
+                [0.2500, 0.2500]])
+        """
         if "inv" not in self._cache:
             s = self.curvature_scale
             deltas = self._block_deltas(self.prior_precision)
@@ -94,7 +111,7 @@ class KronPosterior(WeightPosterior):
 
     def marginal_variance(self):
         out = torch.empty(self.n_params, dtype=self.mean.dtype, device=self.mean.device)
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+        for b, pairs, inv in zip(self.blocks, self.eig, self.inverse_eigvals(), strict=True):
             if len(pairs) == 1:
                 out[b.index] = (pairs[0][1] ** 2) @ inv
             else:
@@ -105,7 +122,7 @@ class KronPosterior(WeightPosterior):
     def functional_variance(self, J):
         B, C, _ = J.shape
         out = torch.zeros(B, C, C, dtype=J.dtype, device=J.device)
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+        for b, pairs, inv in zip(self.blocks, self.eig, self.inverse_eigvals(), strict=True):
             Jb = J[:, :, b.index]
             if len(pairs) == 1:
                 T = Jb @ pairs[0][1].to(J.dtype)
@@ -118,7 +135,7 @@ class KronPosterior(WeightPosterior):
 
     def sample(self, n_samples, generator=None):
         out = self.mean.expand(n_samples, -1).clone()
-        for b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+        for b, pairs, inv in zip(self.blocks, self.eig, self.inverse_eigvals(), strict=True):
             if len(pairs) == 1:
                 z = self._randn((n_samples, inv.numel()), generator) * inv.sqrt()
                 out[:, b.index] += z @ pairs[0][1].T
@@ -131,7 +148,7 @@ class KronPosterior(WeightPosterior):
     def functional_variance_last_layer(self, phi, n_out, has_bias, augment=False):
         """``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``."""
         out = 0
-        for _b, pairs, inv in zip(self.blocks, self.eig, self._inv_eig(), strict=True):
+        for _b, pairs, inv in zip(self.blocks, self.eig, self.inverse_eigvals(), strict=True):
             if len(pairs) == 1:  # the bias block: the same for every row
                 Q = pairs[0][1].to(phi.dtype)
                 Q = augment_centered(Q, 0) if augment else Q
