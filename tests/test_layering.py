@@ -18,7 +18,7 @@ SKUQ = Path(__file__).resolve().parents[1] / "skuq"
 # The engine layer: what it may not import.
 ENGINE_MODULES = [
     "outputs.py",
-    "posterior.py",
+    "posterior",
     "predictive.py",
     "curvature",
     "cvp/engine.py",
