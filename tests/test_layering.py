@@ -25,6 +25,10 @@ ENGINE_MODULES = [
     "cvp/rules.py",
     "cvp/moments.py",
     "cvp/calibration.py",
+    "regvar/core.py",
+    "regvar/exact.py",
+    "regvar/finetune.py",
+    "regvar/optim.py",
 ]
 FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 # skuq modules that hold estimators (the sklearn face) or their plumbing.
@@ -34,7 +38,7 @@ ESTIMATOR_MODULES = (
     "ensembles",
     "laplace",
     "l2m",
-    "regvar",
+    "regvar.estimator",
     "scalla",
     "subnetwork",
     "cvp.estimator",
