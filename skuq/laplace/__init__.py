@@ -9,15 +9,10 @@
 * :mod:`skuq.laplace.subnetwork`: the rules that choose a subnetwork.
 """
 
+from .._cache import fingerprint as _fingerprint  # noqa: F401  (skuq.scalla imports it here)
+from ..base import HELDOUT_GRID
 from ..curvature.optimizer import SCALES, SECOND_MOMENT_OPTIMIZERS, l2m_curvature, second_moments
-from .base import (
-    HELDOUT_GRID,
-    PRED_TYPES,
-    PRIOR_METHODS,
-    SIGMA_METHODS,
-    _fingerprint,  # noqa: F401  skuq.scalla hashes its surrogate inputs with it
-    clear_curvature_cache,
-)
+from .base import PRED_TYPES, PRIOR_METHODS, SIGMA_METHODS, clear_curvature_cache
 from .estimator import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
 from .l2m import L2MClassifier, L2MRegressor
 from .subnetwork import (

@@ -11,14 +11,13 @@ classification and regression. The estimators themselves are in
 
 from __future__ import annotations
 
-import hashlib
 import numbers
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .._cache import CACHE, clear_cache, fingerprint
 from .._utils import (
     check_option,
     check_positive,
@@ -26,7 +25,7 @@ from .._utils import (
     iter_batches,
     make_generator,
 )
-from ..base import BaseUQEstimator
+from ..base import BaseUQEstimator, PriorPrecisionMixin
 from ..curvature import (
     CURVATURES,
     STRUCTURES,
@@ -57,94 +56,34 @@ PRIOR_METHODS = ("marglik", "heldout")
 #: RMS training residual (the maximum-likelihood noise at its weights), or "auto": the
 #: evidence when the posterior has at most as many weights as there are training targets
 SIGMA_METHODS = ("auto", "marglik", "residual")
-#: log10 grid of prior precisions searched by ``prior_precision="heldout"``
-HELDOUT_GRID = np.logspace(-4, 4, 33)
+
 
 # ------------------------------------------------------------------ curvature cache
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 8
-
-
 def clear_curvature_cache() -> None:
     """Forget the curvatures kept in memory by Laplace estimators.
+
+    They live in skuq's one shared cache (with ScaLLA's surrogate kernels), which
+    this clears as a whole (:func:`skuq._cache.clear_cache`).
 
     Examples
     --------
     >>> from skuq.laplace import clear_curvature_cache
     >>> clear_curvature_cache()
     """
-    _CACHE.clear()
-
-
-def _architecture(model: torch.nn.Module) -> str:
-    """What the forward pass computes besides the weights: module tree, classes, modes.
-
-    ``repr`` names the layers and their settings (a ``Tanh`` is not a ``ReLU``); the
-    class's qualified name and the bytecode of its ``forward`` tell apart classes
-    with the same repr (a redefined class in a notebook); ``training`` switches
-    dropout and batch norm.
-    """
-    parts = [repr(model)]
-    for name, m in model.named_modules():
-        cls = type(m)
-        code = getattr(getattr(cls, "forward", None), "__code__", None)
-        parts.append(repr((name, cls.__module__, cls.__qualname__, m.training, _code_key(code))))
-    return "\n".join(parts)
-
-
-def _code_key(code):
-    """Bytecode, constants and names of a code object (nested ones alike, without addresses)."""
-    if code is None:
-        return None
-    consts = tuple(_code_key(c) if hasattr(c, "co_code") else c for c in code.co_consts)
-    return (code.co_code, consts, code.co_names)
-
-
-def _option_key(value):
-    """A stable stand-in for an option: a generator by its device and state, not its address."""
-    if isinstance(value, torch.Generator):
-        state = hashlib.sha1(value.get_state().cpu().numpy().tobytes()).hexdigest()
-        return ("torch.Generator", str(value.device), state)
-    if isinstance(value, dict):
-        return {k: _option_key(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_option_key(v) for v in value)
-    return value
-
-
-def _fingerprint(weights, X, y, options) -> str:
-    h = hashlib.sha1()
-    h.update(_architecture(weights.model).encode())
-    for name, p in weights.model.named_parameters():
-        h.update(name.encode())
-        h.update(p.detach().cpu().numpy().tobytes())
-    for b_name, b in weights.model.named_buffers():
-        h.update(b_name.encode())
-        h.update(b.detach().cpu().numpy().tobytes())
-    for arr in (np.ascontiguousarray(X), np.ascontiguousarray(y)):
-        h.update(repr((arr.shape, arr.dtype.str)).encode())
-        # hashed in place: tobytes() would copy the whole training array
-        h.update(arr.tobytes() if arr.dtype.hasobject else arr.reshape(-1).view(np.uint8))
-    h.update(repr(_option_key(options)).encode())
-    if weights.indices is not None:
-        h.update(weights.indices.cpu().numpy().tobytes())
-    h.update(repr(weights.names).encode())
-    return h.hexdigest()
+    clear_cache()
 
 
 def _cached_curvature(weights, X, y, batch_size, device, **options):
-    key = _fingerprint(weights, X, y, (options, str(device)))
-    if key in _CACHE:
-        _CACHE.move_to_end(key)
-        return _CACHE[key]
+    key = fingerprint(weights, X, y, (options, str(device)))
+    curv = CACHE.get(key)
+    if curv is not None:
+        return curv
 
     def batches():
         return iter_batches(X, y, batch_size=batch_size, device=device)
 
     curv = compute_curvature(weights, batches, **options)
-    _CACHE[key] = curv
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    CACHE.put(key, curv)
     return curv
 
 
@@ -173,12 +112,10 @@ def _grid_functional_variance(post, J: Tensor):
 
 
 # --------------------------------------------------------------------- the base
-class _BaseLaplace(BaseUQEstimator):
+class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
     """Shared fitting and prediction of the Laplace-family estimators."""
 
-    @property
-    def _uses_calibration_split(self) -> bool:  # a held-out split only when asked for
-        return isinstance(self.prior_precision, str) and self.prior_precision == "heldout"
+    _prior_methods = PRIOR_METHODS
 
     def _validate_options(self) -> None:
         self._validate_curvature_options()
@@ -190,20 +127,7 @@ class _BaseLaplace(BaseUQEstimator):
         check_option("prior_structure", self.prior_structure, PRIOR_STRUCTURES)
         check_positive("temperature", self.temperature)
         check_positive_int("n_samples", self.n_samples)
-        pp = self.prior_precision
-        if isinstance(pp, str):
-            check_option("prior_precision", pp, PRIOR_METHODS)
-        elif isinstance(pp, numbers.Real) and not isinstance(pp, bool):
-            check_positive("prior_precision", pp)
-        else:
-            arr = np.asarray(pp, dtype=float) if not isinstance(pp, bool) else np.array([])
-            if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr) & (arr > 0)):
-                raise ValueError(
-                    "prior_precision must be a float > 0, an array of per-layer floats > 0, "
-                    f"or one of {PRIOR_METHODS}; got {pp!r}"
-                )
-        if pp == "heldout":
-            check_positive("calibration_fraction", self.calibration_fraction)
+        self._validate_prior_precision()
         self._validate_likelihood_options()
 
     def _validate_curvature_options(self) -> None:
@@ -359,37 +283,38 @@ class _BaseLaplace(BaseUQEstimator):
         return False
 
     def _heldout_prior(self, X_cal, y_cal) -> None:
-        """The grid prior precision with the lowest NLL on the held-out split.
+        """The grid prior precision with the lowest NLL on the held-out split."""
+        post = self.posterior_
+        if isinstance(post, CholeskyFullPosterior):
+            _ = post.eigvecs  # one eigendecomposition serves every grid value; no Cholesky each
+        self._choose_heldout_prior(post, X_cal, y_cal, self._batch_nll)
+
+    def _batch_nll(self, xb: Tensor, yb: Tensor, grid: list[float]) -> np.ndarray:
+        """The NLL summed over one held-out batch, for each prior precision of ``grid``.
 
         NLL is a sum over rows, so each chunk of Jacobians is formed once and
         scored under every grid value (a full posterior rotates it into the
         curvature's eigenbasis once, so each value costs ``O(B C^2 k)``).
         """
         post, weights = self.posterior_, self.weights_
-        if isinstance(post, CholeskyFullPosterior):
-            _ = post.eigvecs  # one eigendecomposition serves every grid value; no Cholesky each
-        grid = [float(v) for v in HELDOUT_GRID]
         nll = np.zeros(len(grid))
-        for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
-            if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
-                with torch.no_grad():
-                    n_out = self.model_(xb[:1]).shape[1]
-                center = self._centered_link()
-                for rows, J, f in iter_jacobians(weights, xb, n_out):
-                    J = J.detach().to(post.mean.dtype)
-                    variance = _grid_functional_variance(
-                        post, augment_centered(J) if center else J
-                    )
-                    for i, delta in enumerate(grid):
-                        dist = gaussian_predictive(f.detach(), variance(delta), center)
-                        nll[i] += self._heldout_nll(dist, yb[rows])
-                continue
-            for i, delta in enumerate(grid):
-                post.set_hyperparameters(prior_precision=delta)
-                nll[i] += self._heldout_nll(self._distribution(xb), yb)
-        best = grid[int(np.argmin(nll))]
-        post.set_hyperparameters(prior_precision=best)
-        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
+        if self.pred_type == "glm" and needs_jacobians(weights, post, xb):
+            with torch.no_grad():
+                n_out = self.model_(xb[:1]).shape[1]
+            center = self._centered_link()
+            for rows, J, f in iter_jacobians(weights, xb, n_out):
+                J = J.detach().to(post.mean.dtype)
+                variance = _grid_functional_variance(
+                    post, augment_centered(J) if center else J
+                )
+                for i, delta in enumerate(grid):
+                    dist = gaussian_predictive(f.detach(), variance(delta), center)
+                    nll[i] += self._heldout_nll(dist, yb[rows])
+            return nll
+        for i, delta in enumerate(grid):
+            post.set_hyperparameters(prior_precision=delta)
+            nll[i] += self._heldout_nll(self._distribution(xb), yb)
+        return nll
 
     # ---------------------------------------------------------------- predict
     def _distribution(self, x: Tensor) -> OutputDistribution:
