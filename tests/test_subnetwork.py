@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from skuq import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
 from skuq.curvature import compute_curvature, jacobians, select_weights
 from skuq.curvature.subnet_jacobians import subnetwork_jacobians
-from skuq.subnetwork import (
+from skuq.laplace.subnetwork import (
     SELECTIONS,
     ByName,
     GivenIndices,
@@ -346,7 +346,7 @@ def test_bad_laplace_subnetwork_options(trained):
 
 def test_heldout_grid_shortcut_equals_the_posterior(trained):
     """The eigenbasis shortcut of the held-out grid gives the posterior's own J Sigma J^T."""
-    from skuq.laplace import _grid_functional_variance
+    from skuq.laplace.base import _grid_functional_variance
 
     model, X, y, X_test = trained
     est = _subnet(model, X[:200], y[:200], subnetwork_size=40, prior_precision="heldout",
