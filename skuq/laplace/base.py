@@ -38,7 +38,6 @@ from ..outputs import LINKS, OutputDistribution, probit_probabilities
 from ..posterior import (
     PRIOR_STRUCTURES,
     CholeskyFullPosterior,
-    FullPosterior,
     augment_centered,
     posterior_from_curvature,
 )
@@ -85,30 +84,6 @@ def _cached_curvature(weights, X, y, batch_size, device, **options):
     curv = compute_curvature(weights, batches, **options)
     CACHE.put(key, curv)
     return curv
-
-
-def _grid_functional_variance(post, J: Tensor):
-    """``delta -> J Sigma(delta) J^T`` for a scalar ``delta``, with the work shared over values.
-
-    A full posterior with ``Sigma = Q diag(1 / (s lambda + delta)) Q^T`` rotates
-    ``J`` once (``O(B C k^2)``); each ``delta`` then costs ``O(B C^2 k)``.
-    Other posteriors are set to each ``delta`` and asked.
-    """
-    if isinstance(post, FullPosterior):
-        JQ = J @ post.eigvecs.to(J.dtype)
-        s = post.curvature_scale
-        lam = post.eigvals.to(J.dtype)
-
-        def full(delta: float) -> Tensor:
-            return torch.einsum("bck,k,bdk->bcd", JQ, 1.0 / (s * lam + delta), JQ)
-
-        return full
-
-    def other(delta: float) -> Tensor:
-        post.set_hyperparameters(prior_precision=delta)
-        return post.functional_variance(J)
-
-    return other
 
 
 # --------------------------------------------------------------------- the base
@@ -304,9 +279,7 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
             center = self._centered_link()
             for rows, J, f in iter_jacobians(weights, xb, n_out):
                 J = J.detach().to(post.mean.dtype)
-                variance = _grid_functional_variance(
-                    post, augment_centered(J) if center else J
-                )
+                variance = post.functional_variance_grid(augment_centered(J) if center else J)
                 for i, delta in enumerate(grid):
                     dist = gaussian_predictive(f.detach(), variance(delta), center)
                     nll[i] += self._heldout_nll(dist, yb[rows])
