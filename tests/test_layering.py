@@ -31,7 +31,6 @@ FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 ESTIMATOR_MODULES = (
     "base",
     "baselines",
-    "ensembles",
     "laplace",
     "l2m",
     "regvar",
