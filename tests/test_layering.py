@@ -35,7 +35,6 @@ FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 ESTIMATOR_MODULES = (
     "base",
     "baselines",
-    "ensembles",
     "laplace",
     "l2m",
     "regvar.estimator",
