@@ -25,6 +25,9 @@ ENGINE_MODULES = [
     "cvp/rules.py",
     "cvp/moments.py",
     "cvp/calibration.py",
+    "scalla/probes.py",
+    "scalla/surrogate.py",
+    "scalla/features.py",
 ]
 FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 # skuq modules that hold estimators (the sklearn face) or their plumbing.
@@ -35,7 +38,7 @@ ESTIMATOR_MODULES = (
     "laplace",
     "l2m",
     "regvar",
-    "scalla",
+    "scalla.estimator",
     "subnetwork",
     "cvp.estimator",
 )

@@ -19,7 +19,7 @@ import torch
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
-from skuq import LaplaceClassifier, ScaLLAClassifier, scalla
+from skuq import LaplaceClassifier, ScaLLAClassifier
 from skuq.curvature import hessian_sqrt, jacobians, select_weights
 from skuq.metrics import ood_auroc
 from skuq.scalla import (
@@ -28,6 +28,7 @@ from skuq.scalla import (
     kernel_matching_loss,
     probe_outputs,
 )
+from skuq.scalla import estimator as scalla
 from tests.conftest import assert_centered_predictive, make_classifier_net
 from tests.test_base import CountingMLP
 
