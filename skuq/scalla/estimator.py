@@ -8,7 +8,9 @@ Laplace posterior; see :mod:`skuq.scalla` for the method.
 from __future__ import annotations
 
 import copy
+import inspect
 import numbers
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -36,6 +38,9 @@ from .surrogate import SURROGATES, SurrogateFit, default_surrogate, fit_surrogat
 __all__ = ["ScaLLAClassifier", "clear_surrogate_cache"]
 
 PRIOR_METHODS = ("marglik", "heldout")
+#: the surrogate's training options, parameters ``surrogate__<option>``
+_SURROGATE_OPTIONS = ("width", "epochs", "lr", "batch_size")
+_SURROGATE_PARAMS = tuple(f"surrogate__{option}" for option in _SURROGATE_OPTIONS)
 
 
 # ------------------------------------------------------------------- estimator
@@ -97,14 +102,22 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         :func:`default_surrogate`); a module (copied, then trained) or a
         callable ``(input_shape, n_outputs * n_features) -> nn.Module`` must
         map a batch of rows to ``(batch, n_outputs * n_features)``.
-    surrogate_width : int, default=256
+    surrogate__width : int, default=256
         Hidden width of the default surrogates.
-    surrogate_epochs : int, default=50
+    surrogate__epochs : int, default=50
         Passes over the training (and context) rows.
-    surrogate_lr : float, default=1e-3
+    surrogate__lr : float, default=1e-3
         Adam's learning rate (cosine-decayed to 0).
-    surrogate_batch_size : int, default=128
+    surrogate__batch_size : int, default=128
         Rows per step; the loss covers all pairs of them.
+
+        The ``surrogate__`` options are named as skorch names a module's
+        options (``module__<name>``), so that a grid search or a pipeline
+        reaches them as ``surrogate__epochs`` (``scalla__surrogate__epochs``).
+    surrogate_width, surrogate_epochs, surrogate_lr, surrogate_batch_size : deprecated
+        The former names of the four options above: still used when given,
+        with a FutureWarning in ``fit``; they will be removed in a future
+        release. Give either name of an option, not both.
     context_weight : float, default=1.0
         Weight of the context rows (``fit(..., context=...)``) in the kernel fit.
     prior_precision : float, "marglik" or "heldout", default="marglik"
@@ -164,7 +177,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     >>> net = NeuralNetClassifier(MLP, criterion=torch.nn.CrossEntropyLoss,
     ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
     ...                           train_split=None, verbose=0)
-    >>> est = ScaLLAClassifier(net, n_features=16, surrogate_epochs=3, random_state=0)
+    >>> est = ScaLLAClassifier(net, n_features=16, surrogate__epochs=3, random_state=0)
     >>> est = est.fit(d.X_train, d.y_train, context=1 - d.X_train[:50])  # inverted digits
     >>> est.predict_proba(d.X_test).shape == (len(d.X_test), 5)
     True
@@ -178,16 +191,21 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
 
     def __init__(
         self, estimator, *, n_features=128, probe="rademacher", n_probes=16, surrogate="auto",
-        surrogate_width=256, surrogate_epochs=50, surrogate_lr=1e-3, surrogate_batch_size=128,
-        context_weight=1.0, prior_precision="marglik", link_approx="centered_probit", n_samples=100,
-        calibration_fraction=0.2, device="auto", batch_size=256, random_state=None, verbose=0,
-        memory=None,
+        surrogate__width=256, surrogate__epochs=50, surrogate__lr=1e-3, surrogate__batch_size=128,
+        surrogate_width="deprecated", surrogate_epochs="deprecated", surrogate_lr="deprecated",
+        surrogate_batch_size="deprecated", context_weight=1.0, prior_precision="marglik",
+        link_approx="centered_probit", n_samples=100, calibration_fraction=0.2, device="auto",
+        batch_size=256, random_state=None, verbose=0, memory=None,
     ):
         self.estimator = estimator
         self.n_features = n_features
         self.probe = probe
         self.n_probes = n_probes
         self.surrogate = surrogate
+        self.surrogate__width = surrogate__width
+        self.surrogate__epochs = surrogate__epochs
+        self.surrogate__lr = surrogate__lr
+        self.surrogate__batch_size = surrogate__batch_size
         self.surrogate_width = surrogate_width
         self.surrogate_epochs = surrogate_epochs
         self.surrogate_lr = surrogate_lr
@@ -204,13 +222,54 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         self.memory = memory
 
     # ------------------------------------------------------------------ options
-    def _validate_options(self) -> None:
-        if not (isinstance(self.n_features, numbers.Integral)
-                and not isinstance(self.n_features, bool) and self.n_features >= 1):
-            raise ValueError(
-                f"n_features (m, the surrogate's features per output) must be an int >= 1, "
-                f"got {self.n_features!r}"
+    def set_params(self, **params):
+        """Set parameters; ``surrogate__<name>`` are this estimator's own.
+
+        scikit-learn would route ``surrogate__<name>`` to a ``surrogate``
+        sub-estimator; here ``surrogate`` is a name or a torch module, and the
+        ``surrogate__`` options are parameters of the estimator itself.
+
+        Parameters
+        ----------
+        **params
+            Parameter names and values, as ``get_params`` names them.
+
+        Returns
+        -------
+        self
+        """
+        own = {key: params.pop(key) for key in list(params) if key in _SURROGATE_PARAMS}
+        super().set_params(**params)
+        for key, value in own.items():
+            setattr(self, key, value)
+        return self
+
+    def _surrogate_options(self) -> dict[str, tuple[str, object]]:
+        """``{option: (parameter name, value)}`` for the surrogate's training options.
+
+        A deprecated flat name (``surrogate_epochs``) that was given wins, with
+        a FutureWarning; given together with its ``surrogate__`` name set away
+        from the default, it is an error.
+        """
+        defaults = inspect.signature(type(self).__init__).parameters
+        options = {}
+        for option in _SURROGATE_OPTIONS:
+            new, old = f"surrogate__{option}", f"surrogate_{option}"
+            value, flat = getattr(self, new), getattr(self, old)
+            if isinstance(flat, str) and flat == "deprecated":
+                options[option] = (new, value)
+                continue
+            if value != defaults[new].default:
+                raise ValueError(f"{old} is the deprecated name of {new}: give only {new}")
+            warnings.warn(
+                f"{old} is deprecated and will be removed in a future release; use {new}",
+                FutureWarning, stacklevel=5,
             )
+            options[option] = (old, flat)
+        return options
+
+    def _validate_options(self) -> None:
+        check_positive_int("n_features", self.n_features)
         check_option("probe", self.probe, PROBES)
         check_positive_int("n_probes", self.n_probes)
         if self.n_probes < 2:
@@ -226,10 +285,12 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
                 f"surrogate must be one of {SURROGATES}, a torch.nn.Module or a callable "
                 f"(input_shape, n_outputs) -> nn.Module; got {type(s).__name__}"
             )
-        check_positive_int("surrogate_width", self.surrogate_width)
-        check_positive_int("surrogate_epochs", self.surrogate_epochs)
-        check_positive("surrogate_lr", self.surrogate_lr)
-        check_positive_int("surrogate_batch_size", self.surrogate_batch_size)
+        opts = self._surrogate_options()
+        check_positive_int(*opts["width"])
+        check_positive_int(*opts["epochs"])
+        check_positive(*opts["lr"])
+        check_positive_int(*opts["batch_size"])
+        self._surrogate_settings = {option: value for option, (_, value) in opts.items()}
         check_positive("context_weight", self.context_weight)
         pp = self.prior_precision
         if isinstance(pp, str):
@@ -275,7 +336,8 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     def _build_surrogate(self, n_out: int) -> nn.Module:
         s = self.surrogate
         if isinstance(s, str):
-            return default_surrogate(self._input_shape, n_out, kind=s, width=self.surrogate_width)
+            width = self._surrogate_settings["width"]
+            return default_surrogate(self._input_shape, n_out, kind=s, width=width)
         if isinstance(s, nn.Module):
             return copy.deepcopy(s)
         module = s(self._input_shape, n_out)
@@ -314,11 +376,12 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     def _surrogate_fit(self, weights, X, ctx) -> SurrogateFit:
         """The trained surrogate, from the cache when the same one was trained before."""
         m = int(self.n_features)
+        opts = self._surrogate_settings
         options = dict(
             n_features=m, probe=self.probe, n_probes=int(self.n_probes),
-            surrogate=self.surrogate, surrogate_width=int(self.surrogate_width),
-            surrogate_epochs=int(self.surrogate_epochs), surrogate_lr=float(self.surrogate_lr),
-            surrogate_batch_size=int(self.surrogate_batch_size),
+            surrogate=self.surrogate, surrogate_width=int(opts["width"]),
+            surrogate_epochs=int(opts["epochs"]), surrogate_lr=float(opts["lr"]),
+            surrogate_batch_size=int(opts["batch_size"]),
             context_weight=float(self.context_weight), seed=self._seed,
             device=str(self.device_), n_outputs=self.n_outputs_,
         )
@@ -334,8 +397,8 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         fit = fit_surrogate(
             weights, net.to(self.device_), X, n_outputs=self.n_outputs_, n_features=m,
             context=ctx, context_weight=float(self.context_weight), probe=self.probe,
-            n_probes=int(self.n_probes), epochs=int(self.surrogate_epochs),
-            lr=float(self.surrogate_lr), batch_size=int(self.surrogate_batch_size),
+            n_probes=int(self.n_probes), epochs=int(opts["epochs"]),
+            lr=float(opts["lr"]), batch_size=int(opts["batch_size"]),
             generator=make_generator(self._seed, torch.device("cpu")),
             probe_generator=self._generator(), verbose=self.verbose,
         )

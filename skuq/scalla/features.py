@@ -114,7 +114,7 @@ def feature_posterior(
             if not (bool(torch.isfinite(G).all()) and bool(torch.isfinite(f).all())):
                 raise FloatingPointError(
                     "the surrogate features or the network outputs are not finite on the "
-                    "training rows: the surrogate diverged (lower surrogate_lr) or the net did"
+                    "training rows: the surrogate diverged (lower surrogate__lr) or the net did"
                 )
             LG = hessian_sqrt(f, "classification").transpose(1, 2) @ G  # (B, C, m)
             part = torch.einsum("bck,bcl->kl", LG, LG)

@@ -362,7 +362,7 @@ def _kernel_step(
     if not bool(torch.isfinite(loss)):
         raise FloatingPointError(
             f"the ScaLLA surrogate diverged at step {step} (non-finite kernel loss): "
-            "lower surrogate_lr, or give a smaller or better-conditioned surrogate"
+            "lower surrogate__lr, or give a smaller or better-conditioned surrogate"
         )
     return loss, ksq
 
