@@ -18,21 +18,23 @@ from __future__ import annotations
 
 import copy
 import copyreg
+import inspect
+import numbers
 from abc import abstractmethod
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
+from sklearn.base import BaseEstimator, clone
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, check_memory, validate_data
 from torch import Tensor, nn
 
+from ._mixins import REGRESSION_UNCERTAINTIES, UQClassifierMixin, UQRegressorMixin
 from ._skorch import criterion_outputs, is_skorch_net, takes_n_outputs, train_net
 from ._utils import (
     check_finite,
+    check_option,
     check_positive,
     check_positive_int,
     iter_batches,
@@ -41,13 +43,7 @@ from ._utils import (
     resolve_device,
     seed_from_random_state,
 )
-from .outputs import (
-    CLASSIFICATION_UNCERTAINTIES,
-    OutputDistribution,
-    classification_uncertainty,
-)
-
-REGRESSION_UNCERTAINTIES = ("std", "variance", "epistemic_variance", "aleatoric_variance")
+from .outputs import OutputDistribution
 
 __all__ = [
     "BaseUQEstimator",
@@ -424,236 +420,72 @@ class BaseUQEstimator(BaseEstimator):
         return tags
 
 
-class UQClassifierMixin(ClassifierMixin):
-    """Classification face: labels, probabilities through a link, uncertainty.
+# ------------------------------------------------------------- prior precision
+#: log10 grid of prior precisions searched by ``prior_precision="heldout"``
+HELDOUT_GRID = np.logspace(-4, 4, 33)
 
-    Examples
-    --------
-    >>> from skuq import MAPClassifier
-    >>> from skuq.base import UQClassifierMixin
-    >>> issubclass(MAPClassifier, UQClassifierMixin)
-    True
-    >>> callable(MAPClassifier.predict_uncertainty)
-    True
+
+class PriorPrecisionMixin:
+    """The prior-precision option shared by the Laplace family and ScaLLA (mix in first).
+
+    ``prior_precision`` is a number > 0, an array of per-layer numbers > 0 (where
+    ``_per_layer_prior``), or the name of a rule in ``_prior_methods``:
+    ``"marglik"`` (the method's evidence) or ``"heldout"`` (the value of
+    :data:`HELDOUT_GRID` with the lowest NLL on a held-out split, which
+    :meth:`BaseUQEstimator.fit` then sets aside: ``calibration_fraction`` of the
+    rows, or ``X_cal``/``y_cal``).
     """
 
-    def _encode_target(self, y, fitting: bool):
-        if fitting:
-            check_classification_targets(y)
-            encoder = LabelEncoder().fit(y)
-            self.classes_ = encoder.classes_
-            if len(self.classes_) < 2:
-                raise ValueError(
-                    f"{type(self).__name__} needs at least two classes in y; got 1 class "
-                    f"({self.classes_.tolist()})"
-                )
-            self.n_outputs_ = len(self.classes_)
-            return encoder.transform(y).astype(np.int64)
-        unknown = np.setdiff1d(np.unique(y), self.classes_)
-        if len(unknown):
-            raise ValueError(f"y_cal has labels not seen in y: {unknown.tolist()}")
-        return np.searchsorted(self.classes_, y).astype(np.int64)
+    _prior_methods: tuple[str, ...] = ("marglik", "heldout")
+    _per_layer_prior = True
 
-    def _link(self) -> str:
-        return getattr(self, "link_approx", "probit")
+    @property
+    def _uses_calibration_split(self) -> bool:  # a held-out split only when asked for
+        return isinstance(self.prior_precision, str) and self.prior_precision == "heldout"
 
-    def _n_link_samples(self) -> int:
-        return getattr(self, "n_samples", 100)
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Posterior predictive class probabilities.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-
-        Returns
-        -------
-        ndarray of shape (n_samples, n_classes)
-            Columns in the order of ``classes_``.
-        """
-        # a fresh generator per batch: every batch gets the same draws, so a row's
-        # probabilities do not depend on the batch it falls in
-        parts = [
-            d.probabilities(self._link(), self._n_link_samples(), self._generator()).cpu()
-            for d in self._iter_distributions(X)
-        ]
-        proba = check_finite(torch.cat(parts), "predict_proba").double()
-        return (proba / proba.sum(dim=1, keepdim=True)).numpy()
-
-    def predict(self, X) -> np.ndarray:
-        """Most probable class label under the predictive distribution."""
-        proba = self.predict_proba(X)  # raises NotFittedError before classes_ is read
-        return self.classes_[proba.argmax(axis=1)]
-
-    def decision_function(self, X) -> np.ndarray:
-        """Confidence scores from the predictive probabilities, as scikit-learn reads them.
-
-        Two classes: the log-odds ``log p_1 - log p_0`` of ``classes_[1]`` under
-        the posterior predictive (positive means ``classes_[1]`` is predicted).
-        More classes: the log predictive probability of each class (its argmax
-        is :meth:`predict`). These are the predictive's, not the mean network's
-        logits, so they carry the posterior's spread: a wide posterior pulls
-        them towards zero (towards ``log(1 / n_classes)``).
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) for two classes, else (n_samples, n_classes)
-            Finite: probabilities are clipped at the smallest positive double.
-
-        Examples
-        --------
-        >>> import numpy as np, torch
-        >>> from skuq import MAPClassifier
-        >>> module = torch.nn.Linear(2, 2)
-        >>> est = MAPClassifier(module, device="cpu").fit(np.eye(2), [0, 1])
-        >>> X = np.random.default_rng(0).normal(size=(4, 2))
-        >>> scores = est.decision_function(X)
-        >>> bool(np.all((scores > 0) == (est.predict(X) == 1)))
-        True
-        """
-        log_proba = np.log(np.clip(self.predict_proba(X), np.finfo(np.float64).tiny, None))
-        if log_proba.shape[1] == 2:
-            return log_proba[:, 1] - log_proba[:, 0]
-        return log_proba
-
-    def predict_uncertainty(self, X, kind: str = "entropy") -> np.ndarray:
-        """One uncertainty score per row; higher means less certain.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-        kind : {"entropy", "mutual_information", "expected_entropy", "variance", \
-"max_prob"}, default="entropy"
-            ``"entropy"``: total uncertainty ``H[p]`` of the predictive ``p``;
-            ``"mutual_information"``: epistemic part ``H[E p] - E H[p]``;
-            ``"expected_entropy"``: aleatoric part ``E H[softmax(f)]``;
-            ``"variance"``: ``trace Cov[f]`` of the logits;
-            ``"max_prob"``: ``1 - max_k p_k``. See
-            :func:`skuq.outputs.classification_uncertainty`.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,)
-        """
-        if kind not in CLASSIFICATION_UNCERTAINTIES:
-            raise ValueError(f"kind must be one of {CLASSIFICATION_UNCERTAINTIES}, got {kind!r}")
-        parts = [
-            classification_uncertainty(
-                d, kind, self._link(), self._n_link_samples(), self._generator()
-            ).cpu()
-            for d in self._iter_distributions(X)
-        ]
-        return check_finite(torch.cat(parts), "predict_uncertainty").double().numpy()
-
-
-class UQRegressorMixin(RegressorMixin):
-    """Regression face: mean, epistemic variance and aleatoric noise ``sigma_noise_``.
-
-    Examples
-    --------
-    >>> from skuq import MAPRegressor
-    >>> from skuq.base import UQRegressorMixin
-    >>> issubclass(MAPRegressor, UQRegressorMixin)
-    True
-    >>> callable(MAPRegressor.predict_uncertainty)
-    True
-    """
-
-    def _encode_target(self, y, fitting: bool):
-        y = np.asarray(y, dtype=np.float32)
-        if fitting:
-            self._y_ndim = y.ndim
-            self.n_outputs_ = 1 if y.ndim == 1 else y.shape[1]
-        return y
-
-    def _noise_variance(self) -> Tensor:
-        """Aleatoric variance per output, shape (C,)."""
-        sigma = torch.as_tensor(np.asarray(self.sigma_noise_, dtype=np.float32))
-        return (sigma**2).expand(self.n_outputs_)
-
-    def _moments(self, X):
-        dist = self.predict_distribution(X)
-        # a variance is >= 0; float error can leave a tiny negative one (-1e-9), which
-        # sqrt would turn into NaN
-        return dist.output_mean, dist.variance.clamp_min(0.0)
-
-    def _shape(self, a: Tensor) -> np.ndarray:
-        out = a.double().numpy()
-        return out[:, 0] if self._y_ndim == 1 else out
-
-    def predict(self, X, return_std: bool = False):
-        """Predictive mean, and optionally the total predictive standard deviation.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, ...)
-        return_std : bool, default=False
-            Also return ``sqrt(epistemic variance + sigma_noise_**2)``, as
-            :class:`sklearn.gaussian_process.GaussianProcessRegressor` does.
-            For the two parts separately use :meth:`predict_uncertainty`.
-
-        Returns
-        -------
-        y_mean : ndarray of shape (n_samples,) or (n_samples, n_outputs)
-        y_std : ndarray, same shape, only if ``return_std``
-        """
-        mean, var = self._moments(X)
-        if not return_std:
-            return self._shape(mean)
-        return self._shape(mean), self._shape((var + self._noise_variance()).sqrt())
-
-    def predict_uncertainty(self, X, kind: str = "std") -> np.ndarray:
-        """Predictive spread per row; higher means less certain.
-
-        Parameters
-        ----------
-        kind : {"std", "variance", "epistemic_variance", "aleatoric_variance"}
-            ``"std"``/``"variance"``: total (epistemic + ``sigma_noise_**2``);
-            ``"epistemic_variance"``: variance of the network output ``f(x)``;
-            ``"aleatoric_variance"``: the noise variance ``sigma_noise_**2``.
-        """
-        if kind not in REGRESSION_UNCERTAINTIES:
-            raise ValueError(f"kind must be one of {REGRESSION_UNCERTAINTIES}, got {kind!r}")
-        _, var = self._moments(X)
-        noise = self._noise_variance().expand_as(var)
-        value = {
-            "std": (var + noise).sqrt(),
-            "variance": var + noise,
-            "epistemic_variance": var,
-            "aleatoric_variance": noise,
-        }[kind]
-        return self._shape(value)
-
-    def _fit_noise_from_residuals(self, X, y) -> None:
-        """``sigma_noise_`` as the RMS residual of the trained net on ``(X, y)``."""
-        sq, n = torch.zeros(self.n_outputs_), 0
-        with torch.no_grad():
-            for xb, yb in iter_batches(X, y, batch_size=self.batch_size, device=self.device_):
-                pred = self.model_(xb).float().cpu()
-                sq += ((pred - yb.cpu().reshape(pred.shape)) ** 2).sum(dim=0)
-                n += len(xb)
-        sigma = (sq / max(n, 1)).sqrt().clamp_min(1e-6)
-        if not bool(torch.isfinite(sigma).all()):
-            raise FloatingPointError(
-                "the trained net gives non-finite residuals on y, so the noise level "
-                "sigma_noise_ cannot be estimated: check that y is finite and of moderate "
-                "scale (standardize it, e.g. with sklearn.compose.TransformedTargetRegressor) "
-                "and that the net trained stably (lower lr, scale the inputs)"
+    def _validate_prior_precision(self) -> None:
+        pp, methods = self.prior_precision, self._prior_methods
+        if isinstance(pp, str):
+            check_option("prior_precision", pp, methods)
+            if pp == "heldout":
+                check_positive("calibration_fraction", self.calibration_fraction)
+            return
+        if isinstance(pp, numbers.Real) and not isinstance(pp, bool):
+            check_positive("prior_precision", pp)
+            return
+        if not self._per_layer_prior:
+            raise ValueError(f"prior_precision must be a float > 0 or one of {methods}, got {pp!r}")
+        arr = np.asarray(pp, dtype=float) if not isinstance(pp, bool) else np.array([])
+        if arr.ndim != 1 or arr.size == 0 or not np.all(np.isfinite(arr) & (arr > 0)):
+            raise ValueError(
+                "prior_precision must be a float > 0, an array of per-layer floats > 0, "
+                f"or one of {methods}; got {pp!r}"
             )
-        self.sigma_noise_ = sigma.numpy() if self.n_outputs_ > 1 else float(sigma[0])
 
+    def _choose_heldout_prior(self, posterior, X_cal, y_cal, batch_nll) -> float:
+        """Set ``posterior`` to the grid prior precision with the lowest held-out NLL.
+
+        ``batch_nll(xb, yb, grid)`` returns the NLL summed over one batch's rows
+        for each value of ``grid`` (an array); sharing the per-batch work (the
+        Jacobians, the features) across the grid is up to the method. Records the
+        mean NLL per grid value in ``heldout_nll_`` and returns the chosen value.
+        """
+        grid = [float(v) for v in HELDOUT_GRID]
+        nll = np.zeros(len(grid))
+        for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
+            nll += np.asarray(batch_nll(xb, yb, grid), dtype=float)
+        best = grid[int(np.argmin(nll))]
+        posterior.set_hyperparameters(prior_precision=best)
+        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
+        return best
 
 
 def all_estimators(kind: str | None = None) -> list[tuple[str, type]]:
     """Every public skuq estimator as ``(name, class)``, sorted by name.
 
     The registry benchmarks and tests iterate over: a new method is found as
-    soon as it is exported from ``skuq``.
+    soon as its estimator class (public name, defined in skuq) is imported,
+    which ``import skuq`` does for every method.
 
     Parameters
     ----------
@@ -666,12 +498,13 @@ def all_estimators(kind: str | None = None) -> list[tuple[str, type]]:
     >>> "MAPClassifier" in dict(all_estimators("classifier"))
     True
     """
-    import skuq
-
-    mixin = {"classifier": UQClassifierMixin, "regressor": UQRegressorMixin, None: object}[kind]
-    found = []
-    for name in skuq.__all__:
-        obj = getattr(skuq, name)
-        if isinstance(obj, type) and issubclass(obj, BaseUQEstimator) and issubclass(obj, mixin):
-            found.append((name, obj))
-    return sorted(found)
+    tasks = {"classifier": UQClassifierMixin, "regressor": UQRegressorMixin}
+    mixin = tasks[kind] if kind is not None else tuple(tasks.values())
+    found, stack = {}, [BaseUQEstimator]
+    while stack:  # every subclass, however deep
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        public = not cls.__name__.startswith("_") and cls.__module__.split(".")[0] == "skuq"
+        if public and issubclass(cls, mixin) and not inspect.isabstract(cls):
+            found[cls.__name__] = cls
+    return sorted(found.items())

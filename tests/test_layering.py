@@ -104,3 +104,81 @@ def test_the_check_sees_a_violation():
         "skuq.base.BaseUQEstimator",
         "skorch",
     ]
+
+
+# ------------------------------------------------------------------------ cycles
+def _module_name(path: Path) -> str:
+    parts = ["skuq", *path.relative_to(SKUQ).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """skuq module -> the skuq modules it imports (at any depth of its code)."""
+    files = {_module_name(p): p for p in SKUQ.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        targets = set()
+        for imported in _imported_modules(path, path.read_text()):
+            parts = imported.split(".")
+            # the longest prefix that is a module: ``skuq.a.b.f`` names module ``skuq.a.b``
+            for k in range(len(parts), 0, -1):
+                candidate = ".".join(parts[:k])
+                if candidate in files:
+                    break
+            else:
+                continue
+            # a package importing its own submodules (re-exports) and a module importing its
+            # parent package are the usual shape of a package, not a cycle between concerns
+            if candidate != name and not (
+                candidate.startswith(name + ".") or name.startswith(candidate + ".")
+            ):
+                targets.add(candidate)
+        graph[name] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle per strongly connected component with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_between_modules():
+    # also imports inside functions: a lazy import would only hide a cycle
+    graph = _import_graph()
+    graph.pop("skuq", None)  # the top-level package re-exports every method
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_sees_a_cycle():
+    graph = {"skuq.a": {"skuq.b"}, "skuq.b": {"skuq.c"}, "skuq.c": {"skuq.a"}, "skuq.d": set()}
+    assert _cycles(graph) == [["skuq.a", "skuq.b", "skuq.c"]]
