@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import copy
 import inspect
-import numbers
 import warnings
-from collections import OrderedDict
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .._cache import CACHE, clear_cache, fingerprint
 from .._utils import (
     check_option,
     check_positive,
@@ -25,9 +24,8 @@ from .._utils import (
     make_generator,
     seeded_global_rng,
 )
-from ..base import BaseUQEstimator, UQClassifierMixin
+from ..base import BaseUQEstimator, PriorPrecisionMixin, UQClassifierMixin
 from ..curvature import select_weights
-from ..laplace import HELDOUT_GRID, _fingerprint
 from ..outputs import LINKS, OutputDistribution
 from ..posterior import augment_centered
 from ..predictive import gaussian_predictive
@@ -37,15 +35,9 @@ from .surrogate import SURROGATES, SurrogateFit, default_surrogate, fit_surrogat
 
 __all__ = ["ScaLLAClassifier", "clear_surrogate_cache"]
 
-PRIOR_METHODS = ("marglik", "heldout")
 #: the surrogate's training options, parameters ``surrogate__<option>``
 _SURROGATE_OPTIONS = ("width", "epochs", "lr", "batch_size")
 _SURROGATE_PARAMS = tuple(f"surrogate__{option}" for option in _SURROGATE_OPTIONS)
-
-
-# ------------------------------------------------------------------- estimator
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 8
 
 
 def clear_surrogate_cache() -> None:
@@ -55,20 +47,18 @@ def clear_surrogate_cache() -> None:
     the rows of ``X`` and ``context`` and every option that shapes the
     surrogate (and the seed), so that refitting with another
     ``prior_precision`` or ``link_approx`` -- a grid search -- trains it once.
+    Surrogates share one cache with the Laplace curvatures
+    (:func:`skuq._cache.clear_cache`), which this clears as a whole.
 
     Examples
     --------
     >>> from skuq.scalla import clear_surrogate_cache
     >>> clear_surrogate_cache()
     """
-    _CACHE.clear()
+    clear_cache()
 
 
-def _is_real(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
+class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
     """Linearized Laplace at scale through a learned surrogate of the NTK (ScaLLA).
 
     A small network ``g`` (the surrogate) is trained so that ``g(x) g(x')^T``
@@ -184,10 +174,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
     """
 
     _extra_fit_params = ("context",)
-
-    @property
-    def _uses_calibration_split(self) -> bool:  # a held-out split only when asked for
-        return isinstance(self.prior_precision, str) and self.prior_precision == "heldout"
+    _per_layer_prior = False
 
     def __init__(
         self, estimator, *, n_features=128, probe="rademacher", n_probes=16, surrogate="auto",
@@ -292,17 +279,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         check_positive_int(*opts["batch_size"])
         self._surrogate_settings = {option: value for option, (_, value) in opts.items()}
         check_positive("context_weight", self.context_weight)
-        pp = self.prior_precision
-        if isinstance(pp, str):
-            check_option("prior_precision", pp, PRIOR_METHODS)
-            if pp == "heldout":
-                check_positive("calibration_fraction", self.calibration_fraction)
-        elif _is_real(pp):
-            check_positive("prior_precision", pp)
-        else:
-            raise ValueError(
-                f"prior_precision must be a float > 0 or one of {PRIOR_METHODS}, got {pp!r}"
-            )
+        self._validate_prior_precision()
         check_option("link_approx", self.link_approx, LINKS)
         check_positive_int("n_samples", self.n_samples)
 
@@ -367,7 +344,7 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         )
         self.surrogate_ = fit.kernel
         if pp == "heldout":
-            self._heldout_prior(X_cal, y_cal)
+            self._choose_heldout_prior(self.posterior_, X_cal, y_cal, self._heldout_batch_nll())
         self.surrogate_loss_ = np.asarray(fit.loss_history)
         self.kernel_scale_ = float(fit.kernel.scale)
         self.prior_precision_ = float(self.posterior_.prior_precision)
@@ -388,10 +365,10 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
         key = None
         if isinstance(self.surrogate, str):  # modules and callables are not keyed
             context = np.zeros(0, dtype=np.float32) if ctx is None else ctx
-            key = _fingerprint(weights, X, context, options)
-            if key in _CACHE:
-                _CACHE.move_to_end(key)
-                return copy.deepcopy(_CACHE[key])
+            key = fingerprint(weights, X, context, options)
+            cached = CACHE.get(key)
+            if cached is not None:
+                return copy.deepcopy(cached)
         with seeded_global_rng(self._seed):
             net = self._build_surrogate(self.n_outputs_ * m)
         fit = fit_surrogate(
@@ -403,31 +380,29 @@ class ScaLLAClassifier(UQClassifierMixin, BaseUQEstimator):
             probe_generator=self._generator(), verbose=self.verbose,
         )
         if key is not None:
-            _CACHE[key] = copy.deepcopy(fit)
-            while len(_CACHE) > _CACHE_SIZE:
-                _CACHE.popitem(last=False)
+            CACHE.put(key, copy.deepcopy(fit))
         return fit
 
-    def _heldout_prior(self, X_cal, y_cal) -> None:
-        """The grid ``tau`` with the lowest NLL on the held-out rows (features computed once)."""
+    def _heldout_batch_nll(self):
+        """``batch_nll(xb, yb, grid)`` for the held-out search: features computed once a batch."""
         post = self.posterior_
-        grid = [float(v) for v in HELDOUT_GRID]
-        nll = np.zeros(len(grid))
-        gen = self._generator()
-        for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
+        gen = self._generator()  # one stream over every batch and grid value
+
+        def batch_nll(xb: Tensor, yb: Tensor, grid: list[float]) -> np.ndarray:
             with torch.no_grad():
                 mean, G = self.model_(xb).float(), self.surrogate_(xb).double()
             center = self._centered_link()
             G = augment_centered(G) if center else G
             rows = torch.arange(len(yb), device=yb.device)
+            nll = np.zeros(len(grid))
             for i, tau in enumerate(grid):
                 post.set_hyperparameters(prior_precision=tau)
                 dist = gaussian_predictive(mean, post.functional_variance(G), center)
                 p = dist.probabilities(self.link_approx, self.n_samples, gen)
                 nll[i] -= float(torch.log(p.double().clamp_min(1e-12)[rows, yb.long()]).sum())
-        best = grid[int(np.argmin(nll))]
-        post.set_hyperparameters(prior_precision=best)
-        self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
+            return nll
+
+        return batch_nll
 
     # ------------------------------------------------------------------ predict
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
