@@ -56,7 +56,9 @@ input shape (:func:`default_surrogate`).
 The core (:func:`draw_probes`, :func:`probe_outputs`,
 :func:`kernel_matching_loss`, :func:`default_surrogate`,
 :func:`fit_surrogate`, :func:`feature_posterior`, :func:`scalla_predictive`)
-is plain torch; :class:`ScaLLAClassifier` is the scikit-learn face.
+is plain torch (modules ``probes``, ``surrogate`` and ``features`` of this
+package); :class:`ScaLLAClassifier` (module ``estimator``) is the scikit-learn
+face.
 """
 
 from .estimator import ScaLLAClassifier, clear_surrogate_cache
