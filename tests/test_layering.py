@@ -29,6 +29,9 @@ ENGINE_MODULES = [
     "regvar/exact.py",
     "regvar/finetune.py",
     "regvar/optim.py",
+    "scalla/probes.py",
+    "scalla/surrogate.py",
+    "scalla/features.py",
 ]
 FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 # skuq modules that hold estimators (the sklearn face) or their plumbing.
@@ -38,7 +41,7 @@ ESTIMATOR_MODULES = (
     "laplace",
     "l2m",
     "regvar.estimator",
-    "scalla",
+    "scalla.estimator",
     "subnetwork",
     "cvp.estimator",
 )

@@ -9,7 +9,6 @@
 * :mod:`skuq.laplace.subnetwork`: the rules that choose a subnetwork.
 """
 
-from .._cache import fingerprint as _fingerprint  # noqa: F401  (skuq.scalla imports it here)
 from ..base import HELDOUT_GRID
 from ..curvature.optimizer import SCALES, SECOND_MOMENT_OPTIMIZERS, l2m_curvature, second_moments
 from .base import PRED_TYPES, PRIOR_METHODS, SIGMA_METHODS, clear_curvature_cache
