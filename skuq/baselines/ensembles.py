@@ -13,12 +13,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from joblib import Parallel, delayed
-from sklearn.utils.validation import check_memory
 from torch import Tensor, nn
 
-from .._skorch import criterion_outputs, train_net
+from .._skorch import criterion_outputs
 from .._utils import check_positive_int
-from ..base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin, logit_model
+from ..base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
 from ..outputs import OutputDistribution
 
 __all__ = [
@@ -94,20 +93,13 @@ class _DeepEnsembleBase(BaseUQEstimator):
             )
         outputs = criterion_outputs(self.estimator) if self._is_classifier() else "logits"
         seeds = np.random.RandomState(self._seed).randint(0, 2**31 - 1, self.n_estimators)
-        train = check_memory(self.memory).cache(train_net)
+        train = self._net_trainer()
         y_net = self._net_target(y)
         nets = Parallel(n_jobs=self.n_jobs)(
             delayed(train)(self._prepare_skorch(self.estimator), X, y_net, int(seed))
             for seed in seeds
         )
-        members = []
-        for net in nets:
-            module = net.module_
-            module.to(self.device_)
-            module.eval()
-            if self._is_classifier():
-                module = logit_model(module, outputs)
-            members.append(module)
+        members = [self._logit_module(net.module_, outputs) for net in nets]
         self.net_ = list(nets)
         self.member_seeds_ = seeds
         self.model_ = EnsembleModule(members).eval()
