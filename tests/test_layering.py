@@ -21,9 +21,12 @@ ENGINE_MODULES = [
     "posterior.py",
     "predictive.py",
     "curvature",
-    "cvp/engine.py",
-    "cvp/rules.py",
-    "cvp/moments.py",
+    "cvp/registry.py",
+    "cvp/graph.py",
+    "cvp/propagator.py",
+    "cvp/pooled.py",
+    "cvp/rules",
+    "cvp/moments",
     "cvp/calibration.py",
 ]
 FORBIDDEN_PACKAGES = ("sklearn", "skorch")
