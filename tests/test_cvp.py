@@ -1217,9 +1217,9 @@ def test_posterior_options_are_parameters_that_clone_and_grid_search_set(digits)
     assert est.get_params()["posterior__prior_precision"] == 2.0
     assert clone(est).get_params()["posterior__prior_precision"] == 2.0
     assert est.set_params(posterior__curvature="ef").posterior__curvature == "ef"
-    with pytest.raises(TypeError, match="posterior__<option>"):
-        CVPClassifier(_prefit_digits_net(digits), prior_precision=2.0)
     X, y = digits.X_train[:400], digits.y_train[:400]
+    with pytest.raises(TypeError, match="posterior__<option>"):
+        CVPClassifier(_prefit_digits_net(digits), prior_precision=2.0).fit(X, y)
     plain = CVPClassifier(_prefit_digits_net(digits), calibration=None, random_state=0)
     search = GridSearchCV(plain, {"posterior__prior_precision": [1e-2, 1e4]}, cv=2).fit(X, y)
     assert search.best_params_["posterior__prior_precision"] in (1e-2, 1e4)

@@ -28,6 +28,7 @@ ENGINE_MODULES = [
     "cvp/rules",
     "cvp/moments",
     "cvp/calibration.py",
+    "cvp/posterior.py",
 ]
 FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 # skuq modules that hold estimators (the sklearn face) or their plumbing.
@@ -41,6 +42,8 @@ ESTIMATOR_MODULES = (
     "scalla",
     "subnetwork",
     "cvp.estimator",
+    "cvp.sources",
+    "cvp.ivon",
 )
 
 

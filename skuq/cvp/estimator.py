@@ -127,19 +127,15 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         self.verbose = verbose
         self.memory = memory
         # skorch-style prefixed parameters: options of the posterior source, settable
-        # one by one (set_params, grid searches)
-        unknown = sorted(k for k in kwargs if not k.startswith(_PREFIX))
-        if unknown:
-            raise TypeError(
-                f"CVPClassifier got unexpected keyword arguments {unknown}; options of the "
-                f"posterior source are given as {_PREFIX}<option>"
-            )
+        # one by one (set_params, grid searches); checked in fit, as every parameter
         vars(self).update(kwargs)
+        self._kwarg_names = tuple(kwargs)
 
     # ------------------------------------------------------ prefixed parameters
     def _get_param_names(self):
-        # the signature's parameters and the posterior__<option> ones set on this instance
-        return sorted({*super()._get_param_names(),
+        # the signature's parameters, the keyword ones given to __init__ and the
+        # posterior__<option> ones set since
+        return sorted({*super()._get_param_names(), *getattr(self, "_kwarg_names", ()),
                        *(k for k in vars(self) if k.startswith(_PREFIX))})
 
     def set_params(self, **params):
@@ -204,6 +200,12 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         if self.calibration is not None:
             check_option("calibration", self.calibration, ("per_layer", "global"))
             check_positive("calibration_fraction", self.calibration_fraction)
+        unknown = sorted(k for k in getattr(self, "_kwarg_names", ()) if not k.startswith(_PREFIX))
+        if unknown:
+            raise TypeError(
+                f"CVPClassifier got unexpected keyword arguments {unknown}; options of the "
+                f"posterior source are given as {_PREFIX}<option>"
+            )
         if self.posterior_options is not None:
             if not isinstance(self.posterior_options, Mapping):
                 raise ValueError("posterior_options must be a dict or None")
