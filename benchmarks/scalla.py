@@ -196,7 +196,7 @@ def methods(size: str, cfg: dict) -> dict:
     ``tau`` is the shared prior precision: the K-FAC (all weights) marginal
     likelihood value, fitted first.
     """
-    sc = dict(n_features=cfg["m"], surrogate_epochs=cfg["surrogate_epochs"],
+    sc = dict(n_features=cfg["m"], surrogate__epochs=cfg["surrogate_epochs"],
               n_probes=cfg["n_probes"], device="cpu")
 
     def laplace(**kw):

@@ -63,9 +63,9 @@ from skuq import LaplaceClassifier, MAPClassifier, SubnetworkLaplaceClassifier
 from skuq.curvature import select_weights
 from skuq.curvature.subnet_jacobians import subnetwork_jacobians
 from skuq.datasets import load_digits_ood, make_synthetic_images
+from skuq.laplace.subnetwork import LargestVarianceSWAG
 from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
 from skuq.nets import MLP
-from skuq.subnetwork import LargestVarianceSWAG
 
 sys.path.insert(0, str(Path(__file__).parent))
 from compare import PeakMemory  # noqa: E402

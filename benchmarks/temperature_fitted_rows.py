@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shift  # noqa: E402
 
 from skuq import MAPClassifier, TemperatureScalingClassifier  # noqa: E402
-from skuq.baselines import _criterion_loss, _last_training_loss  # noqa: E402
+from skuq.baselines.map_temperature import _criterion_loss, _last_training_loss  # noqa: E402
 
 TASKS = ["digits_mlp", "digits_cnn", "mnist1d_mlp", "mnist1d_cnn", "images", "wine",
          "breast_cancer"]

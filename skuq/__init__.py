@@ -10,8 +10,13 @@ from .baselines import (
     TemperatureScalingClassifier,
 )
 from .cvp import CVPClassifier
-from .l2m import L2MClassifier, L2MRegressor
-from .laplace import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
+from .laplace import (
+    L2MClassifier,
+    L2MRegressor,
+    LaplaceClassifier,
+    LaplaceRegressor,
+    SubnetworkLaplaceClassifier,
+)
 from .outputs import OutputDistribution
 from .regvar import RegVarClassifier, RegVarRegressor
 from .scalla import ScaLLAClassifier

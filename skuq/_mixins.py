@@ -74,11 +74,10 @@ class UQClassifierMixin(ClassifierMixin):
         """
         # a fresh generator per batch: every batch gets the same draws, so a row's
         # probabilities do not depend on the batch it falls in
-        parts = [
-            d.probabilities(self._link(), self._n_link_samples(), self._generator()).cpu()
-            for d in self._iter_distributions(X)
-        ]
-        proba = check_finite(torch.cat(parts), "predict_proba").double()
+        (proba,) = self._map_batches(
+            X, lambda d: (d.probabilities(self._link(), self._n_link_samples(), self._generator()),)
+        )
+        proba = check_finite(proba, "predict_proba").double()
         return (proba / proba.sum(dim=1, keepdim=True)).numpy()
 
     def predict(self, X) -> np.ndarray:
@@ -142,13 +141,15 @@ class UQClassifierMixin(ClassifierMixin):
         """
         if kind not in CLASSIFICATION_UNCERTAINTIES:
             raise ValueError(f"kind must be one of {CLASSIFICATION_UNCERTAINTIES}, got {kind!r}")
-        parts = [
-            classification_uncertainty(
-                d, kind, self._link(), self._n_link_samples(), self._generator()
-            ).cpu()
-            for d in self._iter_distributions(X)
-        ]
-        return check_finite(torch.cat(parts), "predict_uncertainty").double().numpy()
+        (value,) = self._map_batches(
+            X,
+            lambda d: (
+                classification_uncertainty(
+                    d, kind, self._link(), self._n_link_samples(), self._generator()
+                ),
+            ),
+        )
+        return check_finite(value, "predict_uncertainty").double().numpy()
 
 
 class UQRegressorMixin(RegressorMixin):
@@ -177,10 +178,12 @@ class UQRegressorMixin(RegressorMixin):
         return (sigma**2).expand(self.n_outputs_)
 
     def _moments(self, X):
-        dist = self.predict_distribution(X)
+        mean, var = self._map_batches(X, lambda d: (d.output_mean, d.variance))
+        check_finite(mean, "the predicted output mean")
+        check_finite(var, "the predicted output variance")
         # a variance is >= 0; float error can leave a tiny negative one (-1e-9), which
         # sqrt would turn into NaN
-        return dist.output_mean, dist.variance.clamp_min(0.0)
+        return mean, var.clamp_min(0.0)
 
     def _shape(self, a: Tensor) -> np.ndarray:
         out = a.double().numpy()

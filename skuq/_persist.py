@@ -30,6 +30,7 @@ after loading.
 from __future__ import annotations
 
 import collections
+import copyreg
 import types
 from typing import Any
 
@@ -308,3 +309,25 @@ def from_portable(portable: dict) -> dict:
     if not isinstance(state, dict):
         raise TypeError("the saved estimator state is not a dict of attributes")
     return state
+
+
+class PortableStateMixin:
+    """``skops.io`` support for an estimator (mix in before ``BaseEstimator``).
+
+    skops cannot rebuild torch tensors, and a fitted skorch net would carry its
+    module as ``torch.save`` bytes: ``__getstate__`` hands skops numpy arrays,
+    plain values and class references instead (:func:`to_portable`). Pickle,
+    joblib and ``copy`` keep the plain attribute dict (``__reduce_ex__``).
+    """
+
+    def __getstate__(self):
+        return to_portable(super().__getstate__())
+
+    def __reduce_ex__(self, protocol):
+        # pickle, joblib and copy.deepcopy: the plain state, as BaseEstimator gives it
+        return copyreg.__newobj__, (type(self),), super().__getstate__()
+
+    def __setstate__(self, state):
+        if isinstance(state, dict) and PORTABLE_KEY in state:
+            state = from_portable(state)
+        super().__setstate__(state)

@@ -1,12 +1,13 @@
-"""Small reference networks for examples, tests and benchmarks."""
+"""Small reference networks for examples, tests and benchmarks, and the logit view of a net."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["MLP", "SmallCNN"]
+__all__ = ["MLP", "SmallCNN", "logit_model"]
 
 
 class MLP(nn.Sequential):
@@ -85,3 +86,44 @@ class SmallCNN(nn.Sequential):
             layers.append(nn.Dropout(dropout))
         layers.append(nn.Linear(hidden, n_outputs))
         super().__init__(*layers)
+
+
+class _LogOfProbabilities(nn.Module):
+    """Turns a module that outputs probabilities into one that outputs logits."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        # one named input (not *args), so that torch.fx can trace it (CVP); CVP
+        # fuses log(softmax(.).clamp_min(eps)) into one log-softmax
+        return torch.log(self.module(x).clamp_min(1e-30))
+
+
+def logit_model(module: nn.Module, outputs: str) -> nn.Module:
+    """The model whose outputs are logits, sharing ``module``'s parameters.
+
+    ``outputs="probabilities"`` is skorch's convention for ``NLLLoss`` nets (the
+    module ends in a softmax and skorch takes the log in its loss). A trailing
+    ``nn.Softmax`` in an ``nn.Sequential`` is dropped, which recovers the exact
+    pre-softmax logits; otherwise the log of the probabilities is used
+    (``softmax(log p) = p``, so those are valid logits too).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from skuq.nets import logit_model
+    >>> net = nn.Sequential(nn.Linear(2, 3), nn.Softmax(dim=-1))
+    >>> f = logit_model(net, "probabilities")
+    >>> x = torch.ones(1, 2)
+    >>> torch.allclose(f(x), net[0](x))
+    True
+    """
+    if outputs == "logits":
+        return module
+    if isinstance(module, nn.Sequential) and isinstance(module[-1], nn.Softmax):
+        # a plain Sequential: slicing a subclass would call its own __init__
+        return nn.Sequential(*list(module.children())[:-1])
+    return _LogOfProbabilities(module)

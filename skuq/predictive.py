@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import vmap
 
-from .curvature.ggn import _layer_plan, _unfold
 from .curvature.jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians
+from .curvature.layers import layer_plan, record_forward, unfold
 from .curvature.weights import WeightSubset
 from .outputs import OutputDistribution
 from .posterior import (
@@ -92,30 +92,45 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor,
     ``center``: also the covariance of the centered logits, from output
     gradients centered over classes (see :func:`~skuq.posterior.augment_centered`).
     """
-    plan = _layer_plan(weights)
+    plan = layer_plan(weights)
     if isinstance(plan, str) or not all(isinstance(m, (nn.Linear, nn.Conv2d)) for m, _ in plan):
         return None
-    modules = [m for m, _ in plan]
-    inputs: dict = {}
-    outputs: dict = {}
-
-    def hook(mod, inp, out):
-        inputs.setdefault(mod, []).append(inp[0].detach())
-        outputs.setdefault(mod, []).append(out)
-
-    handles = [m.register_forward_hook(hook) for m in modules]
-    try:
-        with torch.enable_grad():
-            f = weights.model(x)
-    finally:
-        for h in handles:
-            h.remove()
-    if any(len(outputs.get(m, [])) != 1
-           or inputs[m][0].ndim != (4 if isinstance(m, nn.Conv2d) else 2) for m in modules):
+    recorded = _record_layers(weights.model, [m for m, _ in plan], x)
+    if recorded is None:
         return None
+    f, inputs, outs = recorded
+    grads = _class_output_gradients(f, outs, center)
+    dt = posterior.mean.dtype
+    n_rows = grads[0].shape[1]
+    cov = torch.zeros(f.shape[0], n_rows, n_rows, dtype=dt, device=f.device)
+    if isinstance(posterior, DiagPosterior):
+        _add_diag_layers(cov, plan, inputs, grads, posterior)
+    else:
+        _add_kron_layers(cov, plan, inputs, grads, posterior)
+    return gaussian_predictive(f.detach(), cov, center)
+
+
+def _record_layers(model: nn.Module, modules: list[nn.Module], x: Tensor):
+    """``model(x)`` with autograd, each layer's input and output; ``None`` if a layer is unfit.
+
+    Unfit: called other than once per pass (weight sharing), or fed inputs with
+    extra dims (a Linear layer on sequences, say), which the closed forms do not cover.
+    """
+    f, rec = record_forward(model, modules, x, grad=True)
+    if any(len(rec.outputs[m]) != 1
+           or rec.inputs[m][0].ndim != (4 if isinstance(m, nn.Conv2d) else 2) for m in modules):
+        return None
+    return f, {m: rec.inputs[m][0] for m in modules}, [rec.outputs[m][0] for m in modules]
+
+
+def _class_output_gradients(f: Tensor, outs: list[Tensor], center: bool) -> list[Tensor]:
+    """Per layer, the gradients of each output ``f[:, c]`` in the layer's output.
+
+    ``C`` backward passes; each result is (B, C, out) or (B, C, O, H, W), or
+    with ``C + 1`` rows (see :func:`~skuq.posterior.augment_centered`) when ``center``.
+    """
     n_out = f.shape[1]
-    outs = [outputs[m][0] for m in modules]
-    grads = [[] for _ in modules]
+    grads = [[] for _ in outs]
     for c in range(n_out):
         gc = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=c < n_out - 1)
         for k, g in enumerate(gc):
@@ -123,44 +138,50 @@ def _layer_glm(weights: WeightSubset, posterior, x: Tensor,
     grads = [torch.stack(g, 1) for g in grads]  # (B, C, out) or (B, C, O, H, W)
     if center:  # the Jacobian is linear in the output gradients: P J = (P g) (x) a
         grads = [augment_centered(g) for g in grads]
-    dt = posterior.mean.dtype
-    n_rows = grads[0].shape[1]
-    cov = torch.zeros(f.shape[0], n_rows, n_rows, dtype=dt, device=f.device)
-    if isinstance(posterior, DiagPosterior):
-        var = posterior.marginal_variance()
-        for (mod, slices), g in zip(plan, grads, strict=True):
-            g = g.to(dt)
-            if isinstance(mod, nn.Conv2d):
-                cov += _conv_diag_glm(mod, slices, inputs[mod][0].to(dt), g, var)
-                continue
-            u = 0
-            if "weight" in slices:
-                a = inputs[mod][0].to(dt)
-                u = (a**2) @ var[slices["weight"]].reshape(mod.out_features, -1).T
-            if "bias" in slices:
-                u = u + var[slices["bias"]]
-            cov += torch.einsum("bco,bdo,bo->bcd", g, g, u)
-    else:
-        starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
-        inv = posterior._inv_eig()
-        for (mod, slices), g in zip(plan, grads, strict=True):
-            g = g.to(dt)
-            if isinstance(mod, nn.Conv2d):
-                cov += _conv_kron_glm(mod, slices, inputs[mod][0].to(dt), g, posterior, starts,
-                                      inv)
-                continue
-            if "weight" in slices:
-                i = starts[slices["weight"].start]
-                QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
-                a = inputs[mod][0].to(dt)
-                sw = ((a @ QA) ** 2) @ inv[i].T  # (B, out)
-                gq = g @ QG
-                cov += torch.einsum("bco,bdo,bo->bcd", gq, gq, sw)
-            if "bias" in slices:
-                i = starts[slices["bias"].start]
-                gq = g @ posterior.eig[i][0][1]
-                cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
-    return gaussian_predictive(f.detach(), cov, center)
+    return grads
+
+
+def _add_diag_layers(cov: Tensor, plan, inputs: dict, grads: list[Tensor],
+                     posterior: DiagPosterior) -> None:
+    """``cov += J diag(var) J^T``, layer by layer (in place)."""
+    dt = cov.dtype
+    var = posterior.marginal_variance()
+    for (mod, slices), g in zip(plan, grads, strict=True):
+        g = g.to(dt)
+        if isinstance(mod, nn.Conv2d):
+            cov += _conv_diag_glm(mod, slices, inputs[mod].to(dt), g, var)
+            continue
+        u = 0
+        if "weight" in slices:
+            a = inputs[mod].to(dt)
+            u = (a**2) @ var[slices["weight"]].reshape(mod.out_features, -1).T
+        if "bias" in slices:
+            u = u + var[slices["bias"]]
+        cov += torch.einsum("bco,bdo,bo->bcd", g, g, u)
+
+
+def _add_kron_layers(cov: Tensor, plan, inputs: dict, grads: list[Tensor],
+                     posterior: KronPosterior) -> None:
+    """``cov += J Sigma J^T`` under K-FAC, layer by layer in the factors' eigenbases."""
+    dt = cov.dtype
+    starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
+    inv = posterior.inverse_eigvals()
+    for (mod, slices), g in zip(plan, grads, strict=True):
+        g = g.to(dt)
+        if isinstance(mod, nn.Conv2d):
+            cov += _conv_kron_glm(mod, slices, inputs[mod].to(dt), g, posterior, starts, inv)
+            continue
+        if "weight" in slices:
+            i = starts[slices["weight"].start]
+            QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
+            a = inputs[mod].to(dt)
+            sw = ((a @ QA) ** 2) @ inv[i].T  # (B, out)
+            gq = g @ QG
+            cov += torch.einsum("bco,bdo,bo->bcd", gq, gq, sw)
+        if "bias" in slices:
+            i = starts[slices["bias"].start]
+            gq = g @ posterior.eig[i][0][1]
+            cov += torch.einsum("bco,bdo,o->bcd", gq, gq, inv[i])
 
 
 def gaussian_predictive(f: Tensor, cov: Tensor, augmented: bool = False) -> OutputDistribution:
@@ -194,7 +215,7 @@ def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) ->
         gb = gt.sum(-1)
         out += torch.einsum("bco,bdo,o->bcd", gb, gb, var[slices["bias"]])
     if "weight" in slices:
-        patches = _unfold(mod, a)  # (B, I, T)
+        patches = unfold(mod, a)  # (B, I, T)
         vw = var[slices["weight"]]
         per_row = g.shape[1] * vw.numel()
         step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
@@ -224,7 +245,7 @@ def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, star
         i = starts[slices["weight"].start]
         QG, QA = posterior.eig[i][0][1], posterior.eig[i][1][1]
         gq = torch.einsum("bcot,op->bcpt", gt, QG)
-        aq = torch.einsum("bit,ij->bjt", _unfold(mod, a), QA)  # (B, I, T) rotated
+        aq = torch.einsum("bit,ij->bjt", unfold(mod, a), QA)  # (B, I, T) rotated
         per_row = g.shape[1] * inv[i].numel()
         step = max(1, DEFAULT_MAX_ELEMENTS // max(1, per_row))
         w = inv[i].reshape(-1)

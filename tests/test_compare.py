@@ -19,7 +19,7 @@ from skuq import (
     MCDropoutRegressor,
 )
 from skuq.base import all_estimators
-from skuq.ensembles import EnsembleModule, mc_dropout_mode, mc_dropout_samples
+from skuq.baselines import EnsembleModule, mc_dropout_mode, mc_dropout_samples
 from tests.conftest import make_classifier_net, make_regressor_net
 
 

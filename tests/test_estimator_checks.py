@@ -30,7 +30,7 @@ EST_KWARGS: dict[str, dict] = {
     # they run the amortized mode; tests/test_regvar.py checks the exact mode's values
     "RegVarClassifier": {"finetune_epochs": 2, "mode": "amortized"},
     "RegVarRegressor": {"finetune_epochs": 2, "mode": "amortized"},
-    "ScaLLAClassifier": {"surrogate_epochs": 3, "n_features": 8, "surrogate_width": 32},
+    "ScaLLAClassifier": {"surrogate__epochs": 3, "n_features": 8, "surrogate__width": 32},
 }
 
 #: checks an estimator fails on every run, and why (strict: an unexpected pass is

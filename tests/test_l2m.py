@@ -18,8 +18,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from skuq import L2MClassifier, L2MRegressor, LaplaceClassifier, LaplaceRegressor
+from skuq.curvature.optimizer import second_moments
 from skuq.cvp import CVPClassifier
-from skuq.l2m import second_moments
 from tests.conftest import make_classifier_net, make_regressor_net
 from tests.test_base import CountingMLP
 

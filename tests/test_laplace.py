@@ -11,7 +11,7 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
-import skuq.laplace as skuq_laplace
+import skuq.laplace.base as skuq_laplace
 from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier
 from skuq.curvature import compute_curvature, select_weights
 from skuq.metrics import ood_auroc

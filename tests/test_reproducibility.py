@@ -16,7 +16,7 @@ from torch import nn
 from skuq import DeepEnsembleClassifier, LaplaceClassifier, MCDropoutClassifier
 from skuq._utils import seeded_global_rng
 from skuq.base import UQClassifierMixin, all_estimators
-from skuq.ensembles import DropoutSampler, mc_dropout_samples
+from skuq.baselines import DropoutSampler, mc_dropout_samples
 from tests.conftest import make_classifier_net
 from tests.test_estimator_checks import make_check_instance
 

@@ -19,7 +19,7 @@ import torch
 from sklearn.frozen import FrozenEstimator
 from torch import nn
 
-from skuq import LaplaceClassifier, ScaLLAClassifier, scalla
+from skuq import LaplaceClassifier, ScaLLAClassifier
 from skuq.curvature import hessian_sqrt, jacobians, select_weights
 from skuq.metrics import ood_auroc
 from skuq.scalla import (
@@ -28,6 +28,7 @@ from skuq.scalla import (
     kernel_matching_loss,
     probe_outputs,
 )
+from skuq.scalla import estimator as scalla
 from tests.conftest import assert_centered_predictive, make_classifier_net
 from tests.test_base import CountingMLP
 
@@ -140,8 +141,8 @@ def test_surrogate_kernel_and_variance_match_full_lla_on_softmax_regression():
     torch.manual_seed(0)
     net = _train(nn.Linear(2, 3), X[:300], y[:300])
     Xtr, ytr, Xte = X[:300].numpy(), y[:300].numpy(), X[300:].numpy()
-    kw = dict(n_features=9, n_probes=64, surrogate_epochs=600, surrogate_batch_size=300,
-              surrogate_width=64, surrogate_lr=3e-3, random_state=0, device="cpu")
+    kw = dict(n_features=9, n_probes=64, surrogate__epochs=600, surrogate__batch_size=300,
+              surrogate__width=64, surrogate__lr=3e-3, random_state=0, device="cpu")
     est = ScaLLAClassifier(net, prior_precision=1.0, **kw).fit(Xtr, ytr)
     ref = LaplaceClassifier(net, subset_of_weights="all", hessian_structure="full",
                             prior_precision=1.0, device="cpu").fit(Xtr, ytr)
@@ -181,8 +182,8 @@ def test_tanh_net_surrogate_captures_the_dominant_kernel_directions():
     torch.manual_seed(0)
     net = _train(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)), X[:300], y[:300])
     Xtr, ytr, Xte = X[:300].numpy(), y[:300].numpy(), X[300:].numpy()
-    est = ScaLLAClassifier(net, n_features=51, n_probes=32, surrogate_epochs=600,
-                           surrogate_batch_size=100, surrogate_width=128, surrogate_lr=1e-2,
+    est = ScaLLAClassifier(net, n_features=51, n_probes=32, surrogate__epochs=600,
+                           surrogate__batch_size=100, surrogate__width=128, surrogate__lr=1e-2,
                            prior_precision=1.0, random_state=0, device="cpu").fit(Xtr, ytr)
     _, K = _ntk(net, Xte)
     G = est.surrogate_(torch.as_tensor(Xte)).double().reshape(-1, 51)
@@ -224,8 +225,8 @@ def test_context_rows_join_the_kernel_fit():
     angle = torch.rand(200, generator=g) * 2 * math.pi
     ring = (4 * torch.stack([angle.cos(), angle.sin()], 1)).numpy()
     ctx, fresh = ring[:100], ring[100:]
-    kw = dict(n_features=24, n_probes=16, surrogate_epochs=60, surrogate_batch_size=100,
-              surrogate_width=64, surrogate_lr=1e-2, prior_precision=1.0, random_state=0,
+    kw = dict(n_features=24, n_probes=16, surrogate__epochs=60, surrogate__batch_size=100,
+              surrogate__width=64, surrogate__lr=1e-2, prior_precision=1.0, random_state=0,
               device="cpu")
     plain = ScaLLAClassifier(net, **kw).fit(X.numpy(), y.numpy())
     biased = ScaLLAClassifier(net, **kw).fit(X.numpy(), y.numpy(), context=ctx)
@@ -252,7 +253,7 @@ def test_the_biased_kernel_improves_ood_detection(digits):
     net = _train(nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 5)), X, y, steps=200)
     perm = np.random.RandomState(0).permutation(len(digits.X_ood))
     ctx, held = digits.X_ood[perm[:150]], digits.X_ood[perm[150:]]
-    kw = dict(n_features=16, surrogate_epochs=30, surrogate_width=64, prior_precision=1.0,
+    kw = dict(n_features=16, surrogate__epochs=30, surrogate__width=64, prior_precision=1.0,
               random_state=0, device="cpu")
     auroc = {}
     for name, context in (("plain", None), ("biased", ctx)):
@@ -287,8 +288,8 @@ def test_peak_memory_does_not_grow_with_p_beyond_the_net():
         net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
                             nn.Linear(width, 5))
         P = sum(p.numel() for p in net.parameters())
-        est = ScaLLAClassifier(net, n_features=8, surrogate_width=16, surrogate_epochs=1,
-                               surrogate_batch_size=64, n_probes=4, random_state=0,
+        est = ScaLLAClassifier(net, n_features=8, surrogate__width=16, surrogate__epochs=1,
+                               surrogate__batch_size=64, n_probes=4, random_state=0,
                                device="cpu")
         with LiveTensorBytes() as mem:
             est.fit(X, y)
@@ -310,7 +311,7 @@ def test_peak_memory_does_not_grow_with_p_beyond_the_net():
 def test_digits_frozen_net_reproducible_and_posterior_only_changes(digits, monkeypatch):
     net = make_classifier_net(max_epochs=10, hidden=(16,), lr=3e-2, module__n_outputs=5)
     net.fit(digits.X_train, digits.y_train)
-    kw = dict(n_features=8, surrogate_epochs=3, surrogate_width=32, random_state=0,
+    kw = dict(n_features=8, surrogate__epochs=3, surrogate__width=32, random_state=0,
               device="cpu")
     trained = []
     real_fit = scalla.fit_surrogate
@@ -347,7 +348,7 @@ def test_surrogate_options():
     X, y = _blobs(60)
     torch.manual_seed(0)
     net = _train(nn.Linear(2, 3), X, y, steps=50)
-    kw = dict(n_features=4, surrogate_epochs=2, random_state=0, device="cpu")
+    kw = dict(n_features=4, surrogate__epochs=2, random_state=0, device="cpu")
     mod = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 12))
     est = ScaLLAClassifier(net, surrogate=mod, **kw).fit(X.numpy(), y.numpy())
     assert est.surrogate_.net is not mod  # copied, the given module is left untouched
@@ -360,6 +361,44 @@ def test_surrogate_options():
         ScaLLAClassifier(net, surrogate="cnn", **kw).fit(X.numpy(), y.numpy())
 
 
+def test_surrogate_training_options_grid_search_clone_and_deprecated_names():
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    X, y = _blobs(60)
+    torch.manual_seed(0)
+    net = _train(nn.Linear(2, 3), X, y, steps=50)
+    X, y = X.numpy(), y.numpy()
+    kw = dict(n_features=4, random_state=0, device="cpu")
+    est = ScaLLAClassifier(net, surrogate__width=16, surrogate__epochs=3, **kw)
+    copy = clone(est)
+    assert copy.get_params()["surrogate__epochs"] == 3 and copy.surrogate__width == 16
+    assert copy.set_params(surrogate__lr=5e-3) is copy
+    assert copy.get_params()["surrogate__lr"] == 5e-3 and est.surrogate__lr == 1e-3
+    grid = [1, 3]
+    scalla.clear_surrogate_cache()
+    search = GridSearchCV(est, {"surrogate__epochs": grid}, cv=2, error_score="raise").fit(X, y)
+    assert list(search.cv_results_["param_surrogate__epochs"]) == grid
+    best = search.best_params_["surrogate__epochs"]
+    assert search.best_estimator_.surrogate_loss_.shape == (best,)
+    # the deprecated flat names: a FutureWarning pointing at the caller, the same results
+    scalla.clear_surrogate_cache()
+    flat_est = ScaLLAClassifier(net, surrogate_width=16, **kw)
+    deprecated = "surrogate_(width|epochs) is deprecated.*use surrogate__(width|epochs)"
+    with pytest.warns(FutureWarning, match=deprecated):
+        flat = GridSearchCV(flat_est, {"surrogate_epochs": grid}, cv=2, error_score="raise")
+        flat.fit(X, y)
+    np.testing.assert_array_equal(flat.cv_results_["mean_test_score"],
+                                  search.cv_results_["mean_test_score"])
+    np.testing.assert_array_equal(flat.best_estimator_.predict_proba(X),
+                                  search.best_estimator_.predict_proba(X))
+    with pytest.warns(FutureWarning, match=deprecated) as record:
+        clone(flat_est).set_params(surrogate_epochs=1).fit(X, y)
+    assert {w.filename for w in record} == {__file__}
+    with pytest.raises(ValueError, match="give only surrogate__epochs"):
+        ScaLLAClassifier(net, surrogate_epochs=2, surrogate__epochs=3, **kw).fit(X, y)
+
+
 def test_default_cnn_surrogate_on_images():
     from skuq.nets import SmallCNN
 
@@ -369,7 +408,7 @@ def test_default_cnn_surrogate_on_images():
     torch.manual_seed(0)
     cnn = SmallCNN(n_outputs=3, channels=(4, 4), hidden=8)
     cnn(torch.as_tensor(X[:2]))  # materialize the lazy layers
-    est = ScaLLAClassifier(cnn.eval(), n_features=4, surrogate_epochs=1, random_state=0,
+    est = ScaLLAClassifier(cnn.eval(), n_features=4, surrogate__epochs=1, random_state=0,
                            device="cpu").fit(X, y)
     assert isinstance(est.surrogate_.net[0], nn.Conv2d)
     assert est.predict_proba(X).shape == (40, 3)
@@ -387,7 +426,7 @@ def test_bad_n_features(m):
     ({"n_probes": 1}, "n_probes"), ({"probe": "sobol"}, "probe"),
     ({"surrogate": "rnn"}, "surrogate"), ({"surrogate": 3}, "surrogate"),
     ({"prior_precision": -1.0}, "prior_precision"), ({"prior_precision": "cv"}, "prior_precision"),
-    ({"context_weight": 0.0}, "context_weight"), ({"surrogate_epochs": 0}, "surrogate_epochs"),
+    ({"context_weight": 0.0}, "context_weight"), ({"surrogate__epochs": 0}, "surrogate__epochs"),
 ])
 def test_bad_options(kwargs, match):
     X, y = _blobs(20)
@@ -397,7 +436,7 @@ def test_bad_options(kwargs, match):
 
 def test_context_of_the_wrong_shape_is_refused_before_training(digits):
     net = make_classifier_net(max_epochs=1, hidden=(8,), module=CountingMLP)
-    est = ScaLLAClassifier(net, n_features=4, surrogate_epochs=1, device="cpu")
+    est = ScaLLAClassifier(net, n_features=4, surrogate__epochs=1, device="cpu")
     built = CountingMLP.n_built
     for bad in (digits.X_train[:10, :30], digits.X_train[0], digits.X_train[:0],
                 digits.X_train[:5].reshape(5, 8, 8)):
@@ -414,8 +453,8 @@ def test_a_diverging_surrogate_is_a_clear_error_not_nan():
     X, y = _blobs(64)
     torch.manual_seed(0)
     net = _train(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)), X, y, steps=50)
-    est = ScaLLAClassifier(net, n_features=4, surrogate_epochs=20, surrogate_lr=1e12,
+    est = ScaLLAClassifier(net, n_features=4, surrogate__epochs=20, surrogate__lr=1e12,
                            random_state=0, device="cpu")
-    with pytest.raises(FloatingPointError, match="diverged.*surrogate_lr"):
+    with pytest.raises(FloatingPointError, match="diverged.*surrogate__lr"):
         est.fit(X.numpy(), y.numpy())
     assert not hasattr(est, "posterior_")

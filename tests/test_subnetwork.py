@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from skuq import LaplaceClassifier, LaplaceRegressor, SubnetworkLaplaceClassifier
 from skuq.curvature import compute_curvature, jacobians, select_weights
 from skuq.curvature.subnet_jacobians import subnetwork_jacobians
-from skuq.subnetwork import (
+from skuq.laplace.subnetwork import (
     SELECTIONS,
     ByName,
     GivenIndices,
@@ -346,15 +346,13 @@ def test_bad_laplace_subnetwork_options(trained):
 
 def test_heldout_grid_shortcut_equals_the_posterior(trained):
     """The eigenbasis shortcut of the held-out grid gives the posterior's own J Sigma J^T."""
-    from skuq.laplace import _grid_functional_variance
-
     model, X, y, X_test = trained
     est = _subnet(model, X[:200], y[:200], subnetwork_size=40, prior_precision="heldout",
                   subnetwork_selection="random")
     post = est.posterior_
     J, _ = jacobians(est.weights_, X_test[:10])
     J = J.to(post.mean.dtype)
-    fast = _grid_functional_variance(post, J)
+    fast = post.functional_variance_grid(J)
     for delta in (1e-3, 1.0, 1e3):
         post.set_hyperparameters(prior_precision=delta)
         torch.testing.assert_close(fast(delta), post.functional_variance(J),

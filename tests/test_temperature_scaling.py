@@ -12,7 +12,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from skuq import MAPClassifier, TemperatureScalingClassifier
-from skuq.baselines import _criterion_loss, _last_training_loss
+from skuq.baselines.map_temperature import _criterion_loss, _last_training_loss
 from skuq.metrics import negative_log_likelihood
 from tests.conftest import make_classifier_net
 

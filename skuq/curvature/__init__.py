@@ -16,6 +16,7 @@ from .ggn import (
     sum_loss,
 )
 from .jacobians import DEFAULT_MAX_ELEMENTS, iter_jacobians, jacobians, jvp_batch, vjp_batch
+from .layers import layer_plan, unfold
 from .weights import WeightSubset, find_last_layer, select_subnetwork, select_weights
 
 __all__ = [
@@ -33,8 +34,10 @@ __all__ = [
     "iter_jacobians",
     "jacobians",
     "jvp_batch",
+    "layer_plan",
     "select_subnetwork",
     "select_weights",
     "sum_loss",
+    "unfold",
     "vjp_batch",
 ]

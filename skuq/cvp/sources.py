@@ -15,7 +15,7 @@ which changes how an unfitted skorch net is trained (IVON swaps the optimizer).
 
 Built in: ``"laplace_diag"`` (the diagonal GGN Laplace of skuq's engine),
 ``"ivon"`` (:mod:`skuq.cvp.ivon`) and ``"l2m"`` (L2M's curvature read from the
-optimizer state, :func:`skuq.l2m.l2m_curvature`).
+optimizer state, :func:`skuq.curvature.optimizer.l2m_curvature`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from torch import nn
 from .._skorch import is_skorch_net, last_epoch_batch_sizes
 from .._utils import check_option, check_positive, check_positive_int, iter_batches
 from ..curvature import compute_curvature, select_weights, sum_loss
-from ..l2m import SCALES, l2m_curvature
+from ..curvature.optimizer import SCALES, l2m_curvature
 from ..posterior import PRIOR_STRUCTURES, posterior_from_curvature
 from .ivon import ivon_posterior, prepare_ivon_net
 from .posterior import DiagonalWeightPosterior
@@ -136,7 +136,7 @@ def l2m_posterior(
 
     The same posterior as :class:`skuq.L2MClassifier` on the trained net: the
     curvature ``h = c * v_hat`` from the second moments its Adam-family optimizer
-    kept (:func:`skuq.l2m.l2m_curvature`), no pass over the data (a plain module
+    kept (:func:`skuq.curvature.optimizer.l2m_curvature`), no pass over the data (a plain module
     without a training history gets its training loss, for the evidence, from one
     forward pass over ``X``), and the prior precision maximizing the marginal
     likelihood unless given as a float (or one per parameter tensor).

@@ -1,27 +1,33 @@
-"""Method cores of MC dropout and deep ensembles (plain PyTorch, no scikit-learn).
+"""MC dropout: dropout kept on at prediction, one network per sample.
 
-A PyTorch user can call these directly; the scikit-learn estimators
-:class:`skuq.MCDropoutClassifier`, :class:`skuq.DeepEnsembleClassifier` and
-their regressors (in :mod:`skuq.baselines`) are thin wrappers around them.
+The torch core (:func:`dropout_modules`, :func:`mc_dropout_mode`,
+:class:`DropoutSampler`, :func:`mc_dropout_samples`) is plain PyTorch that a
+PyTorch user can call directly; :class:`MCDropoutClassifier` and
+:class:`MCDropoutRegressor` are the scikit-learn estimators around it.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.dropout import _DropoutNd
 
+from .._utils import check_positive_int
+from ..base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
+from ..outputs import OutputDistribution
+
 __all__ = [
     "dropout_modules",
     "mc_dropout_mode",
     "mc_dropout_samples",
     "DropoutSampler",
-    "EnsembleModule",
+    "MCDropoutClassifier",
+    "MCDropoutRegressor",
 ]
 
 
@@ -34,7 +40,7 @@ def dropout_modules(module: nn.Module) -> list[nn.Module]:
     Examples
     --------
     >>> from torch import nn
-    >>> from skuq.ensembles import dropout_modules
+    >>> from skuq.baselines import dropout_modules
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Dropout(0.0))
     >>> len(dropout_modules(net))
     1
@@ -59,7 +65,7 @@ def mc_dropout_mode(module: nn.Module) -> Iterator[nn.Module]:
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from skuq.ensembles import mc_dropout_mode
+    >>> from skuq.baselines import mc_dropout_mode
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.BatchNorm1d(4))
     >>> with mc_dropout_mode(net):
     ...     net[1].training, net[2].training
@@ -128,7 +134,7 @@ class DropoutSampler:
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from skuq.ensembles import DropoutSampler
+    >>> from skuq.baselines import DropoutSampler
     >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 2))
     >>> x = torch.randn(5, 3)
     >>> sampler = DropoutSampler(net, 10, torch.Generator().manual_seed(0))
@@ -216,7 +222,7 @@ def mc_dropout_samples(
     --------
     >>> import torch
     >>> from torch import nn
-    >>> from skuq.ensembles import mc_dropout_samples
+    >>> from skuq.baselines import mc_dropout_samples
     >>> net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Dropout(0.2), nn.Linear(8, 2))
     >>> gen = torch.Generator().manual_seed(0)
     >>> mc_dropout_samples(net, torch.zeros(5, 3), n_samples=10, generator=gen).shape
@@ -225,33 +231,128 @@ def mc_dropout_samples(
     return DropoutSampler(module, n_samples, generator)(x)
 
 
-class EnsembleModule(nn.Module):
-    """A list of trained networks seen as one: ``forward`` is the mean output.
+class _MCDropoutBase(BaseUQEstimator):
+    """Shared part of the MC dropout classifier and regressor."""
+
+    def __init__(
+        self, estimator, *, n_samples=50, device="auto", batch_size=256, random_state=None,
+        verbose=0, memory=None,
+    ):
+        self.estimator = estimator
+        self.n_samples = n_samples
+        self.device = device
+        self.batch_size = batch_size
+        self.random_state = random_state
+        self.verbose = verbose
+        self.memory = memory
+
+    def _validate_options(self) -> None:
+        check_positive_int("n_samples", self.n_samples)
+
+    def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
+        with mc_dropout_mode(self.model_):  # raises the clear error for a net without dropout
+            pass
+        self.n_dropout_layers_ = len(dropout_modules(self.model_))
+        if isinstance(self, UQRegressorMixin):
+            self._fit_noise_from_residuals(X, y)
+
+    def _predict_batch(self, x: Tensor) -> OutputDistribution:
+        # a fresh generator per batch draws the same masks for every batch: each
+        # sample is one network applied to every row of the call
+        sampler = DropoutSampler(self.model_, self.n_samples, self._generator())
+        return OutputDistribution.from_samples(sampler(x).float())
+
+
+class MCDropoutClassifier(UQClassifierMixin, _MCDropoutBase):
+    """MC dropout (Gal & Ghahramani, 2016): dropout kept on at prediction.
+
+    ``predict_proba`` averages ``softmax`` over ``n_samples`` networks, each
+    with its own dropout masks; a network's masks are shared by every row, so
+    a row's prediction never depends on the other rows of the call. Only the
+    dropout layers sample; batch normalization and every other layer stay in
+    inference mode. The network must contain dropout (e.g.
+    ``skuq.nets.MLP(dropout=0.1)``); one without gets a ``ValueError`` in
+    ``fit``.
 
     Parameters
     ----------
-    members : sequence of nn.Module
-        Networks with the same input and output shapes.
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        A net with dropout layers.
+    n_samples : int, default=50
+        Forward passes per prediction.
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    classes_ : ndarray
+    net_ : skorch net or torch.nn.Module
+    model_ : torch.nn.Module
+        The module that returns logits.
+    n_dropout_layers_ : int
+        Dropout layers that sample at prediction.
+
+    Notes
+    -----
+    Masks are drawn from a generator seeded from ``random_state`` at each
+    prediction call (torch's global generator is not touched), so repeated
+    calls return the same numbers, whatever the batch size and row order.
 
     Examples
     --------
     >>> import torch
-    >>> from torch import nn
-    >>> from skuq.ensembles import EnsembleModule
-    >>> ens = EnsembleModule([nn.Linear(3, 2), nn.Linear(3, 2)])
-    >>> ens.member_outputs(torch.zeros(4, 3)).shape
-    torch.Size([2, 4, 2])
+    >>> from skorch import NeuralNetClassifier
+    >>> from skuq import MCDropoutClassifier
+    >>> from skuq.datasets import load_digits_ood
+    >>> from skuq.nets import MLP
+    >>> d = load_digits_ood()
+    >>> net = NeuralNetClassifier(MLP, module__dropout=0.1,
+    ...                           criterion=torch.nn.CrossEntropyLoss,
+    ...                           optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10,
+    ...                           train_split=None, verbose=0)
+    >>> est = MCDropoutClassifier(net, n_samples=20, random_state=0)
+    >>> est.fit(d.X_train, d.y_train).score(d.X_test, d.y_test) > 0.9
+    True
+    >>> est.predict_distribution(d.X_test[:3]).samples.shape
+    torch.Size([20, 3, 5])
     """
 
-    def __init__(self, members: Sequence[nn.Module]):
-        super().__init__()
-        if len(members) == 0:
-            raise ValueError("an ensemble needs at least one member")
-        self.members = nn.ModuleList(members)
 
-    def member_outputs(self, x: Tensor) -> Tensor:
-        """Every member's output, shape (M, N, C)."""
-        return torch.stack([m(x) for m in self.members])
+class MCDropoutRegressor(UQRegressorMixin, _MCDropoutBase):
+    """MC dropout for regression: mean and variance over dropout forward passes.
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.member_outputs(x).mean(dim=0)
+    The epistemic variance is the (unbiased) sample variance of the outputs of
+    ``n_samples`` networks with their own dropout masks (shared by every
+    row); the aleatoric ``sigma_noise_`` is the RMS residual of the
+    deterministic (dropout-off) net on the training data, as in
+    :class:`MAPRegressor`.
+
+    Parameters
+    ----------
+    estimator : skorch net, FrozenEstimator or torch.nn.Module
+        A net with dropout layers.
+    n_samples : int, default=50
+        Forward passes per prediction.
+    device, batch_size, random_state, verbose, memory
+        See :class:`skuq.base.BaseUQEstimator`.
+
+    Attributes
+    ----------
+    sigma_noise_ : float or ndarray
+        Aleatoric noise standard deviation per output.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from skorch import NeuralNetRegressor
+    >>> from skuq import MCDropoutRegressor
+    >>> from skuq.datasets import make_gap_regression
+    >>> from skuq.nets import MLP
+    >>> d = make_gap_regression()
+    >>> net = NeuralNetRegressor(MLP, module__dropout=0.1, optimizer=torch.optim.Adam,
+    ...                          lr=1e-2, max_epochs=50, train_split=None, verbose=0)
+    >>> est = MCDropoutRegressor(net, random_state=0).fit(d.X, d.y)
+    >>> mean, std = est.predict(d.X_test, return_std=True)
+    >>> bool((std > est.sigma_noise_).all())
+    True
+    """
