@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (the comparison's tasks, nets and splits)
 
 from skuq import CVPClassifier  # noqa: E402
-from skuq.cvp.posterior import IVON_DEFAULTS  # noqa: E402
+from skuq.cvp.ivon import IVON_DEFAULTS  # noqa: E402
 from skuq.metrics import negative_log_likelihood  # noqa: E402
 
 LRS = (1.0, 0.5, 0.3, 0.2, 0.1, 0.05)
@@ -49,7 +49,7 @@ def inner_nll(task: str, seed: int, lrs, cfg: dict) -> dict:
         stratify=data.y_train)
     out = {}
     for lr in lrs:
-        est = CVPClassifier(clone(data.net), posterior="ivon", posterior_options={"lr": lr},
+        est = CVPClassifier(clone(data.net), posterior="ivon", posterior__lr=lr,
                             calibration=None, random_state=seed).fit(X_fit, y_fit)
         out[lr] = negative_log_likelihood(y_held, est.predict_proba(X_held),
                                           labels=est.classes_)
@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         cells = [f"{mean[t][lr]:.4f} ({r:.2f})" for t, r in zip(tasks, ratio[lr], strict=True)]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {max(ratio[lr]):.2f} |")
     lines += ["", f"Minimax choice of this run: lr = {best:g}; "
-              f"`skuq.cvp.posterior.IVON_DEFAULTS['lr']` is {IVON_DEFAULTS['lr']:g}."]
+              f"`skuq.cvp.ivon.IVON_DEFAULTS['lr']` is {IVON_DEFAULTS['lr']:g}."]
     table = "\n".join(lines) + "\n"
     print(table)
     os.makedirs(args.out_dir, exist_ok=True)

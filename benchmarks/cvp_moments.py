@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from skuq.cvp import MomentPropagator, Moments, fit_layer_scales, probit_nll
 from skuq.cvp import moments as mom
-from skuq.cvp.posterior import laplace_diag_posterior
+from skuq.cvp.sources import laplace_diag_posterior
 from skuq.datasets import load_digits_ood
 
 RESULTS = Path(__file__).parent / "results"

@@ -767,7 +767,7 @@ def test_arithmetic_alpha_and_same_tensor_match_monte_carlo(form):
 def test_same_tensor_sums_are_exact():
     """h + h is 2 h (variance 4 v, not 2 v); h - h is exactly zero."""
     m = Moments(torch.tensor([1.0]), torch.tensor([0.5]))
-    from skuq.cvp.rules import _add, _sub
+    from skuq.cvp.rules.arithmetic import _add, _sub
 
     out = _add(None, torch.add, m, m)
     assert float(out.mean) == 2.0 and float(out.var) == 2.0
@@ -779,7 +779,7 @@ def test_same_tensor_sums_are_exact():
 def test_softmax_with_variance_is_linearized_not_dropped(kind):
     """A random softmax input keeps its variance (first-order linearization, accurate
     while the logit sd is small against 1; before, the variance was dropped)."""
-    from skuq.cvp.rules import _log_softmax, _softmax
+    from skuq.cvp.rules.softmax import _log_softmax, _softmax
 
     g = torch.Generator().manual_seed(0)
     mu = 2.0 * torch.randn(4, 5, generator=g, dtype=torch.float64)
@@ -826,7 +826,7 @@ def test_clamp_moments_match_monte_carlo():
             _check_var(out_var, mc_var, se_var.clamp_min(1e-8), 0.01)
     # the rule, in all spellings
     h = Moments(MU, torch.ones_like(MU))
-    from skuq.cvp.rules import _clamp
+    from skuq.cvp.rules.activations import _clamp
 
     ref = mom.clamp_moments(MU, h.var, -1.0, 1.0)
     for target, args, kwargs in ((torch.clamp, (-1.0, 1.0), {}), ("clamp", (), {"min": -1.0,
@@ -1094,7 +1094,7 @@ def test_prefit_net_keeps_posterior_and_calibration_rows_apart(digits, monkeypat
     from sklearn.frozen import FrozenEstimator
 
     from skuq.cvp import estimator as cvp_est
-    from skuq.cvp.posterior import POSTERIOR_SOURCES, _Source
+    from skuq.cvp.sources import POSTERIOR_SOURCES, _Source
 
     seen = {}
     monkeypatch.setitem(POSTERIOR_SOURCES, "recording",
@@ -1198,3 +1198,61 @@ def test_bad_options(digits):
         CVPClassifier(make_classifier_net(), calibration="layer").fit(X, y)
     with pytest.raises(ValueError, match="does not have"):
         CVPClassifier(make_classifier_net(max_epochs=1), posterior={"nope": 1.0}).fit(X, y)
+
+
+# ------------------------------------------------------- posterior__ parameters
+def _prefit_digits_net(digits):
+    from sklearn.frozen import FrozenEstimator
+
+    net = make_classifier_net(max_epochs=3, module__n_outputs=5)
+    return FrozenEstimator(net.fit(digits.X_train, digits.y_train))
+
+
+def test_posterior_options_are_parameters_that_clone_and_grid_search_set(digits):
+    from sklearn.base import clone
+    from sklearn.model_selection import GridSearchCV
+
+    est = CVPClassifier(_prefit_digits_net(digits), posterior__prior_precision=2.0,
+                        calibration=None, random_state=0)
+    assert est.get_params()["posterior__prior_precision"] == 2.0
+    assert clone(est).get_params()["posterior__prior_precision"] == 2.0
+    assert est.set_params(posterior__curvature="ef").posterior__curvature == "ef"
+    X, y = digits.X_train[:400], digits.y_train[:400]
+    with pytest.raises(TypeError, match="posterior__<option>"):
+        CVPClassifier(_prefit_digits_net(digits), prior_precision=2.0).fit(X, y)
+    plain = CVPClassifier(_prefit_digits_net(digits), calibration=None, random_state=0)
+    search = GridSearchCV(plain, {"posterior__prior_precision": [1e-2, 1e4]}, cv=2).fit(X, y)
+    assert search.best_params_["posterior__prior_precision"] in (1e-2, 1e4)
+    scores = search.cv_results_["mean_test_score"]
+    assert scores[0] != scores[1]  # the option reached the posterior source
+    assert search.best_estimator_.posterior__prior_precision == (
+        search.best_params_["posterior__prior_precision"])
+
+
+def test_posterior_options_dict_still_works_with_a_future_warning(digits):
+    X, y = digits.X_train, digits.y_train
+    net = _prefit_digits_net(digits)
+    new = CVPClassifier(net, posterior__prior_precision=3.0, calibration=None,
+                        random_state=0).fit(X, y)
+    with pytest.warns(FutureWarning, match="posterior__prior_precision="):
+        old = CVPClassifier(net, posterior_options={"prior_precision": 3.0}, calibration=None,
+                            random_state=0).fit(X, y)
+    assert set(old.posterior_.variances) == set(new.posterior_.variances)
+    for name, var in new.posterior_.variances.items():
+        torch.testing.assert_close(old.posterior_.variances[name], var, rtol=0, atol=0)
+
+
+def test_l2m_source_options_give_l2m_classifiers_posterior(digits):
+    from skuq import L2MClassifier
+
+    net = _prefit_digits_net(digits)
+    X, y = digits.X_train, digits.y_train
+    cvp = CVPClassifier(net, posterior="l2m", posterior__prior_precision=2.0,
+                        posterior__scale="n_train", random_state=0).fit(X, y)
+    l2m = L2MClassifier(net, prior_precision=2.0, scale="n_train").fit(X, y)
+    expected = l2m.weights_.unflatten(l2m.posterior_.marginal_variance())
+    assert set(cvp.posterior_.variances) == set(expected)
+    for name, var in expected.items():
+        torch.testing.assert_close(cvp.posterior_.variances[name], var, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="prior_precision"):
+        CVPClassifier(net, posterior="l2m", posterior__prior_precision="heldout").fit(X, y)

@@ -21,10 +21,14 @@ ENGINE_MODULES = [
     "posterior",
     "predictive.py",
     "curvature",
-    "cvp/engine.py",
-    "cvp/rules.py",
-    "cvp/moments.py",
+    "cvp/registry.py",
+    "cvp/graph.py",
+    "cvp/propagator.py",
+    "cvp/pooled.py",
+    "cvp/rules",
+    "cvp/moments",
     "cvp/calibration.py",
+    "cvp/posterior.py",
     "regvar/core.py",
     "regvar/exact.py",
     "regvar/finetune.py",
@@ -44,6 +48,8 @@ ESTIMATOR_MODULES = (
     "scalla.estimator",
     "subnetwork",
     "cvp.estimator",
+    "cvp.sources",
+    "cvp.ivon",
 )
 
 

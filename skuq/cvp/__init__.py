@@ -2,23 +2,20 @@
 
 from . import rules as _rules  # noqa: F401  (registers the built-in rules)
 from .calibration import fit_layer_scales, probit_nll
-from .engine import (
+from .estimator import CVPClassifier
+from .ivon import IVONTrainingMixin, ivon_posterior
+from .posterior import DiagonalWeightPosterior
+from .propagator import MomentPropagator
+from .registry import (
     CorrelatedFactorsWarning,
-    MomentPropagator,
     Moments,
     PropagationContext,
     UnsupportedLayerError,
     get_rule,
     register_rule,
 )
-from .estimator import CVPClassifier
-from .posterior import (
-    DiagonalWeightPosterior,
-    IVONTrainingMixin,
-    ivon_posterior,
-    register_posterior_source,
-)
 from .rules import elementwise_rule, linear_moments, linearized_rule
+from .sources import register_posterior_source
 
 __all__ = [
     "CVPClassifier",

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .engine import MomentPropagator
+from .propagator import MomentPropagator
 
 __all__ = ["probit_nll", "fit_layer_scales"]
 
@@ -81,36 +82,44 @@ def fit_layer_scales(
     device = batches[0][0].device
     log_c = torch.zeros(1 if mode == "global" else len(names), dtype=torch.float64,
                         device=device, requires_grad=True)
-    params = list(propagator.graph_module.parameters())
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
+    with _frozen(list(propagator.graph_module.parameters())):
+        opt = torch.optim.LBFGS([log_c], lr=1.0, max_iter=max_iter,
+                                line_search_fn="strong_wolfe")
 
-    def scales():
-        c = log_c.clamp(-20.0, 20.0).exp()
-        return {name: c[0 if mode == "global" else i] for i, name in enumerate(names)}
+        def closure():
+            opt.zero_grad()
+            total = 0.0
+            for xb, yb in batches:
+                sc = {k: v.float() for k, v in _scales(log_c, names, mode).items()}
+                out = propagator(xb, layer_scales=sc)
+                loss = probit_nll(out.mean.double(), out.variance.double(), yb, "sum") / n
+                loss.backward()
+                total += float(loss.detach())
+            prior = (log_c**2).sum() / (2 * prior_std**2 * n)
+            prior.backward()
+            return torch.tensor(total + float(prior.detach()), dtype=torch.float64)
 
-    opt = torch.optim.LBFGS([log_c], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        total = 0.0
-        for xb, yb in batches:
-            sc = {k: v.float() for k, v in scales().items()}
-            out = propagator(xb, layer_scales=sc)
-            loss = probit_nll(out.mean.double(), out.variance.double(), yb, "sum") / n
-            loss.backward()
-            total += float(loss.detach())
-        prior = (log_c**2).sum() / (2 * prior_std**2 * n)
-        prior.backward()
-        return torch.tensor(total + float(prior.detach()), dtype=torch.float64)
-
-    try:
         opt.step(closure)
-    finally:
-        for p, f in zip(params, flags, strict=True):
-            p.requires_grad_(f)
-    out = {k: float(v.detach()) for k, v in scales().items()}
+    out = {k: float(v.detach()) for k, v in _scales(log_c, names, mode).items()}
     if not all(math.isfinite(v) and v > 0 for v in out.values()):
         raise FloatingPointError("the variance-scale fit diverged; check the calibration data")
     return out
+
+
+def _scales(log_c: Tensor, names: list[str], mode: str) -> dict[str, Tensor]:
+    """``{layer name: c}`` from the fitted ``log c`` (one shared for ``mode="global"``)."""
+    c = log_c.clamp(-20.0, 20.0).exp()
+    return {name: c[0 if mode == "global" else i] for i, name in enumerate(names)}
+
+
+@contextmanager
+def _frozen(params: list[Tensor]):
+    """The parameters without gradients while the block runs (the network is frozen)."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(params, flags, strict=True):
+            p.requires_grad_(f)

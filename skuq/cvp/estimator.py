@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 
 import numpy as np
@@ -13,10 +14,14 @@ from .._utils import check_option, check_positive, iter_batches
 from ..base import BaseUQEstimator, UQClassifierMixin
 from ..outputs import OutputDistribution
 from .calibration import fit_layer_scales
-from .engine import MomentPropagator
-from .posterior import POSTERIOR_SOURCES, DiagonalWeightPosterior, variances_from_mapping
+from .posterior import DiagonalWeightPosterior, variances_from_mapping
+from .propagator import MomentPropagator
+from .sources import POSTERIOR_SOURCES
 
 __all__ = ["CVPClassifier", "CALIBRATIONS", "MIN_CALIBRATION_ROWS"]
+
+#: prefix of the parameters passed on to the posterior source
+_PREFIX = "posterior__"
 
 CALIBRATIONS = ("per_layer", "global", None)
 #: fewest held-out rows the variance-scale fit accepts
@@ -45,18 +50,17 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         (extra ``pip install skuq[ivon]``) and ``sigma^2 = 1 / (ess (h +
         weight_decay))`` is read from it; a prefit net must have been trained
         with IVON; IVON replaces the net's optimizer and learning rate, so its
-        training needs its own tuning (``posterior_options``). ``"l2m"``: the
+        training needs its own tuning (``posterior__lr``...). ``"l2m"``: the
         L2M posterior read from an Adam-family optimizer's state. Other names
-        registered with :func:`skuq.cvp.posterior.register_posterior_source`
+        registered with :func:`skuq.cvp.sources.register_posterior_source`
         work the same way. A mapping
         ``{parameter name: variance}`` (float or array) or a
         :class:`~skuq.cvp.posterior.DiagonalWeightPosterior` is used as given
         (parameters not named have zero variance).
     posterior_options : dict or None, default=None
-        Keyword options for the source. For ``"ivon"`` when CVP converts the
-        net: ``lr``, ``hess_init``, ``beta2``, ``weight_decay``, ``mc_samples``,
-        ``ess`` (see :data:`skuq.cvp.posterior.IVON_DEFAULTS`; ``ess`` defaults
-        to the number of training rows).
+        Deprecated (a ``FutureWarning``): give each option as a
+        ``posterior__<option>`` parameter instead, which grid searches can set.
+        Options given both ways take the ``posterior__<option>`` value.
     calibration : {"per_layer", "global"} or None, default="per_layer"
         Fit one variance scale per parameterized layer, one shared scale, or
         none (plain variance propagation).
@@ -71,6 +75,14 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         and the posterior.
     device, batch_size, random_state, verbose, memory
         See :class:`skuq.base.BaseUQEstimator`.
+    **kwargs
+        ``posterior__<option>=value``: keyword options for the posterior source,
+        set and searched like any other parameter (as skorch's ``module__``).
+        ``"laplace_diag"``: ``prior_precision`` (a float, or ``"marglik"``) and
+        ``curvature``. ``"ivon"`` when CVP converts the net: ``lr``,
+        ``hess_init``, ``beta2``, ``weight_decay``, ``mc_samples``, ``ess`` (see
+        :data:`skuq.cvp.ivon.IVON_DEFAULTS`; ``ess`` defaults to the number of
+        training rows). ``"l2m"``: see :func:`skuq.cvp.sources.l2m_posterior`.
 
     Attributes
     ----------
@@ -98,16 +110,11 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     """
 
     _extra_fit_params = ()
-    #: benchmarks/compare.py: the IVON source trains its own net (an Adam-trained shared net
-    #: has no IVON posterior)
-    _benchmark_hints = {"variants": {
-        "ivon": {"init_params": {"posterior": "ivon"}, "shared_net": False},
-    }}
 
     def __init__(
         self, estimator, *, posterior="laplace_diag", posterior_options=None,
         calibration="per_layer", calibration_fraction=0.2, device="auto", batch_size=256,
-        random_state=None, verbose=0, memory=None,
+        random_state=None, verbose=0, memory=None, **kwargs,
     ):
         self.estimator = estimator
         self.posterior = posterior
@@ -119,6 +126,36 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.memory = memory
+        # skorch-style prefixed parameters: options of the posterior source, settable
+        # one by one (set_params, grid searches); checked in fit, as every parameter
+        vars(self).update(kwargs)
+        self._kwarg_names = tuple(kwargs)
+
+    # ------------------------------------------------------ prefixed parameters
+    def _get_param_names(self):
+        # the signature's parameters, the keyword ones given to __init__ and the
+        # posterior__<option> ones set since
+        return sorted({*super()._get_param_names(), *getattr(self, "_kwarg_names", ()),
+                       *(k for k in vars(self) if k.startswith(_PREFIX))})
+
+    def set_params(self, **params):
+        """Set parameters, also ``posterior__<option>`` ones the estimator does not have yet.
+
+        Returns
+        -------
+        self
+        """
+        for key in [k for k in params if k.startswith(_PREFIX)]:
+            setattr(self, key, params.pop(key))
+        return super().set_params(**params)
+
+    def _posterior_options(self) -> dict:
+        """Keyword options for the posterior source: the ``posterior__<option>``
+        parameters over the deprecated ``posterior_options`` dict."""
+        options = dict(self.posterior_options or {})
+        options.update({k[len(_PREFIX):]: v for k, v in vars(self).items()
+                        if k.startswith(_PREFIX)})
+        return options
 
     @property
     def _uses_calibration_split(self) -> bool:
@@ -163,8 +200,21 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         if self.calibration is not None:
             check_option("calibration", self.calibration, ("per_layer", "global"))
             check_positive("calibration_fraction", self.calibration_fraction)
-        if self.posterior_options is not None and not isinstance(self.posterior_options, Mapping):
-            raise ValueError("posterior_options must be a dict or None")
+        unknown = sorted(k for k in getattr(self, "_kwarg_names", ()) if not k.startswith(_PREFIX))
+        if unknown:
+            raise TypeError(
+                f"CVPClassifier got unexpected keyword arguments {unknown}; options of the "
+                f"posterior source are given as {_PREFIX}<option>"
+            )
+        if self.posterior_options is not None:
+            if not isinstance(self.posterior_options, Mapping):
+                raise ValueError("posterior_options must be a dict or None")
+            warnings.warn(
+                "posterior_options is deprecated and will be removed in a future release; "
+                "give each option as a parameter of its own: "
+                + ", ".join(f"{_PREFIX}{k}=..." for k in self.posterior_options),
+                FutureWarning, stacklevel=3,
+            )
 
     def _source(self):
         return POSTERIOR_SOURCES[self.posterior] if isinstance(self.posterior, str) else None
@@ -173,7 +223,7 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     def _train_skorch(self, net, X, y):
         source = self._source()
         if source is not None and source.prepare_net is not None:
-            net = source.prepare_net(net, len(X), **(self.posterior_options or {}))
+            net = source.prepare_net(net, len(X), **self._posterior_options())
         return super()._train_skorch(net, X, y)
 
     def _resolve_posterior(self, X, y) -> DiagonalWeightPosterior:
@@ -184,7 +234,7 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
             return DiagonalWeightPosterior(variances_from_mapping(self.model_, post))
         result = self._source().fit(
             self.model_, self.net_, X, y, device=self.device_, batch_size=self.batch_size,
-            **(self.posterior_options or {}),
+            **self._posterior_options(),
         )
         if isinstance(result, Mapping):
             result = DiagonalWeightPosterior(dict(result))

@@ -47,8 +47,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import moments as mom
+from .graph import eval_chain, unary_parent
+from .moments._normal import _HE_W, _HE_X
+from .rules.normalization import layer_norm_moments
 
-# internal to the propagator (engine.py): no public names
+# internal to the propagator (propagator.py): no public names
 __all__: list[str] = []
 
 _SHARED = (nn.Conv1d, nn.Conv2d, nn.Linear)
@@ -120,8 +123,6 @@ def find_pooled_sites(gm: torch.fx.GraphModule, layer_names, products) -> dict:
     ``layer_names``: the call sites with posterior variance; ``products``: the
     propagator's elementwise products (``{node: (root, g)}``).
     """
-    from .engine import _unary_parent
-
     layers = set(layer_names)
     ancestors: dict = {}
     for n in gm.graph.nodes:
@@ -166,7 +167,7 @@ def find_pooled_sites(gm: torch.fx.GraphModule, layer_names, products) -> dict:
                 found[before:] = [f for f in found[before:]
                                   if f[0] not in ancestors[other] | {other}]
             return None
-        parent = _unary_parent(gm, n)
+        parent = unary_parent(gm, n)
         if parent is None:
             return None
         identity = n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.Identity)
@@ -226,14 +227,12 @@ def expected_slope(fn, mu: Tensor, var: Tensor | None) -> Tensor:
 
 def _unary_fn(gm, node, kind, parent, products):
     """The elementwise map of a chain node, as a function of a tensor."""
-    from .engine import _eval_chain
-
     if kind == "product":
         fn = products[node][1]
         return F.silu if fn is None else fn
 
     def fn(t, _n=node, _p=parent):
-        return _eval_chain(gm, [_n], _p, t)
+        return eval_chain(gm, [_n], _p, t)
 
     return fn
 
@@ -316,8 +315,8 @@ def _hermite_coefficients(gm, node, kind, parent, products, mu, var):
             h_prev, h = h, -a * h - (k - 1) * h_prev
         return out
     fn = _unary_fn(gm, node, kind, parent, products)
-    z = mom._HE_X.to(m.device)
-    w = mom._HE_W.to(m.device)
+    z = _HE_X.to(m.device)
+    w = _HE_W.to(m.device)
     vals = fn(m.unsqueeze(-1) + sd.unsqueeze(-1) * z)
     he_prev, he = torch.ones_like(z), z  # He_0, He_1
     for k in range(2, _HERMITE_ORDERS + 1):
@@ -346,8 +345,6 @@ def _normalized_mean(mod, x) -> Tensor:
         inv = torch.rsqrt(mod.running_var + mod.eps).view(shape)
         return (x.mean - mod.running_mean.view(shape)) * inv
     if isinstance(mod, nn.LayerNorm):
-        from .rules import layer_norm_moments
-
         return layer_norm_moments(x, mod.normalized_shape, mod.eps).mean
     eps = mod.eps if mod.eps is not None else torch.finfo(x.mean.dtype).eps
     ms = (x.mean * x.mean).mean(-1, keepdim=True)

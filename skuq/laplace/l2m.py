@@ -30,8 +30,7 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.frozen import FrozenEstimator
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._skorch import is_skorch_net, last_epoch_batch_sizes, trained_optimizer
 from .._utils import check_option, check_positive, check_positive_int, iter_batches
@@ -333,27 +332,3 @@ class L2MRegressor(UQRegressorMixin, RegressionLikelihood, _BaseL2M):
         self.random_state = random_state
         self.verbose = verbose
         self.memory = memory
-
-
-def _l2m_source(model: nn.Module, net, X, y, *, device, batch_size, optimizer=None, **options):
-    """CVP posterior source ``"l2m"``: the L2M diagonal posterior of the trained net.
-
-    ``options`` are :class:`L2MClassifier` parameters (``scale``,
-    ``prior_precision``, ...); a plain module needs its ``optimizer``.
-    """
-    from ..cvp.posterior import DiagonalWeightPosterior
-
-    wrapped = FrozenEstimator(net) if is_skorch_net(net) else model
-    est = L2MClassifier(wrapped, device=device, batch_size=batch_size, **options)
-    est.fit(X, y, **({} if optimizer is None else {"optimizer": optimizer}))
-    variances = est.posterior_.marginal_variance().detach()
-    return DiagonalWeightPosterior(est.weights_.unflatten(variances))
-
-
-def _register_cvp_source() -> None:
-    from ..cvp.posterior import register_posterior_source
-
-    register_posterior_source("l2m", _l2m_source)
-
-
-_register_cvp_source()
