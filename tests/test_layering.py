@@ -41,6 +41,9 @@ FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 # skuq modules that hold estimators (the sklearn face) or their plumbing.
 ESTIMATOR_MODULES = (
     "base",
+    "_mixins",
+    "_skorch",
+    "_persist",
     "baselines",
     "laplace",
     "l2m",
