@@ -1,19 +1,9 @@
 """L2M: a diagonal Laplace posterior read from the optimizer's second moment.
 
-Adam-family optimizers already keep ``v``, an average of squared mini-batch
-gradients, for every weight (Perone et al., 2021). Near a minimum the mean
-gradient vanishes and ``v`` is the gradient *noise*: for the mean loss over a
-batch of ``B`` rows, ``E[g_B^2] ~ (1/B) (1/N) sum_n g_n^2``, so
-
-    sum_n g_n^2  ~  N * B * v_hat
-
-is the diagonal empirical Fisher of the summed loss over the ``N`` training
-rows (``scale="fisher"``, the default). Exactly, for batches ``b`` of a fixed
-partition averaged with equal weights, ``N B mean_b(g_b^2) = sum_n g_n^2 +
-sum_b sum_{n != m in b} g_n g_m``: the cross terms average out only when
-``B << N`` and the mean gradient is ~0. Full-batch training (``B = N``) leaves
-``(sum_n g_n)^2``, the squared full gradient, which vanishes at convergence:
-no curvature at all (L2M warns). The curvature comes for free: fitting
+Adam-family optimizers keep an average of squared mini-batch gradients for
+every weight; near a minimum, scaled by the training rows and the batch size,
+it is the diagonal empirical Fisher of the summed loss (Perone et al., 2021;
+the derivation and its limits are in :mod:`skuq.curvature.optimizer`). Fitting
 reads optimizer state and never passes over the training data again. The
 posterior and the predictive are those of the diagonal Laplace
 (:class:`skuq.posterior.DiagPosterior`, :mod:`skuq.predictive`).
