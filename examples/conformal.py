@@ -32,8 +32,14 @@ def main(quick: bool = False, out: str = "conformal.png") -> dict:
     order = rng.permutation(len(d.X))
     train, cal, test = order[:300], order[300:450], order[450:]
     net = NeuralNetRegressor(
-        MLP, module__hidden=(64, 64), optimizer=torch.optim.Adam, lr=1e-2,
-        max_epochs=80 if quick else 300, batch_size=-1, train_split=None, verbose=0,
+        MLP,
+        module__hidden=(64, 64),
+        optimizer=torch.optim.Adam,
+        lr=1e-2,
+        max_epochs=80 if quick else 300,
+        batch_size=-1,
+        train_split=None,
+        verbose=0,
     )
     est = LaplaceRegressor(net, random_state=0).fit(d.X[train], d.y[train])
 
@@ -66,8 +72,7 @@ def main(quick: bool = False, out: str = "conformal.png") -> dict:
         ax.fill_between(x, r["grid"][:, 0], r["grid"][:, 1], alpha=0.3, label="90 % interval")
         ax.plot(x, mean, lw=1.5, label="mean")
         ax.scatter(d.X[train, 0], d.y[train], s=3, color="0.4", label="training rows")
-        ax.set_title(f"{score}: coverage {r['coverage']:.2f}, width {r['width']:.2f}",
-                     fontsize=10)
+        ax.set_title(f"{score}: coverage {r['coverage']:.2f}, width {r['width']:.2f}", fontsize=10)
         ax.set_xlabel("x")
         ax.set_ylim(-4, 4)
     axes[0].set_ylabel("y")

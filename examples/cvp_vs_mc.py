@@ -44,7 +44,8 @@ def mc_probabilities(model, variances, x, n_samples, generator):
         for _ in range(n_samples):
             drawn = {
                 name: p + variances[name].sqrt() * torch.randn(p.shape, generator=generator)
-                if name in variances else p
+                if name in variances
+                else p
                 for name, p in params.items()
             }
             total = total + torch.softmax(functional_call(model, drawn, (x,)), dim=-1)
@@ -67,13 +68,21 @@ def main(quick: bool = False, out: str = "cvp_vs_mc.png") -> dict:
     has_ivon = importlib.util.find_spec("ivon") is not None
     net_kw = {} if has_ivon else {"optimizer": torch.optim.Adam, "lr": 3e-3}
     net = NeuralNetClassifier(
-        MLP, module__hidden=(64, 64), criterion=torch.nn.CrossEntropyLoss,
-        max_epochs=8 if quick else 30, batch_size=64, train_split=None, verbose=0, **net_kw,
+        MLP,
+        module__hidden=(64, 64),
+        criterion=torch.nn.CrossEntropyLoss,
+        max_epochs=8 if quick else 30,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+        **net_kw,
     )
     posterior = "ivon" if has_ivon else "laplace_diag"
     if not has_ivon:
-        print("ivon-opt is not installed (pip install 'skuq[ivon]'): using posterior="
-              "'laplace_diag' instead")
+        print(
+            "ivon-opt is not installed (pip install 'skuq[ivon]'): using posterior="
+            "'laplace_diag' instead"
+        )
     torch.manual_seed(0)
     est = CVPClassifier(net, posterior=posterior, random_state=0).fit(d.X_train, d.y_train)
     model, prop = est.model_, est.propagator_
@@ -95,22 +104,34 @@ def main(quick: bool = False, out: str = "cvp_vs_mc.png") -> dict:
     rows = {}
     for name, layer_scales in (("VP (uncalibrated)", None), ("CVP", scales)):
         p = vp(layer_scales)
-        rows[name] = {"seconds": seconds(lambda s=layer_scales: vp(s)), "TV": tv(p),
-                      "NLL": negative_log_likelihood(y, p.double().numpy())}
+        rows[name] = {
+            "seconds": seconds(lambda s=layer_scales: vp(s)),
+            "TV": tv(p),
+            "NLL": negative_log_likelihood(y, p.double().numpy()),
+        }
     mc_sizes = (1, 3, 10, 30) if quick else (1, 3, 10, 30, 100)
     for s in mc_sizes:
         p = mc_probabilities(model, variances, x, s, gen)
         rows[f"MC-{s}"] = {
-            "seconds": seconds(lambda s=s: mc_probabilities(model, variances, x, s, gen),
-                               repeats=1 if s > 10 else 3),
-            "TV": tv(p), "NLL": negative_log_likelihood(y, p.double().numpy()),
+            "seconds": seconds(
+                lambda s=s: mc_probabilities(model, variances, x, s, gen),
+                repeats=1 if s > 10 else 3,
+            ),
+            "TV": tv(p),
+            "NLL": negative_log_likelihood(y, p.double().numpy()),
         }
     with torch.no_grad():
         forward = seconds(lambda: model(x))
-    results = {"posterior": posterior, "forward_seconds": forward, "rows": rows,
-               "mc_reference_samples": n_ref}
-    print(f"posterior: {posterior}; MC reference: {n_ref} samples; "
-          f"one plain forward pass: {forward * 1e3:.2f} ms")
+    results = {
+        "posterior": posterior,
+        "forward_seconds": forward,
+        "rows": rows,
+        "mc_reference_samples": n_ref,
+    }
+    print(
+        f"posterior: {posterior}; MC reference: {n_ref} samples; "
+        f"one plain forward pass: {forward * 1e3:.2f} ms"
+    )
     print(f"{'predictive':18s} {'ms / pass':>10s} {'TV to ref':>10s} {'NLL':>7s}")
     for name, r in rows.items():
         print(f"{name:18s} {r['seconds'] * 1e3:10.2f} {r['TV']:10.4f} {r['NLL']:7.4f}")
@@ -123,14 +144,24 @@ def main(quick: bool = False, out: str = "cvp_vs_mc.png") -> dict:
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
     mc = [rows[f"MC-{s}"] for s in mc_sizes]
     for ax, key in zip(axes, ("TV", "NLL"), strict=True):
-        ax.plot([r["seconds"] for r in mc], [r[key] for r in mc], marker="o",
-                label="MC sampling (S nets)")
+        ax.plot(
+            [r["seconds"] for r in mc],
+            [r[key] for r in mc],
+            marker="o",
+            label="MC sampling (S nets)",
+        )
         for s, r in zip(mc_sizes, mc, strict=True):
-            ax.annotate(f"S={s}", (r["seconds"], r[key]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7)
+            ax.annotate(
+                f"S={s}",
+                (r["seconds"], r[key]),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=7,
+            )
         for name, marker in (("VP (uncalibrated)", "s"), ("CVP", "*")):
-            ax.plot(rows[name]["seconds"], rows[name][key], marker=marker, ms=11,
-                    ls="none", label=name)
+            ax.plot(
+                rows[name]["seconds"], rows[name][key], marker=marker, ms=11, ls="none", label=name
+            )
         ax.axvline(forward, color="grey", ls=":", lw=1, label="one plain forward pass")
         ax.set_xscale("log")
         ax.set_xlabel("seconds per pass over the test set")

@@ -31,17 +31,27 @@ from skuq.nets import SmallCNN
 
 
 def main(quick: bool = False, out: str = "gpu.png", device: str = "auto") -> dict:
-    data = make_synthetic_images(n_samples=600 if quick else 2000, size=16, noise=0.6,
-                                 random_state=0)
+    data = make_synthetic_images(
+        n_samples=600 if quick else 2000, size=16, noise=0.6, random_state=0
+    )
     X_train, X_test, y_train, y_test = train_test_split(
-        data.X, data.y, test_size=0.25, stratify=data.y, random_state=0)
+        data.X, data.y, test_size=0.25, stratify=data.y, random_state=0
+    )
     # 150 rows that the net never trains on, for the methods' held-out fits
     X_train, X_val, y_train, y_val = train_test_split(
-        X_train, y_train, test_size=150, stratify=y_train, random_state=0)
+        X_train, y_train, test_size=150, stratify=y_train, random_state=0
+    )
     net = NeuralNetClassifier(
-        SmallCNN, module__channels=(8, 16), module__hidden=64,
-        criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=2e-3,
-        max_epochs=6 if quick else 12, batch_size=64, train_split=None, verbose=0,
+        SmallCNN,
+        module__channels=(8, 16),
+        module__hidden=64,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=2e-3,
+        max_epochs=6 if quick else 12,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
     )
     results = {}
 
@@ -68,15 +78,20 @@ def main(quick: bool = False, out: str = "gpu.png", device: str = "auto") -> dic
     timed("Laplace (last layer)", LaplaceClassifier(trained, device=device), **held_out)
     # CVP's default posterior trains the net with IVON (pip install 'skuq[ivon]');
     # "l2m" reads the Adam state that the trained skorch net kept: no pass over the data
-    timed("CVP (L2M posterior)",
-          CVPClassifier(trained, posterior="l2m", device=device, random_state=0), **held_out)
+    timed(
+        "CVP (L2M posterior)",
+        CVPClassifier(trained, posterior="l2m", device=device, random_state=0),
+        **held_out,
+    )
     used = next(iter(results.values()))["device"]
     gpu = torch.cuda.get_device_name(0) if used.startswith("cuda") else "no GPU: CPU"
     print(f"device={device!r} resolved to {used} ({gpu})")
     print(f"{'method':30s} {'fit s':>7s} {'predict s':>10s} {'accuracy':>9s} {'NLL':>6s}")
     for name, r in results.items():
-        print(f"{name:30s} {r['fit_s']:7.2f} {r['predict_s']:10.3f} {r['accuracy']:9.3f} "
-              f"{r['NLL']:6.3f}")
+        print(
+            f"{name:30s} {r['fit_s']:7.2f} {r['predict_s']:10.3f} {r['accuracy']:9.3f} "
+            f"{r['NLL']:6.3f}"
+        )
 
     import matplotlib
 
@@ -87,11 +102,21 @@ def main(quick: bool = False, out: str = "gpu.png", device: str = "auto") -> dic
     pos = np.arange(len(names))
     fig, ax = plt.subplots(figsize=(7, 3.6))
     ax.bar(pos - 0.2, [results[n]["fit_s"] for n in names], width=0.4, label="fit (incl. training)")
-    ax.bar(pos + 0.2, [results[n]["predict_s"] for n in names], width=0.4,
-           label=f"predict_proba, {len(X_test)} rows")
+    ax.bar(
+        pos + 0.2,
+        [results[n]["predict_s"] for n in names],
+        width=0.4,
+        label=f"predict_proba, {len(X_test)} rows",
+    )
     for i, n in enumerate(names):
-        ax.text(i, results[n]["fit_s"], f"acc {results[n]['accuracy']:.2f}\n"
-                f"NLL {results[n]['NLL']:.2f}", ha="center", va="bottom", fontsize=7)
+        ax.text(
+            i,
+            results[n]["fit_s"],
+            f"acc {results[n]['accuracy']:.2f}\nNLL {results[n]['NLL']:.2f}",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
     ax.set_xticks(pos, names, fontsize=8)
     ax.set_ylabel("seconds")
     ax.set_ylim(0, 1.3 * max(r["fit_s"] for r in results.values()))

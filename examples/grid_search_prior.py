@@ -43,11 +43,18 @@ from skuq.nets import MLP
 def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
     X, y = load_breast_cancer(return_X_y=True)
     X_train, X_test, y_train, y_test = train_test_split(
-        X.astype(np.float32), y, test_size=0.3, stratify=y, random_state=0)
+        X.astype(np.float32), y, test_size=0.3, stratify=y, random_state=0
+    )
     net = NeuralNetClassifier(
-        MLP, module__hidden=(64, 64), criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=1e-2, max_epochs=10 if quick else 50, batch_size=64,
-        train_split=None, verbose=0,
+        MLP,
+        module__hidden=(64, 64),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-2,
+        max_epochs=10 if quick else 50,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
     )
     laplace = {"subset_of_weights": "last_layer", "hessian_structure": "kron"}
     priors = list(np.logspace(-2, 4, 5 if quick else 13))
@@ -57,9 +64,11 @@ def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
     with tempfile.TemporaryDirectory() as cache:
         # route 1: the net is trained in fit, once per fold thanks to memory=
         pipe = make_pipeline(
-            StandardScaler(), LaplaceClassifier(net, **laplace, memory=cache, random_state=0))
-        search = GridSearchCV(pipe, {"laplaceclassifier__prior_precision": priors},
-                              scoring=scoring, cv=3).fit(X_train, y_train)
+            StandardScaler(), LaplaceClassifier(net, **laplace, memory=cache, random_state=0)
+        )
+        search = GridSearchCV(
+            pipe, {"laplaceclassifier__prior_precision": priors}, scoring=scoring, cv=3
+        ).fit(X_train, y_train)
         curves["net trained per fold (memory=)"] = -search.cv_results_["mean_test_score"]
         # the bare net on the same folds: the same training, so it comes from the cache
         bare = make_pipeline(StandardScaler(), MAPClassifier(net, memory=cache, random_state=0))
@@ -71,13 +80,18 @@ def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
     Xs_train, Xs_test = scaler.transform(X_train), scaler.transform(X_test)
     torch.manual_seed(0)
     trained = net.fit(Xs_train, y_train)
-    frozen = GridSearchCV(LaplaceClassifier(FrozenEstimator(trained), **laplace),
-                          {"prior_precision": priors}, scoring=scoring, cv=3)
+    frozen = GridSearchCV(
+        LaplaceClassifier(FrozenEstimator(trained), **laplace),
+        {"prior_precision": priors},
+        scoring=scoring,
+        cv=3,
+    )
     frozen.fit(Xs_train, y_train)
     curves["one trained net (FrozenEstimator)"] = -frozen.cv_results_["mean_test_score"]
 
-    marglik = LaplaceClassifier(FrozenEstimator(trained), **laplace,
-                                prior_precision="marglik").fit(Xs_train, y_train)
+    marglik = LaplaceClassifier(FrozenEstimator(trained), **laplace, prior_precision="marglik").fit(
+        Xs_train, y_train
+    )
     results = {
         "best_prior_precision": float(search.best_params_["laplaceclassifier__prior_precision"]),
         "best_prior_precision_frozen": float(frozen.best_params_["prior_precision"]),
@@ -86,8 +100,9 @@ def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
         "cv_NLL_best": float(-search.best_score_),
         "test_NLL_best": test_nll_best,
         "test_NLL_MAP": negative_log_likelihood(
-            y_test, MAPClassifier(FrozenEstimator(trained)).fit(Xs_train, y_train)
-            .predict_proba(Xs_test)),
+            y_test,
+            MAPClassifier(FrozenEstimator(trained)).fit(Xs_train, y_train).predict_proba(Xs_test),
+        ),
         "test_NLL_marglik": negative_log_likelihood(y_test, marglik.predict_proba(Xs_test)),
         "cv_NLL": curves,
         "grid": np.asarray(priors),
@@ -95,10 +110,13 @@ def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
     print(f"best prior precision, net per fold:   {results['best_prior_precision']:.3g}")
     print(f"best prior precision, frozen net:     {results['best_prior_precision_frozen']:.3g}")
     print(f"marginal-likelihood prior precision:  {results['marglik_prior_precision']:.3g}")
-    print(f"CV NLL: bare net {results['cv_NLL_MAP']:.3f}, best Laplace "
-          f"{results['cv_NLL_best']:.3f}")
-    print(f"test NLL: bare net {results['test_NLL_MAP']:.3f}, grid search "
-          f"{results['test_NLL_best']:.3f}, marglik {results['test_NLL_marglik']:.3f}")
+    print(
+        f"CV NLL: bare net {results['cv_NLL_MAP']:.3f}, best Laplace {results['cv_NLL_best']:.3f}"
+    )
+    print(
+        f"test NLL: bare net {results['test_NLL_MAP']:.3f}, grid search "
+        f"{results['test_NLL_best']:.3f}, marglik {results['test_NLL_marglik']:.3f}"
+    )
 
     import matplotlib
 
@@ -109,8 +127,12 @@ def main(quick: bool = False, out: str = "grid_search_prior.png") -> dict:
     for name, nll in curves.items():
         ax.plot(results["grid"], nll, marker="o", label=name)
     ax.axhline(map_cv_nll, color="black", lw=1, label="bare net (MAP), per fold")
-    ax.axvline(results["marglik_prior_precision"], color="grey", ls="--",
-               label="marginal likelihood's choice")
+    ax.axvline(
+        results["marglik_prior_precision"],
+        color="grey",
+        ls="--",
+        label="marginal likelihood's choice",
+    )
     ax.set_xscale("log")
     ax.set_xlabel("prior precision")
     ax.set_ylabel("3-fold CV NLL (lower is better)")

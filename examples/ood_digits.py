@@ -26,9 +26,16 @@ from skuq.nets import MLP
 
 def make_net(epochs: int) -> NeuralNetClassifier:
     return NeuralNetClassifier(
-        MLP, module__n_outputs=5, module__hidden=(128, 128),
-        criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=3e-3,
-        max_epochs=epochs, batch_size=128, train_split=None, verbose=0,
+        MLP,
+        module__n_outputs=5,
+        module__hidden=(128, 128),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=3e-3,
+        max_epochs=epochs,
+        batch_size=128,
+        train_split=None,
+        verbose=0,
     )
 
 
@@ -42,11 +49,17 @@ def main(quick: bool = False, out: str = "ood_digits.png") -> dict:
         # (estimator, which uncertainty score to use)
         "MAP": (MAPClassifier(FrozenEstimator(net)), "entropy"),
         "Laplace (all weights)": (
-            LaplaceClassifier(FrozenEstimator(net), subset_of_weights="all",
-                              prior_precision="marglik"), "entropy"),
+            LaplaceClassifier(
+                FrozenEstimator(net), subset_of_weights="all", prior_precision="marglik"
+            ),
+            "entropy",
+        ),
         "Deep ensemble": (
-            DeepEnsembleClassifier(make_net(epochs), n_estimators=3 if quick else 5,
-                                   random_state=0), "mutual_information"),
+            DeepEnsembleClassifier(
+                make_net(epochs), n_estimators=3 if quick else 5, random_state=0
+            ),
+            "mutual_information",
+        ),
     }
     results = {}
     for name, (est, kind) in estimators.items():
@@ -63,8 +76,10 @@ def main(quick: bool = False, out: str = "ood_digits.png") -> dict:
         }
     print(f"{'method':22s} {'accuracy':>9s} {'OOD AUROC':>10s} {'FPR@95':>7s}  score")
     for name, r in results.items():
-        print(f"{name:22s} {r['accuracy']:9.3f} {r['OOD AUROC']:10.3f} {r['FPR@95']:7.3f}  "
-              f"{r['score']}")
+        print(
+            f"{name:22s} {r['accuracy']:9.3f} {r['OOD AUROC']:10.3f} {r['FPR@95']:7.3f}  "
+            f"{r['score']}"
+        )
 
     import matplotlib
 
@@ -75,8 +90,9 @@ def main(quick: bool = False, out: str = "ood_digits.png") -> dict:
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.6))
     for ax, (name, r) in zip(axes, results.items(), strict=True):
-        uncertainty_histogram(r["u_in"], r["u_out"], ax=ax, label=name,
-                              xlabel=r["score"].replace("_", " "))
+        uncertainty_histogram(
+            r["u_in"], r["u_out"], ax=ax, label=name, xlabel=r["score"].replace("_", " ")
+        )
     fig.suptitle("uncertainty on held-out digits 0-4 (in-distribution) vs digits 5-9 (OOD)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

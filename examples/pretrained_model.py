@@ -48,8 +48,7 @@ def train_plain_torch(X, y, epochs: int, batch_size: int = 64):
 def evaluate(est, d) -> dict:
     return {
         "NLL": negative_log_likelihood(d.y_test, est.predict_proba(d.X_test)),
-        "OOD AUROC": ood_auroc(est.predict_uncertainty(d.X_test),
-                               est.predict_uncertainty(d.X_ood)),
+        "OOD AUROC": ood_auroc(est.predict_uncertainty(d.X_test), est.predict_uncertainty(d.X_ood)),
     }
 
 
@@ -57,7 +56,8 @@ def main(quick: bool = False, out: str = "pretrained_model.png") -> dict:
     d = load_digits_ood()
     # keep a validation split that no net trains on (for the temperature and the prior)
     X_train, X_val, y_train, y_val = train_test_split(
-        d.X_train, d.y_train, test_size=0.2, stratify=d.y_train, random_state=0)
+        d.X_train, d.y_train, test_size=0.2, stratify=d.y_train, random_state=0
+    )
     epochs = 8 if quick else 30
     results = {}
 
@@ -67,18 +67,27 @@ def main(quick: bool = False, out: str = "pretrained_model.png") -> dict:
     results["nn.Module"] = {
         "MAP": evaluate(MAPClassifier(module).fit(X_train, y_train), d),
         "Laplace": evaluate(
-            LaplaceClassifier(module).fit(X_train, y_train, X_cal=X_val, y_cal=y_val), d),
+            LaplaceClassifier(module).fit(X_train, y_train, X_cal=X_val, y_cal=y_val), d
+        ),
         "L2M": evaluate(
-            L2MClassifier(module, train_batch_size=64).fit(X_train, y_train, optimizer=opt), d),
+            L2MClassifier(module, train_batch_size=64).fit(X_train, y_train, optimizer=opt), d
+        ),
     }
     unchanged = all(torch.equal(before[k], v) for k, v in module.state_dict().items())
 
     # route 2: a skorch net trained by the user, wrapped in FrozenEstimator
     torch.manual_seed(0)
     net = NeuralNetClassifier(
-        MLP, module__n_outputs=5, module__hidden=(128,), criterion=nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=3e-3, max_epochs=epochs, batch_size=64,
-        train_split=None, verbose=0,
+        MLP,
+        module__n_outputs=5,
+        module__hidden=(128,),
+        criterion=nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=3e-3,
+        max_epochs=epochs,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
     ).fit(X_train, y_train)
     before_net = copy.deepcopy(net.module_.state_dict())
     frozen = FrozenEstimator(net)
@@ -87,10 +96,12 @@ def main(quick: bool = False, out: str = "pretrained_model.png") -> dict:
         # a trained net calibrates on all of fit's rows: give it the validation rows
         "temperature": evaluate(TemperatureScalingClassifier(frozen).fit(X_val, y_val), d),
         "Laplace": evaluate(
-            LaplaceClassifier(frozen).fit(X_train, y_train, X_cal=X_val, y_cal=y_val), d),
+            LaplaceClassifier(frozen).fit(X_train, y_train, X_cal=X_val, y_cal=y_val), d
+        ),
     }
     unchanged = unchanged and all(
-        torch.equal(before_net[k], v) for k, v in net.module_.state_dict().items())
+        torch.equal(before_net[k], v) for k, v in net.module_.state_dict().items()
+    )
     results["weights unchanged"] = unchanged
 
     for route in ("nn.Module", "FrozenEstimator"):
@@ -104,8 +115,11 @@ def main(quick: bool = False, out: str = "pretrained_model.png") -> dict:
     import matplotlib.pyplot as plt
 
     short = {"nn.Module": "module", "FrozenEstimator": "frozen"}
-    labels = [f"{name}\n({short[route]})" for route in ("nn.Module", "FrozenEstimator")
-              for name in results[route]]
+    labels = [
+        f"{name}\n({short[route]})"
+        for route in ("nn.Module", "FrozenEstimator")
+        for name in results[route]
+    ]
     values = [r for route in ("nn.Module", "FrozenEstimator") for r in results[route].values()]
     colors = ["C0" if "MAP" in label else "C1" for label in labels]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -118,8 +132,11 @@ def main(quick: bool = False, out: str = "pretrained_model.png") -> dict:
             ax.set_ylim(0.5, 1.0)
         for i, h in enumerate(heights):
             ax.text(i, h, f"{h:.3f}", ha="center", va="bottom", fontsize=7)
-    fig.suptitle("already-trained nets, digits 0-4: a plain nn.Module (module) and a skorch "
-                 "net in FrozenEstimator (frozen); blue: the bare net", fontsize=10)
+    fig.suptitle(
+        "already-trained nets, digits 0-4: a plain nn.Module (module) and a skorch "
+        "net in FrozenEstimator (frozen); blue: the bare net",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

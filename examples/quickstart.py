@@ -32,18 +32,26 @@ def main(quick: bool = False, out: str = "quickstart_reliability.png") -> dict:
     data = load_digits_ood()
     # a validation split for the post-hoc fits; the test split is never used to tune
     X_train, X_val, y_train, y_val = train_test_split(
-        data.X_train, data.y_train, test_size=0.2, random_state=0, stratify=data.y_train)
+        data.X_train, data.y_train, test_size=0.2, random_state=0, stratify=data.y_train
+    )
     net = NeuralNetClassifier(
-        MLP, module__hidden=(128, 128), criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=1e-3, max_epochs=10 if quick else 60,
-        batch_size=64, train_split=None, verbose=0,
+        MLP,
+        module__hidden=(128, 128),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-3,
+        max_epochs=10 if quick else 60,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
     )
     bare = MAPClassifier(net, random_state=0).fit(X_train, y_train)
     trained = FrozenEstimator(bare.net_)  # trained once, shared, never retrained
     # temperature scaling fits its temperature on the validation split; L2M reads the
     # optimizer state of the training run and needs no data beyond fit's
     temperature = TemperatureScalingClassifier(trained, random_state=0).fit(
-        X_train, y_train, X_cal=X_val, y_cal=y_val)
+        X_train, y_train, X_cal=X_val, y_cal=y_val
+    )
     l2m = L2MClassifier(trained, random_state=0).fit(X_train, y_train)
     estimators = [bare, temperature, l2m]
     rows = {}
@@ -60,8 +68,10 @@ def main(quick: bool = False, out: str = "quickstart_reliability.png") -> dict:
         }
     print(f"{'estimator':32s} {'accuracy':>9s} {'NLL':>7s} {'ECE':>7s} {'OOD AUROC':>10s}")
     for name, r in rows.items():
-        print(f"{name:32s} {r['accuracy']:9.3f} {r['NLL']:7.3f} {r['ECE']:7.3f} "
-              f"{r['OOD AUROC']:10.3f}")
+        print(
+            f"{name:32s} {r['accuracy']:9.3f} {r['NLL']:7.3f} {r['ECE']:7.3f} "
+            f"{r['OOD AUROC']:10.3f}"
+        )
     try:
         import matplotlib
 

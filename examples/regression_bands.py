@@ -26,9 +26,16 @@ from skuq.nets import MLP
 
 def make_net(epochs: int, dropout: float = 0.0) -> NeuralNetRegressor:
     return NeuralNetRegressor(
-        MLP, module__n_outputs=1, module__hidden=(64, 64), module__dropout=dropout,
-        optimizer=torch.optim.Adam, lr=1e-2, max_epochs=epochs,
-        batch_size=-1, train_split=None, verbose=0,  # full batch: 300 rows
+        MLP,
+        module__n_outputs=1,
+        module__hidden=(64, 64),
+        module__dropout=dropout,
+        optimizer=torch.optim.Adam,
+        lr=1e-2,
+        max_epochs=epochs,
+        batch_size=-1,
+        train_split=None,
+        verbose=0,  # full batch: 300 rows
     )
 
 
@@ -42,7 +49,8 @@ def main(quick: bool = False, out: str = "regression_bands.png") -> dict:
         "MAP (noise only)": MAPRegressor(FrozenEstimator(net)),
         "Laplace, last layer": LaplaceRegressor(FrozenEstimator(net)),
         "Laplace, all weights (K-FAC)": LaplaceRegressor(
-            FrozenEstimator(net), subset_of_weights="all", hessian_structure="kron"),
+            FrozenEstimator(net), subset_of_weights="all", hessian_structure="kron"
+        ),
         "MC dropout (p=0.1)": MCDropoutRegressor(make_net(epochs, dropout=0.1), random_state=0),
     }
     x = d.X_test[:, 0]
@@ -61,8 +69,10 @@ def main(quick: bool = False, out: str = "regression_bands.png") -> dict:
         }
     print(f"{'method':30s} {'std data':>9s} {'std gap':>8s} {'std out':>8s} {'RMSE':>6s}")
     for name, r in results.items():
-        print(f"{name:30s} {r['std on data']:9.3f} {r['std in gap']:8.3f} "
-              f"{r['std beyond data']:8.3f} {r['RMSE on data']:6.3f}")
+        print(
+            f"{name:30s} {r['std on data']:9.3f} {r['std in gap']:8.3f} "
+            f"{r['std beyond data']:8.3f} {r['RMSE on data']:6.3f}"
+        )
 
     import matplotlib
 
@@ -72,8 +82,9 @@ def main(quick: bool = False, out: str = "regression_bands.png") -> dict:
     fig, axes = plt.subplots(2, 2, figsize=(8, 6), sharex=True, sharey=True)
     for ax, (name, r) in zip(axes.flat, results.items(), strict=True):
         ax.axvspan(-0.5, 0.5, color="0.93", lw=0)
-        ax.fill_between(x, r["mean"] - 2 * r["std"], r["mean"] + 2 * r["std"], alpha=0.3,
-                        label="±2 std")
+        ax.fill_between(
+            x, r["mean"] - 2 * r["std"], r["mean"] + 2 * r["std"], alpha=0.3, label="±2 std"
+        )
         ax.plot(x, d.y_test, color="black", lw=1, ls="--", label="truth")
         ax.plot(x, r["mean"], lw=1.5, label="mean")
         ax.scatter(d.X[:, 0], d.y, s=4, color="0.4", label="data")

@@ -42,9 +42,16 @@ from skuq.nets import MLP
 
 def make_net(epochs: int) -> NeuralNetClassifier:
     return NeuralNetClassifier(
-        MLP, module__n_outputs=10, module__hidden=(64,), criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=3e-3, max_epochs=epochs, batch_size=64,
-        train_split=None, verbose=0,
+        MLP,
+        module__n_outputs=10,
+        module__hidden=(64,),
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=3e-3,
+        max_epochs=epochs,
+        batch_size=64,
+        train_split=None,
+        verbose=0,
     )
 
 
@@ -53,9 +60,11 @@ def main(quick: bool = False, out: str = "selective_prediction.png") -> dict:
     X, y = (digits.data / 16.0).astype(np.float32), digits.target
     # 300 training rows, 300 validation rows (for temperature and prior), the rest test
     X_train, X_rest, y_train, y_rest = train_test_split(
-        X, y, train_size=300, stratify=y, random_state=0)
+        X, y, train_size=300, stratify=y, random_state=0
+    )
     X_val, X_test, y_val, y_test = train_test_split(
-        X_rest, y_rest, train_size=300, stratify=y_rest, random_state=0)
+        X_rest, y_rest, train_size=300, stratify=y_rest, random_state=0
+    )
 
     epochs = 15 if quick else 40
     torch.manual_seed(0)
@@ -65,7 +74,8 @@ def main(quick: bool = False, out: str = "selective_prediction.png") -> dict:
         "temperature scaling": TemperatureScalingClassifier(FrozenEstimator(net)),
         "Laplace (last layer)": LaplaceClassifier(FrozenEstimator(net)),
         "deep ensemble": DeepEnsembleClassifier(
-            make_net(epochs), n_estimators=3 if quick else 5, random_state=0),
+            make_net(epochs), n_estimators=3 if quick else 5, random_state=0
+        ),
     }
     calibrates = ("temperature scaling", "Laplace (last layer)")
     results = {}
@@ -84,8 +94,7 @@ def main(quick: bool = False, out: str = "selective_prediction.png") -> dict:
         }
     print(f"{'method':22s} {'accuracy':>9s} {'NLL':>6s} {'AURC':>7s} {'C@1%':>6s}")
     for name, r in results.items():
-        print(f"{name:22s} {r['accuracy']:9.3f} {r['NLL']:6.3f} {r['AURC']:7.4f} "
-              f"{r['C@1%']:6.3f}")
+        print(f"{name:22s} {r['accuracy']:9.3f} {r['NLL']:6.3f} {r['AURC']:7.4f} {r['C@1%']:6.3f}")
 
     import matplotlib
 
@@ -97,8 +106,7 @@ def main(quick: bool = False, out: str = "selective_prediction.png") -> dict:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name, r in results.items():
         errors = r["proba"].argmax(1) != y_test  # classes_ are 0..9 here
-        risk_coverage_plot(errors, r["proba"].max(1), ax=ax,
-                           label=f"{name} (AURC {r['AURC']:.4f})")
+        risk_coverage_plot(errors, r["proba"].max(1), ax=ax, label=f"{name} (AURC {r['AURC']:.4f})")
     ax.axhline(0.01, color="grey", ls=":", lw=1)
     ax.text(0.02, 0.011, "1 % risk", color="grey", fontsize=8, va="bottom")
     ax.set_title(f"digits, {len(X_train)} training rows: abstain on the least confident")
@@ -114,8 +122,9 @@ def main(quick: bool = False, out: str = "selective_prediction.png") -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer epochs and members")
-    parser.add_argument("--out", default="selective_prediction.png",
-                        help="where to save the figure")
+    parser.add_argument(
+        "--out", default="selective_prediction.png", help="where to save the figure"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # small nets: one thread is fastest, above all on a shared CPU
     main(quick=args.quick, out=args.out)

@@ -117,8 +117,14 @@ class _Encoder:
         self._memo[key] = ("T", index)
         self._keep.append(t)
         self.tensors.append(
-            [array, dtype, str(t.device), isinstance(t, torch.nn.Parameter),
-             bool(t.requires_grad), perm]
+            [
+                array,
+                dtype,
+                str(t.device),
+                isinstance(t, torch.nn.Parameter),
+                bool(t.requires_grad),
+                perm,
+            ]
         )
         return index
 
@@ -276,8 +282,12 @@ def to_portable(state: dict) -> dict:
     """
     encode = _Encoder()
     tree = encode(dict(state))
-    return {PORTABLE_KEY: _FORMAT, "tree": tree, "tensors": encode.tensors,
-            "objects": encode.objects}
+    return {
+        PORTABLE_KEY: _FORMAT,
+        "tree": tree,
+        "tensors": encode.tensors,
+        "objects": encode.objects,
+    }
 
 
 def from_portable(portable: dict) -> dict:

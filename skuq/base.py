@@ -145,8 +145,10 @@ class BaseUQEstimator(PortableStateMixin, BaseEstimator):
         -------
         self
         """
-        unknown = set(fit_params) - set(self._extra_fit_params) - (
-            {"X_cal", "y_cal"} if self._uses_calibration_split else set()
+        unknown = (
+            set(fit_params)
+            - set(self._extra_fit_params)
+            - ({"X_cal", "y_cal"} if self._uses_calibration_split else set())
         )
         if unknown:
             raise TypeError(

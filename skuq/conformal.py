@@ -42,8 +42,12 @@ from sklearn.utils.validation import check_is_fitted
 
 from .outputs import OutputDistribution
 
-__all__ = ["PosteriorMarginClassifier", "margin_probabilities", "split_conformal",
-           "cross_conformal"]
+__all__ = [
+    "PosteriorMarginClassifier",
+    "margin_probabilities",
+    "split_conformal",
+    "cross_conformal",
+]
 
 _MIN_SD = 1e-6  # a point mass has no spread: its margins become large, signed z-scores
 
@@ -58,8 +62,12 @@ def _mapie():
             "skuq.conformal needs MAPIE 1.x: pip install 'skuq[conformal]' "
             "(or pip install 'mapie>=1.0')"
         ) from err
-    return SplitConformalRegressor, CrossConformalRegressor, SplitConformalClassifier, \
-        CrossConformalClassifier
+    return (
+        SplitConformalRegressor,
+        CrossConformalRegressor,
+        SplitConformalClassifier,
+        CrossConformalClassifier,
+    )
 
 
 def margin_probabilities(dist: OutputDistribution) -> torch.Tensor:
@@ -223,12 +231,14 @@ def split_conformal(estimator, X_cal, y_cal, *, confidence_level=0.9, score: str
     SplitReg, _, SplitClf, _ = _mapie()
     base, name = _resolve(estimator, score, fitted=True)
     cls = SplitClf if is_classifier(estimator) else SplitReg
-    return cls(base, confidence_level=confidence_level, conformity_score=name,
-               prefit=True).conformalize(X_cal, y_cal)
+    return cls(
+        base, confidence_level=confidence_level, conformity_score=name, prefit=True
+    ).conformalize(X_cal, y_cal)
 
 
-def cross_conformal(estimator, X, y, *, confidence_level=0.9, score: str = "posterior",
-                    cv=5, **kwargs):
+def cross_conformal(
+    estimator, X, y, *, confidence_level=0.9, score: str = "posterior", cv=5, **kwargs
+):
     """Cross conformal (CV+): ``cv`` clones of an unfitted skuq estimator, each
     scored on the fold it did not see.
 
@@ -264,5 +274,6 @@ def cross_conformal(estimator, X, y, *, confidence_level=0.9, score: str = "post
     _, CrossReg, _, CrossClf = _mapie()
     base, name = _resolve(estimator, score, fitted=False)
     cls = CrossClf if is_classifier(estimator) else CrossReg
-    return cls(base, confidence_level=confidence_level, conformity_score=name, cv=cv,
-               **kwargs).fit_conformalize(X, y)
+    return cls(
+        base, confidence_level=confidence_level, conformity_score=name, cv=cv, **kwargs
+    ).fit_conformalize(X, y)

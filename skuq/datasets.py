@@ -35,9 +35,7 @@ def load_digits_ood(*, test_size: float = 0.3, random_state: int = 0) -> Bunch:
     X_tr, X_te, y_tr, y_te = train_test_split(
         X[ind], y[ind], test_size=test_size, random_state=random_state, stratify=y[ind]
     )
-    return Bunch(
-        X_train=X_tr, y_train=y_tr, X_test=X_te, y_test=y_te, X_ood=X[~ind], y_ood=y[~ind]
-    )
+    return Bunch(X_train=X_tr, y_train=y_tr, X_test=X_te, y_test=y_te, X_ood=X[~ind], y_ood=y[~ind])
 
 
 def make_two_moons(
@@ -65,7 +63,10 @@ def make_two_moons(
 
 
 def make_gap_regression(
-    n_samples: int = 300, *, noise: float = 0.1, gap: tuple[float, float] = (-0.5, 0.5),
+    n_samples: int = 300,
+    *,
+    noise: float = 0.1,
+    gap: tuple[float, float] = (-0.5, 0.5),
     random_state: int = 0,
 ) -> Bunch:
     """Noisy 1-D regression ``y = sin(3x) + x/2 + noise`` with no data inside ``gap``.
@@ -98,14 +99,20 @@ def make_gap_regression(
     y = f(x) + noise * rng.randn(len(x))
     grid = np.linspace(-3, 3, 301)
     return Bunch(
-        X=x[:, None].astype(np.float32), y=y.astype(np.float32),
-        X_test=grid[:, None].astype(np.float32), y_test=f(grid).astype(np.float32),
+        X=x[:, None].astype(np.float32),
+        y=y.astype(np.float32),
+        X_test=grid[:, None].astype(np.float32),
+        y_test=f(grid).astype(np.float32),
         in_gap=(grid > gap[0]) & (grid < gap[1]),
     )
 
 
 def make_synthetic_images(
-    n_samples: int = 2000, *, n_classes: int = 10, size: int = 28, noise: float = 0.3,
+    n_samples: int = 2000,
+    *,
+    n_classes: int = 10,
+    size: int = 28,
+    noise: float = 0.3,
     random_state: int = 0,
 ) -> Bunch:
     """Grayscale ``size x size`` images of class-specific oriented stripe patterns.
@@ -141,6 +148,4 @@ def make_synthetic_images(
     cx, cy = rng.uniform(0.2, 0.8, (2, n_ood, 1, 1))
     blobs = np.exp(-((xx[None] - cx) ** 2 + (yy[None] - cy) ** 2) / 0.02)
     X_ood = 2 * blobs - 1 + noise * rng.randn(n_ood, size, size)
-    return Bunch(
-        X=X[:, None].astype(np.float32), y=y, X_ood=X_ood[:, None].astype(np.float32)
-    )
+    return Bunch(X=X[:, None].astype(np.float32), y=y, X_ood=X_ood[:, None].astype(np.float32))

@@ -187,8 +187,12 @@ class OutputDistribution:
         def move(t):
             return None if t is None else t.to(target)
 
-        return OutputDistribution(move(self.mean), move(self.covariance), move(self.samples),
-                                  move(self.centered_covariance))
+        return OutputDistribution(
+            move(self.mean),
+            move(self.covariance),
+            move(self.samples),
+            move(self.centered_covariance),
+        )
 
     def scale_variance(self, factor: float) -> OutputDistribution:
         """The Gaussian with its covariance multiplied by ``factor``.
@@ -224,7 +228,9 @@ class OutputDistribution:
             return mean.unsqueeze(0).expand(n_samples, *mean.shape)
         check_finite(self.covariance, "the predicted output covariance")
         eps = torch.randn(
-            (n_samples, 1, mean.shape[-1]), generator=generator, device=mean.device,
+            (n_samples, 1, mean.shape[-1]),
+            generator=generator,
+            device=mean.device,
             dtype=mean.dtype,
         ).expand(n_samples, *mean.shape)
         if self.covariance.ndim == 2:
@@ -371,8 +377,11 @@ def centered_probit_probabilities(mean: Tensor, covariance: Tensor) -> Tensor:
         var = v * (1.0 - 2.0 / n_classes) + v.sum(-1, keepdim=True) / n_classes**2
     else:
         row = covariance.sum(-1)
-        var = (torch.diagonal(covariance, dim1=-2, dim2=-1) - (2.0 / n_classes) * row
-               + row.sum(-1, keepdim=True) / n_classes**2)
+        var = (
+            torch.diagonal(covariance, dim1=-2, dim2=-1)
+            - (2.0 / n_classes) * row
+            + row.sum(-1, keepdim=True) / n_classes**2
+        )
     if n_classes == 2:
         # softmax is the sigmoid of d = f_1 - f_0 and the centered logits are -d/2, d/2,
         # of variance Var d / 4: their probit would correct with pi/32 Var d. The probit

@@ -119,6 +119,4 @@ def make_pipeline(*steps, memory=None, transform_input=None, verbose: bool = Fal
     pipe = _sklearn_make_pipeline(
         *steps, memory=memory, transform_input=transform_input, verbose=verbose
     )
-    return UQPipeline(
-        pipe.steps, memory=memory, transform_input=transform_input, verbose=verbose
-    )
+    return UQPipeline(pipe.steps, memory=memory, transform_input=transform_input, verbose=verbose)

@@ -77,8 +77,9 @@ def last_layer_features(weights: WeightSubset, x: Tensor) -> tuple[Tensor, Tenso
     return phi, f
 
 
-def _layer_glm(weights: WeightSubset, posterior, x: Tensor,
-               center: bool = False) -> OutputDistribution | None:
+def _layer_glm(
+    weights: WeightSubset, posterior, x: Tensor, center: bool = False
+) -> OutputDistribution | None:
     """``J Sigma J^T`` for diag/K-FAC posteriors over dense layers fed by vectors.
 
     One forward pass and ``C`` backward passes give each layer's input ``a``
@@ -117,8 +118,10 @@ def _record_layers(model: nn.Module, modules: list[nn.Module], x: Tensor):
     extra dims (a Linear layer on sequences, say), which the closed forms do not cover.
     """
     f, rec = record_forward(model, modules, x, grad=True)
-    if any(len(rec.outputs[m]) != 1
-           or rec.inputs[m][0].ndim != (4 if isinstance(m, nn.Conv2d) else 2) for m in modules):
+    if any(
+        len(rec.outputs[m]) != 1 or rec.inputs[m][0].ndim != (4 if isinstance(m, nn.Conv2d) else 2)
+        for m in modules
+    ):
         return None
     return f, {m: rec.inputs[m][0] for m in modules}, [rec.outputs[m][0] for m in modules]
 
@@ -141,8 +144,9 @@ def _class_output_gradients(f: Tensor, outs: list[Tensor], center: bool) -> list
     return grads
 
 
-def _add_diag_layers(cov: Tensor, plan, inputs: dict, grads: list[Tensor],
-                     posterior: DiagPosterior) -> None:
+def _add_diag_layers(
+    cov: Tensor, plan, inputs: dict, grads: list[Tensor], posterior: DiagPosterior
+) -> None:
     """``cov += J diag(var) J^T``, layer by layer (in place)."""
     dt = cov.dtype
     var = posterior.marginal_variance()
@@ -160,8 +164,9 @@ def _add_diag_layers(cov: Tensor, plan, inputs: dict, grads: list[Tensor],
         cov += torch.einsum("bco,bdo,bo->bcd", g, g, u)
 
 
-def _add_kron_layers(cov: Tensor, plan, inputs: dict, grads: list[Tensor],
-                     posterior: KronPosterior) -> None:
+def _add_kron_layers(
+    cov: Tensor, plan, inputs: dict, grads: list[Tensor], posterior: KronPosterior
+) -> None:
     """``cov += J Sigma J^T`` under K-FAC, layer by layer in the factors' eigenbases."""
     dt = cov.dtype
     starts = {b.index.start: i for i, b in enumerate(posterior.blocks)}
@@ -226,8 +231,7 @@ def _conv_diag_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, var: Tensor) ->
     return out
 
 
-def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, starts,
-                   inv) -> Tensor:
+def _conv_kron_glm(mod: nn.Conv2d, slices, a: Tensor, g: Tensor, posterior, starts, inv) -> Tensor:
     """A Conv2d layer's share of ``J Sigma J^T`` under K-FAC, (B, C, C), in chunks of rows.
 
     The weight Jacobian of class ``c`` is ``sum_t g_c[t] a[t]^T`` (output
@@ -330,7 +334,9 @@ def glm_predictive(
             phi, f = feats
             layer = weights.last_layer
             cov = posterior.functional_variance_last_layer(
-                phi.to(posterior.mean.dtype), layer.out_features, len(weights.names) == 2,
+                phi.to(posterior.mean.dtype),
+                layer.out_features,
+                len(weights.names) == 2,
                 augment=center,
             )
             return gaussian_predictive(f, cov, center)

@@ -63,8 +63,16 @@ class _DeepEnsembleBase(BaseUQEstimator):
     """Shared part of the deep-ensemble classifier and regressor."""
 
     def __init__(
-        self, estimator, *, n_estimators=5, n_jobs=None, device="auto", batch_size=256,
-        random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        n_estimators=5,
+        n_jobs=None,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.n_estimators = n_estimators
@@ -78,7 +86,8 @@ class _DeepEnsembleBase(BaseUQEstimator):
     def _validate_options(self) -> None:
         check_positive_int("n_estimators", self.n_estimators)
         if self.n_jobs is not None and not (
-            isinstance(self.n_jobs, numbers.Integral) and not isinstance(self.n_jobs, bool)
+            isinstance(self.n_jobs, numbers.Integral)
+            and not isinstance(self.n_jobs, bool)
             and self.n_jobs != 0
         ):
             raise ValueError(f"n_jobs must be None or a non-zero int, got {self.n_jobs!r}")

@@ -30,7 +30,13 @@ class _MAPBase(BaseUQEstimator):
     """Shared part of the MAP classifier and regressor: the net's own outputs."""
 
     def __init__(
-        self, estimator, *, device="auto", batch_size=256, random_state=None, verbose=0,
+        self,
+        estimator,
+        *,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
         memory=None,
     ):
         self.estimator = estimator
@@ -262,8 +268,16 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
     _uses_calibration_split = True
 
     def __init__(
-        self, estimator, *, temperature=None, calibration_fraction=0.2, device="auto",
-        batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        temperature=None,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.temperature = temperature
@@ -283,10 +297,14 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
             self.temperature_ = float(self.temperature)
             return
         with torch.no_grad():
-            logits = torch.cat([
-                self.model_(xb).float().cpu()
-                for (xb,) in iter_batches(X_cal, batch_size=self.batch_size, device=self.device_)
-            ])
+            logits = torch.cat(
+                [
+                    self.model_(xb).float().cpu()
+                    for (xb,) in iter_batches(
+                        X_cal, batch_size=self.batch_size, device=self.device_
+                    )
+                ]
+            )
         self.temperature_ = fit_temperature(logits, torch.as_tensor(y_cal))
         self._warn_on_fitted_rows(logits, torch.as_tensor(y_cal))
 
@@ -313,7 +331,8 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
                     "its probabilities, which makes the NLL on new and shifted inputs "
                     f"worse. {fix} (A net that fits held-out rows as well as its training "
                     "rows can trigger this on a real held-out split; then it is harmless.)",
-                    UserWarning, stacklevel=4,
+                    UserWarning,
+                    stacklevel=4,
                 )
                 return
         true = logits.gather(1, y.long()[:, None])
@@ -326,7 +345,8 @@ class TemperatureScalingClassifier(UQClassifierMixin, BaseUQEstimator):
                 "stopped and pushes the probabilities towards 0 and 1. This happens on rows "
                 f"the net was trained on, or on too few held-out rows. {fix} Or pass a fixed "
                 "temperature=.",
-                UserWarning, stacklevel=4,
+                UserWarning,
+                stacklevel=4,
             )
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:

@@ -235,8 +235,15 @@ class _MCDropoutBase(BaseUQEstimator):
     """Shared part of the MC dropout classifier and regressor."""
 
     def __init__(
-        self, estimator, *, n_samples=50, device="auto", batch_size=256, random_state=None,
-        verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        n_samples=50,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.n_samples = n_samples

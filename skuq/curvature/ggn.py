@@ -105,15 +105,23 @@ def _layers_or_jacobians(weights: WeightSubset, batches, opt: _Options):
         it = iter(data)
         head = list(itertools.islice(it, 1))
         try:
-            return layer_curvature(weights, plan, itertools.chain(head, it), opt.likelihood,
-                                   opt.curvature, opt.structure, opt.max_elements)
+            return layer_curvature(
+                weights,
+                plan,
+                itertools.chain(head, it),
+                opt.likelihood,
+                opt.curvature,
+                opt.structure,
+                opt.max_elements,
+            )
         except LayerRouteUnavailable:
             if opt.route == "layers":
                 raise
         data = itertools.chain(head, it)
     with torch.no_grad():
-        return jacobian_curvature(weights, data, opt.likelihood, opt.curvature, opt.structure,
-                                  opt.max_elements)
+        return jacobian_curvature(
+            weights, data, opt.likelihood, opt.curvature, opt.structure, opt.max_elements
+        )
 
 
 def _kron_by_layers(weights: WeightSubset, batches, opt: _Options):
@@ -127,14 +135,16 @@ def _kron_by_layers(weights: WeightSubset, batches, opt: _Options):
             f"hessian_structure='kron' supports Linear and Conv2d layers only: {plan}. "
             "Use 'diag', 'full' or 'lowrank', or restrict subset_of_weights"
         )
-    return layer_curvature(weights, plan, data, opt.likelihood, opt.curvature, opt.structure,
-                           opt.max_elements)
+    return layer_curvature(
+        weights, plan, data, opt.likelihood, opt.curvature, opt.structure, opt.max_elements
+    )
 
 
 def _randomized_lowrank(weights: WeightSubset, batches, opt: _Options):
     """Top eigenpairs by a randomized range finder (several passes over ``batches``)."""
-    return lowrank_curvature(weights, batches, opt.likelihood, opt.curvature, opt.rank,
-                             opt.generator, opt.max_elements)
+    return lowrank_curvature(
+        weights, batches, opt.likelihood, opt.curvature, opt.rank, opt.generator, opt.max_elements
+    )
 
 
 # structure -> the backend that computes it, as ``(fields, loss, n_data, n_outputs)``;
@@ -228,8 +238,11 @@ def _check_finite(fields: dict, curvature: str, structure: str) -> None:
     for name, t in fields.items():
         tensors = [f for b in t for f in b.factors] if name == "kron" else [t]
         # in row chunks: a P x P boolean mask would be a quarter of a dense curvature
-        if not all(bool(torch.isfinite(s[i : i + 1024]).all()) for s in tensors
-                   for i in range(0, max(len(s), 1), 1024)):
+        if not all(
+            bool(torch.isfinite(s[i : i + 1024]).all())
+            for s in tensors
+            for i in range(0, max(len(s), 1), 1024)
+        ):
             raise FloatingPointError(
                 f"the {curvature.upper()} curvature ({structure}) contains NaN or inf: the "
                 "network's outputs or gradients overflow on the training data; check the "

@@ -53,11 +53,9 @@ def _hook_pass(
         M = output_factors(fd, y, likelihood, curvature)
         if direct:  # the layer's output gradients are M's columns: closed forms, no k loop
             mod, slices = plan[0]
-            _accumulate_direct(acc, mod, slices, rec.inputs[mod][0], M, structure,
-                               max_elements)
+            _accumulate_direct(acc, mod, slices, rec.inputs[mod][0], M, structure, max_elements)
         else:
-            _accumulate_backward(acc, plan, rec, f, M, structure, weights.n_params,
-                                 max_elements)
+            _accumulate_backward(acc, plan, rec, f, M, structure, weights.n_params, max_elements)
     return acc, loss, n_data
 
 
@@ -84,16 +82,15 @@ def _forward(model, modules, x, direct: bool, first: bool):
     return f, rec, direct
 
 
-def _accumulate_backward(acc: dict, plan, rec, f: Tensor, M: Tensor, structure: str,
-                         n_params: int, max_elements: int) -> None:
+def _accumulate_backward(
+    acc: dict, plan, rec, f: Tensor, M: Tensor, structure: str, n_params: int, max_elements: int
+) -> None:
     """One batch by ``K`` backward passes, one per column of ``M`` (B, C, K)."""
     outs = [rec.outputs[m][0] for m, _ in plan]
     inputs: dict = {}  # each layer's (unfolded) inputs, formed once per batch
     gsq: dict = {}  # diag, layers at one position: squared output gradients over k
     for k in range(M.shape[2]):
-        grads = torch.autograd.grad(
-            (f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1
-        )
+        grads = torch.autograd.grad((f * M[:, :, k]).sum(), outs, retain_graph=k < M.shape[2] - 1)
         ios = []
         for (mod, _), g in zip(plan, grads, strict=True):
             a, gt = layer_io(mod, rec.inputs[mod][0], g.detach(), inputs.get(mod))
@@ -127,8 +124,9 @@ def _accumulate_kron_column(st: dict, slices, a: Tensor, gt: Tensor, first: bool
         _add_gram(st, "B", gt.sum(1))
 
 
-def _accumulate_diag_column(st: dict, gsq: dict, mod, slices, a: Tensor, gt: Tensor,
-                            max_elements: int) -> None:
+def _accumulate_diag_column(
+    st: dict, gsq: dict, mod, slices, a: Tensor, gt: Tensor, max_elements: int
+) -> None:
     """Diagonal entries, one column of ``M``: squared per-sample gradients."""
     if "weight" in slices and a.shape[1] == 1:
         # one position: sum_k g_k^2 (x) a^2, the classes summed before the product
@@ -175,8 +173,9 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
             acc["full"] = R.T @ R
 
 
-def _accumulate_direct(acc: dict, mod, slices, a: Tensor, M: Tensor, structure: str,
-                       max_elements: int) -> None:
+def _accumulate_direct(
+    acc: dict, mod, slices, a: Tensor, M: Tensor, structure: str, max_elements: int
+) -> None:
     """One batch of a layer whose output is the net's: ``g_k = M[:, :, k]``, ``T = 1``."""
     if structure == "full":
         _accumulate_full_direct(acc, slices, a, M, max_elements)
@@ -211,7 +210,8 @@ def _accumulate_full_direct(acc: dict, slices, a: Tensor, M: Tensor, max_element
     n, C = M.shape[0], M.shape[1]
     lam = M @ M.transpose(1, 2)  # (B, C, C)
     feats = ([a.reshape(n, -1)] if "weight" in slices else []) + (
-        [torch.ones(n, 1, dtype=a.dtype, device=a.device)] if "bias" in slices else [])
+        [torch.ones(n, 1, dtype=a.dtype, device=a.device)] if "bias" in slices else []
+    )
     phi = torch.cat(feats, 1)
     D = phi.shape[1]
     iu = torch.triu_indices(C, C, device=phi.device)
@@ -263,8 +263,9 @@ def layer_curvature(weights, plan, batches, likelihood, curvature, structure, ma
     )
     if structure == "full":
         if "full_cd" in acc:
-            full = _layout_full_direct(acc.pop("full_cd"), acc["full_shape"], plan[0][1],
-                                       weights.n_params)
+            full = _layout_full_direct(
+                acc.pop("full_cd"), acc["full_shape"], plan[0][1], weights.n_params
+            )
         else:
             full = acc["full"]
         return dict(full=full), loss, n_data, n_out[0]

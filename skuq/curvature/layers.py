@@ -53,12 +53,12 @@ def layer_plan(weights: WeightSubset) -> list[tuple[nn.Module, dict[str, slice]]
         if not isinstance(mod, HOOKABLE) or attr not in ("weight", "bias"):
             return f"parameter {name!r} belongs to a {type(mod).__name__}"
         if isinstance(mod, nn.Conv2d) and (
-            mod.groups != 1 or mod.padding_mode != "zeros" or isinstance(mod.padding, str)
+            mod.groups != 1
+            or mod.padding_mode != "zeros"
+            or isinstance(mod.padding, str)
             and mod.padding != "valid"
         ):
-            return (
-                f"Conv2d {owner!r} uses groups, a non-zero padding mode or string padding"
-            )
+            return f"Conv2d {owner!r} uses groups, a non-zero padding mode or string padding"
         plan.setdefault(owner, {})[attr] = index
     return [(modules[n], slices) for n, slices in plan.items()]
 

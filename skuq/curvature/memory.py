@@ -93,8 +93,9 @@ def full_memory_bytes(n_params: int, dtype: torch.dtype = torch.float32) -> int:
     return n_params * n_params * (own + work)
 
 
-def check_full_memory(n_params: int, dtype: torch.dtype, device: torch.device | str,
-                      needed: int | None = None) -> None:
+def check_full_memory(
+    n_params: int, dtype: torch.dtype, device: torch.device | str, needed: int | None = None
+) -> None:
     """Raise a MemoryError, before allocating, when a full posterior cannot fit on ``device``.
 
     ``needed``: the bytes still to be allocated (default: :func:`full_memory_bytes`).

@@ -206,14 +206,23 @@ def l2m_curvature(
     if likelihood == "regression":
         factor *= n_outputs**2 / 4.0
     params = weights.params() if params is None else params
-    v = torch.cat([m.reshape(-1).to(weights.device)
-                   for m in second_moments(optimizer, params, bias_correction)])
+    v = torch.cat(
+        [
+            m.reshape(-1).to(weights.device)
+            for m in second_moments(optimizer, params, bias_correction)
+        ]
+    )
     if not bool(torch.isfinite(v).all()):
         raise FloatingPointError(
             "the optimizer's second moments contain NaN or inf: training diverged"
         )
     return Curvature(
-        "diag", "l2m", likelihood, int(n_train), int(n_outputs), float(loss),
-        diag=factor * v.clamp_min(0), info={"factor": factor},
+        "diag",
+        "l2m",
+        likelihood,
+        int(n_train),
+        int(n_outputs),
+        float(loss),
+        diag=factor * v.clamp_min(0),
+        info={"factor": factor},
     )
-

@@ -114,8 +114,9 @@ def _layer_inputs(mod: nn.Module, a: Tensor) -> Tensor:
     """Per-sample inputs at every position, (B, T, I)."""
     if isinstance(mod, nn.Conv2d):
         padding = 0 if mod.padding == "valid" else mod.padding
-        patches = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=padding,
-                           stride=mod.stride)
+        patches = F.unfold(
+            a, mod.kernel_size, dilation=mod.dilation, padding=padding, stride=mod.stride
+        )
         return patches.transpose(1, 2)
     return a.reshape(a.shape[0], -1, a.shape[-1])
 
@@ -170,8 +171,11 @@ def _layer_route(
         for h in handles:
             h.remove()
     outs = [outputs[id(m)] for m in layers]
-    patches = {id(m): _layer_inputs(m, inputs[id(m)]) for m in layers
-               if any(p.module is m and p.attr == "weight" for p in pieces)}
+    patches = {
+        id(m): _layer_inputs(m, inputs[id(m)])
+        for m in layers
+        if any(p.module is m and p.attr == "weight" for p in pieces)
+    }
     n_out = f.shape[1]
     J = torch.zeros(len(x), n_out, weights.n_params, dtype=f.dtype, device=f.device)
     for c in range(n_out):

@@ -80,11 +80,14 @@ def fit_layer_scales(
     batches = list(batches)
     n = sum(len(yb) for _, yb in batches)
     device = batches[0][0].device
-    log_c = torch.zeros(1 if mode == "global" else len(names), dtype=torch.float64,
-                        device=device, requires_grad=True)
+    log_c = torch.zeros(
+        1 if mode == "global" else len(names),
+        dtype=torch.float64,
+        device=device,
+        requires_grad=True,
+    )
     with _frozen(list(propagator.graph_module.parameters())):
-        opt = torch.optim.LBFGS([log_c], lr=1.0, max_iter=max_iter,
-                                line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([log_c], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()

@@ -112,9 +112,19 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     _extra_fit_params = ()
 
     def __init__(
-        self, estimator, *, posterior="laplace_diag", posterior_options=None,
-        calibration="per_layer", calibration_fraction=0.2, device="auto", batch_size=256,
-        random_state=None, verbose=0, memory=None, **kwargs,
+        self,
+        estimator,
+        *,
+        posterior="laplace_diag",
+        posterior_options=None,
+        calibration="per_layer",
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
+        **kwargs,
     ):
         self.estimator = estimator
         self.posterior = posterior
@@ -135,8 +145,13 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
     def _get_param_names(self):
         # the signature's parameters, the keyword ones given to __init__ and the
         # posterior__<option> ones set since
-        return sorted({*super()._get_param_names(), *getattr(self, "_kwarg_names", ()),
-                       *(k for k in vars(self) if k.startswith(_PREFIX))})
+        return sorted(
+            {
+                *super()._get_param_names(),
+                *getattr(self, "_kwarg_names", ()),
+                *(k for k in vars(self) if k.startswith(_PREFIX)),
+            }
+        )
 
     def set_params(self, **params):
         """Set parameters, also ``posterior__<option>`` ones the estimator does not have yet.
@@ -153,8 +168,9 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         """Keyword options for the posterior source: the ``posterior__<option>``
         parameters over the deprecated ``posterior_options`` dict."""
         options = dict(self.posterior_options or {})
-        options.update({k[len(_PREFIX):]: v for k, v in vars(self).items()
-                        if k.startswith(_PREFIX)})
+        options.update(
+            {k[len(_PREFIX) :]: v for k, v in vars(self).items() if k.startswith(_PREFIX)}
+        )
         return options
 
     @property
@@ -183,7 +199,8 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
             )
         stratify = y if np.bincount(y).min() >= 2 else None
         X_post, X_cal, y_post, y_cal = train_test_split(
-            X, y, test_size=n_cal, random_state=self._seed, stratify=stratify)
+            X, y, test_size=n_cal, random_state=self._seed, stratify=stratify
+        )
         return X_post, y_post, X_cal, y_cal
 
     # --------------------------------------------------------------- options
@@ -213,7 +230,8 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
                 "posterior_options is deprecated and will be removed in a future release; "
                 "give each option as a parameter of its own: "
                 + ", ".join(f"{_PREFIX}{k}=..." for k in self.posterior_options),
-                FutureWarning, stacklevel=3,
+                FutureWarning,
+                stacklevel=3,
             )
 
     def _source(self):
@@ -233,7 +251,12 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         if isinstance(post, Mapping):
             return DiagonalWeightPosterior(variances_from_mapping(self.model_, post))
         result = self._source().fit(
-            self.model_, self.net_, X, y, device=self.device_, batch_size=self.batch_size,
+            self.model_,
+            self.net_,
+            X,
+            y,
+            device=self.device_,
+            batch_size=self.batch_size,
             **self._posterior_options(),
         )
         if isinstance(result, Mapping):
@@ -254,8 +277,7 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
                 f"needs at least {MIN_CALIBRATION_ROWS}. Give more data, raise "
                 "calibration_fraction, pass larger X_cal/y_cal, or use calibration=None"
             )
-        batches = list(iter_batches(X_cal, y_cal, batch_size=self.batch_size,
-                                    device=self.device_))
+        batches = list(iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_))
         self.layer_scales_ = fit_layer_scales(self.propagator_, batches, self.calibration)
 
     # --------------------------------------------------------------- predict

@@ -88,9 +88,7 @@ def _softmax_input(gm: torch.fx.GraphModule, node):
         return None
     if not is_call(node, (F.softmax, torch.softmax), ("softmax",)):
         return None
-    if node.kwargs.get("dtype") is not None or any(
-        isinstance(a, torch.dtype) for a in node.args
-    ):
+    if node.kwargs.get("dtype") is not None or any(isinstance(a, torch.dtype) for a in node.args):
         return None
     dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
     return (node.args[0], dim) if isinstance(dim, int) else None
@@ -154,15 +152,50 @@ def fuse_log_softmax(gm: torch.fx.GraphModule) -> int:
 # elementwise maps of one tensor (other arguments plain constants), for products
 # of two functions of one tensor such as x * sigmoid(x)
 _UNARY_FNS = {
-    torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, torch.relu, F.relu, F.gelu, F.silu,
-    F.softplus, F.elu, F.leaky_relu, F.mish, torch.exp, torch.erf, torch.neg, operator.neg,
-    torch.abs, torch.sin, torch.cos, torch.square,
+    torch.sigmoid,
+    F.sigmoid,
+    torch.tanh,
+    F.tanh,
+    torch.relu,
+    F.relu,
+    F.gelu,
+    F.silu,
+    F.softplus,
+    F.elu,
+    F.leaky_relu,
+    F.mish,
+    torch.exp,
+    torch.erf,
+    torch.neg,
+    operator.neg,
+    torch.abs,
+    torch.sin,
+    torch.cos,
+    torch.square,
 }
 _UNARY_METHODS = {"sigmoid", "tanh", "relu", "exp", "erf", "neg", "abs", "sin", "cos", "square"}
-_UNARY_MODULES = (nn.Sigmoid, nn.Tanh, nn.ReLU, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
-                  nn.LeakyReLU, nn.Mish, nn.Identity)
-_ARITH_FNS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add,
-              torch.sub, torch.mul, torch.div}
+_UNARY_MODULES = (
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.ReLU,
+    nn.GELU,
+    nn.SiLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.LeakyReLU,
+    nn.Mish,
+    nn.Identity,
+)
+_ARITH_FNS = {
+    operator.add,
+    operator.sub,
+    operator.mul,
+    operator.truediv,
+    torch.add,
+    torch.sub,
+    torch.mul,
+    torch.div,
+}
 _ARITH_METHODS = {"add", "sub", "mul", "div"}
 _MUL_FNS, _MUL_METHODS = {operator.mul, torch.mul, operator.imul}, {"mul"}
 # sums of two functions of one tensor (h - h / 2) are handled like products
@@ -186,8 +219,11 @@ def unary_parent(gm: torch.fx.GraphModule, node):
     nodes = [a for a in flat if isinstance(a, torch.fx.Node)]
     if len(nodes) != 1:
         return None
-    plain = all(isinstance(a, (int, float, bool, str, type(None))) for a in flat
-                if not isinstance(a, torch.fx.Node))
+    plain = all(
+        isinstance(a, (int, float, bool, str, type(None)))
+        for a in flat
+        if not isinstance(a, torch.fx.Node)
+    )
     if not plain:
         return None
     if node.op == "call_module":
@@ -251,8 +287,11 @@ def elementwise_product(gm: torch.fx.GraphModule, node):
         return None
     chain_a = la[: la.index(common)][::-1]
     chain_b = lb[: lb.index(common)][::-1]
-    if (node_fn is operator.mul and sorted(map(len, (chain_a, chain_b))) == [0, 1]
-            and _is_sigmoid(gm, (chain_a + chain_b)[0])):
+    if (
+        node_fn is operator.mul
+        and sorted(map(len, (chain_a, chain_b))) == [0, 1]
+        and _is_sigmoid(gm, (chain_a + chain_b)[0])
+    ):
         return common, None  # x * sigmoid(x) is SiLU: its dedicated moments
 
     def g(t):
@@ -294,8 +333,9 @@ def random_layers(gm: torch.fx.GraphModule, random: set[str]) -> list[str]:
     return names
 
 
-def correlated_products(gm: torch.fx.GraphModule, random: set[str], layers: set[str],
-                        products: dict, input_random: bool) -> list:
+def correlated_products(
+    gm: torch.fx.GraphModule, random: set[str], layers: set[str], products: dict, input_random: bool
+) -> list:
     """Products and matmuls propagated as independent whose factors share a random
     ancestor (an input with variance, a layer or parameter with variance):
     ``[(node name, sorted shared ancestors), ...]``. ``products``: the nodes propagated
@@ -319,8 +359,9 @@ def correlated_products(gm: torch.fx.GraphModule, random: set[str], layers: set[
         sources[node] = frozenset(own)
         if node in products or len(node.args) != 2:
             continue
-        if not (is_call(node, _MUL_FNS, _MUL_METHODS)
-                or is_call(node, _MATMUL_FNS, _MATMUL_METHODS)):
+        if not (
+            is_call(node, _MUL_FNS, _MUL_METHODS) or is_call(node, _MATMUL_FNS, _MATMUL_METHODS)
+        ):
             continue
         a, b = node.args
         if isinstance(a, torch.fx.Node) and isinstance(b, torch.fx.Node) and a is not b:

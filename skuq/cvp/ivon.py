@@ -27,8 +27,7 @@ IVON_INSTALL_HINT = (
 #: the minimax choice over the comparison's four classification tasks (3 seeds each) of
 #: the NLL on a split of their *training* rows, lr in {1, 0.5, 0.3, 0.2, 0.1, 0.05}:
 #: 0.2 is at most 1.26x each task's best; 1.0 was 5.3x on the image CNN (it did not train).
-IVON_DEFAULTS = {"lr": 0.2, "hess_init": 1.0, "beta2": 0.999, "weight_decay": 1e-4,
-                 "mc_samples": 1}
+IVON_DEFAULTS = {"lr": 0.2, "hess_init": 1.0, "beta2": 0.999, "weight_decay": 1e-4, "mc_samples": 1}
 
 
 def _import_ivon():
@@ -108,8 +107,7 @@ def prepare_ivon_net(net, n_train: int, **options):
     """
     ivon = _import_ivon()
     params = net.get_params(deep=False)
-    unknown = set(options) - set(IVON_DEFAULTS) - {"ess", "clip_radius", "hess_approx",
-                                                   "beta1"}
+    unknown = set(options) - set(IVON_DEFAULTS) - {"ess", "clip_radius", "hess_approx", "beta1"}
     if unknown:
         raise ValueError(
             f"unknown IVON options {sorted(unknown)}; allowed: "
@@ -137,8 +135,9 @@ def prepare_ivon_net(net, n_train: int, **options):
     return cls(**params)
 
 
-def ivon_posterior(model: nn.Module, net, X=None, y=None, *, device=None, batch_size=None,
-                   **options) -> DiagonalWeightPosterior:
+def ivon_posterior(
+    model: nn.Module, net, X=None, y=None, *, device=None, batch_size=None, **options
+) -> DiagonalWeightPosterior:
     """Read IVON's posterior: ``sigma^2 = 1 / (ess (h + weight_decay))``.
 
     ``net`` must be a skorch net trained with ``ivon.IVON`` (its
@@ -171,7 +170,7 @@ def ivon_posterior(model: nn.Module, net, X=None, y=None, *, device=None, batch_
         for p in group["params"]:
             n = p.numel()
             if id(p) in names:
-                variances[names[id(p)]] = var[offset:offset + n].view_as(p).detach().clone()
+                variances[names[id(p)]] = var[offset : offset + n].view_as(p).detach().clone()
             offset += n
     if not variances:
         raise ValueError("the IVON optimizer holds none of the network's parameters")

@@ -60,7 +60,8 @@ _POOL_FNS = (F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
 _PASS_MODULES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.AlphaDropout, nn.Identity)
 _ADD_FNS = ("add", "iadd", "sub", "isub")
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
 
 
 def _norm_ok(mod) -> bool:
@@ -69,6 +70,8 @@ def _norm_ok(mod) -> bool:
     if isinstance(mod, (nn.BatchNorm1d, nn.BatchNorm2d)):
         return not mod.training and mod.running_mean is not None
     return len(mod.normalized_shape) == 1
+
+
 # entries of the (rows, out, in) temporaries per chunk of rows
 _CHUNK = 1 << 22
 
@@ -108,7 +111,8 @@ def _is_global_pool(gm, node):
             return node.args[0], None
         return None
     is_mean = (node.op == "call_method" and node.target == "mean") or (
-        node.op == "call_function" and node.target is torch.mean)
+        node.op == "call_function" and node.target is torch.mean
+    )
     if not is_mean:
         return None
     dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -155,17 +159,22 @@ def find_pooled_sites(gm: torch.fx.GraphModule, layer_names, products) -> dict:
             if isinstance(mod, _PASS_MODULES) and len(n.args) == 1:
                 return walk(n.args[0], [(n, "pass", n.args[0]), *chain], depth + 1)
         name = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", "")
-        if (n.op in ("call_function", "call_method") and name in _ADD_FNS
-                and len(n.args) == 2 and not n.kwargs
-                and all(isinstance(a, torch.fx.Node) for a in n.args)):
+        if (
+            n.op in ("call_function", "call_method")
+            and name in _ADD_FNS
+            and len(n.args) == 2
+            and not n.kwargs
+            and all(isinstance(a, torch.fx.Node) for a in n.args)
+        ):
             a, b = n.args
             for this, other in ((a, b), (b, a)):
                 kind = "sub" if this is b and "sub" in name else "add"
                 before = len(found)
                 walk(this, [(n, kind, this), *chain], depth + 1)
                 # keep the layers the other operand does not depend on
-                found[before:] = [f for f in found[before:]
-                                  if f[0] not in ancestors[other] | {other}]
+                found[before:] = [
+                    f for f in found[before:] if f[0] not in ancestors[other] | {other}
+                ]
             return None
         parent = unary_parent(gm, n)
         if parent is None:
@@ -265,8 +274,7 @@ def _chain_slopes(gm, site: PooledSite, env, products):
                     sd = x.var.clamp_min(torch.finfo(x.var.dtype).tiny).sqrt()
                     slope = neg + (1.0 - neg) * 0.5 * torch.erfc(-x.mean / sd / math.sqrt(2))
             else:
-                slope = expected_slope(_unary_fn(gm, node, kind, parent, products),
-                                       x.mean, x.var)
+                slope = expected_slope(_unary_fn(gm, node, kind, parent, products), x.mean, x.var)
             nonlinear.append((node, kind, parent, g))
             g = g * slope
     if len(nonlinear) != 1:
@@ -374,19 +382,20 @@ def pooled_correction(ctx, gm, site: PooledSite, env, products, scale=1.0) -> Te
 
     def per_channel(t):  # (N, C, positions)
         t = t.expand(g.shape) if t.shape != g.shape else t
-        return t.reshape(n, c_out, -1) if channel_first else \
-            t.reshape(n, -1, c_out).transpose(1, 2)
+        return t.reshape(n, c_out, -1) if channel_first else t.reshape(n, -1, c_out).transpose(1, 2)
 
     n_pos = per_channel(g).shape[-1]
     corr = _cross(mod, x, per_channel(g) / n_pos, wv, bv, n, c_out, channel_first)
     if nonlinear is not None:
-        corr = corr + _higher_orders(gm, site, env, products, nonlinear, mod, x, wv, bv, n,
-                                     c_out, channel_first, per_channel)
+        corr = corr + _higher_orders(
+            gm, site, env, products, nonlinear, mod, x, wv, bv, n, c_out, channel_first, per_channel
+        )
     return corr * scale
 
 
-def _higher_orders(gm, site, env, products, nonlinear, mod, x, wv, bv, n, c_out,
-                   channel_first, per_channel):
+def _higher_orders(
+    gm, site, env, products, nonlinear, mod, x, wv, bv, n, c_out, channel_first, per_channel
+):
     """The orders k >= 2 of the cross-position covariance through the one nonlinear map
     ``f`` of the chain: ``sum_k rho^k / k! [(sum_p kappa_p f_k(p))^2 - sum_p (kappa_p
     f_k(p))^2] / P^2``, with one correlation ``rho`` per channel (the positions taken
@@ -421,8 +430,7 @@ def _cross(mod, x, g, wv, bv, n, c_out, channel_first) -> Tensor:
     corr = torch.zeros(n, c_out, dtype=g.dtype, device=g.device)
     if wv is not None and isinstance(mod, _NORMS):  # one shared scale per channel
         xh = _normalized_mean(mod, x)
-        xh = xh.reshape(n, c_out, -1) if channel_first else \
-            xh.reshape(n, -1, c_out).transpose(1, 2)
+        xh = xh.reshape(n, c_out, -1) if channel_first else xh.reshape(n, -1, c_out).transpose(1, 2)
         z, d = (g * xh).sum(-1), (g * g * xh * xh).sum(-1)
         corr = corr + wv * (z * z - d)
     elif wv is not None:
@@ -437,10 +445,10 @@ def _cross(mod, x, g, wv, bv, n, c_out, channel_first) -> Tensor:
         for gi in range(groups):
             o, p = slice(gi * out_g, (gi + 1) * out_g), slice(gi * per, (gi + 1) * per)
             for i in range(0, n, rows):
-                gg, xx = g[i: i + rows, o], patches[i: i + rows, p]
+                gg, xx = g[i : i + rows, o], patches[i : i + rows, p]
                 z = torch.bmm(gg, xx.transpose(1, 2))
                 d = torch.bmm(gg * gg, (xx * xx).transpose(1, 2))
-                corr[i: i + rows, o] = ((z * z - d) * w2[o]).sum(-1)
+                corr[i : i + rows, o] = ((z * z - d) * w2[o]).sum(-1)
     if bv is not None:
         corr = corr + bv * (g.sum(-1) ** 2 - (g * g).sum(-1))
     return corr

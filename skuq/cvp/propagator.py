@@ -131,8 +131,13 @@ class MomentPropagator:
         if input_random in self._warned_modes:
             return
         self._warned_modes.add(input_random)
-        found = correlated_products(self.graph_module, self._random_names(),
-                                    set(self.layer_names), self._products, input_random)
+        found = correlated_products(
+            self.graph_module,
+            self._random_names(),
+            set(self.layer_names),
+            self._products,
+            input_random,
+        )
         for name, shared in found:
             if name in self._warned_nodes:
                 continue
@@ -230,8 +235,9 @@ class MomentPropagator:
         return run.run(x if isinstance(x, Moments) else Moments(x))
 
 
-def _checked_variances(model: nn.Module, variances: Mapping[str, Tensor | float]
-                       ) -> dict[str, Tensor]:
+def _checked_variances(
+    model: nn.Module, variances: Mapping[str, Tensor | float]
+) -> dict[str, Tensor]:
     """``variances`` as tensors of the parameters' shapes and dtypes (floats expanded),
     checked to name parameters of ``model`` and to be finite and non-negative."""
     named = dict(model.named_parameters())
@@ -269,8 +275,13 @@ class _Propagation(torch.fx.Interpreter):
     cross-position covariance of that layer's weight noise.
     """
 
-    def __init__(self, prop: MomentPropagator, ctx: PropagationContext,
-                 scales: Mapping[str, Tensor | float], record: dict | None):
+    def __init__(
+        self,
+        prop: MomentPropagator,
+        ctx: PropagationContext,
+        scales: Mapping[str, Tensor | float],
+        record: dict | None,
+    ):
         # values stay in the environment: the products and the pooled corrections
         # read nodes upstream of their arguments
         super().__init__(prop.graph_module, garbage_collect_values=False)
@@ -354,8 +365,9 @@ class _Propagation(torch.fx.Interpreter):
         """A product (or sum) of two elementwise functions of the random ``root``:
         SiLU's moments for ``x * sigmoid(x)`` (``g`` None), else quadrature of ``g``."""
         r = self.env[root]
-        fn = mom.silu_moments if g is None else (
-            lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
+        fn = (
+            mom.silu_moments if g is None else (lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
+        )
         return Moments(*mom._in_slices(fn, r.mean, r.var))
 
     def _pooled(self, n: torch.fx.Node, out):
@@ -366,8 +378,14 @@ class _Propagation(torch.fx.Interpreter):
             return out
         var = out.var
         for site in sites:
-            corr = pooled_correction(self.ctx, self.module, site, self.env, self.prop._products,
-                                     self.scales.get(site.layer.target, 1.0))
+            corr = pooled_correction(
+                self.ctx,
+                self.module,
+                site,
+                self.env,
+                self.prop._products,
+                self.scales.get(site.layer.target, 1.0),
+            )
             if corr is not None:
                 var = var + corr.reshape(var.shape).to(var.dtype)
         if var is not out.var:

@@ -240,8 +240,11 @@ class PropagationContext:
         >>> a, ctx.derived(w, "sq+var", lambda: None) is a
         (tensor([1.5000, 1.5000]), True)
         """
-        if (self._cache is None or not isinstance(p, nn.Parameter)
-                or (p.requires_grad and torch.is_grad_enabled())):
+        if (
+            self._cache is None
+            or not isinstance(p, nn.Parameter)
+            or (p.requires_grad and torch.is_grad_enabled())
+        ):
             return fn()
         var = self._vars.get(id(p))
         key = (id(p), tag)
@@ -266,8 +269,7 @@ class PropagationContext:
             if isinstance(target, nn.Module):
                 name = type(target).__name__
                 raise UnsupportedLayerError(
-                    f"CVP has no propagation rule for {name}. "
-                    + how_to_register("module", name)
+                    f"CVP has no propagation rule for {name}. " + how_to_register("module", name)
                 )
             return run_deterministic(target, args, kwargs)
         return rule(self, target, *args, **kwargs)
@@ -293,5 +295,3 @@ def wrap(x):
 
 def run_deterministic(fn, args, kwargs):
     return wrap(fn(*unwrap(args), **unwrap(kwargs)))
-
-

@@ -94,7 +94,14 @@ def register_posterior_source(
 
 
 def laplace_diag_posterior(
-    model: nn.Module, net, X, y, *, device, batch_size, prior_precision="marglik",
+    model: nn.Module,
+    net,
+    X,
+    y,
+    *,
+    device,
+    batch_size,
+    prior_precision="marglik",
     curvature: str = "ggn",
 ) -> DiagonalWeightPosterior:
     """Diagonal Laplace over all weights of the trained (MAP) net, from skuq's engine.
@@ -114,12 +121,17 @@ def laplace_diag_posterior(
     """
     weights = select_weights(model, "all", example_input=torch.as_tensor(X[:2]).to(device))
     curv = compute_curvature(
-        weights, lambda: iter_batches(X, y, batch_size=batch_size, device=device),
-        likelihood="classification", structure="diag", curvature=curvature,
+        weights,
+        lambda: iter_batches(X, y, batch_size=batch_size, device=device),
+        likelihood="classification",
+        structure="diag",
+        curvature=curvature,
     )
     fixed = not isinstance(prior_precision, str)
     post = posterior_from_curvature(
-        curv, weights.vector(), prior_precision=float(prior_precision) if fixed else 1.0,
+        curv,
+        weights.vector(),
+        prior_precision=float(prior_precision) if fixed else 1.0,
         group_sizes=weights.group_sizes(),
     )
     if not fixed:
@@ -128,9 +140,20 @@ def laplace_diag_posterior(
 
 
 def l2m_posterior(
-    model: nn.Module, net, X, y, *, device, batch_size, optimizer=None, scale="fisher",
-    bias_correction=True, train_batch_size=None, prior_precision="marglik",
-    prior_structure="scalar", temperature=1.0,
+    model: nn.Module,
+    net,
+    X,
+    y,
+    *,
+    device,
+    batch_size,
+    optimizer=None,
+    scale="fisher",
+    bias_correction=True,
+    train_batch_size=None,
+    prior_precision="marglik",
+    prior_structure="scalar",
+    temperature=1.0,
 ) -> DiagonalWeightPosterior:
     """L2M's diagonal Laplace over all weights, its curvature read from the optimizer state.
 
@@ -174,8 +197,9 @@ def l2m_posterior(
     >>> sorted(post.variances)
     ['bias', 'weight']
     """
-    _check_l2m_options(scale, bias_correction, train_batch_size, prior_precision,
-                       prior_structure, temperature)
+    _check_l2m_options(
+        scale, bias_correction, train_batch_size, prior_precision, prior_structure, temperature
+    )
     x0 = torch.as_tensor(X[: min(len(X), 2)]).to(device)
     weights = select_weights(model, "all", example_input=x0)
     opt = optimizer
@@ -189,13 +213,18 @@ def l2m_posterior(
     _check_criterion_reduction(net, scale)
     n_train, batch = _l2m_batches(net, len(X), train_batch_size, scale)
     origin = net.module_ if is_skorch_net(net) else model
-    by_name = dict(zip([n for n, _ in model.named_parameters()], origin.parameters(),
-                       strict=True))
+    by_name = dict(zip([n for n, _ in model.named_parameters()], origin.parameters(), strict=True))
     curv = l2m_curvature(
-        weights, opt, n_train=n_train, train_batch_size=batch, scale=scale,
-        likelihood="classification", n_outputs=len(np.unique(y)),
+        weights,
+        opt,
+        n_train=n_train,
+        train_batch_size=batch,
+        scale=scale,
+        likelihood="classification",
+        n_outputs=len(np.unique(y)),
         loss=_training_loss(model, net, X, y, n_train, batch_size, device),
-        bias_correction=bias_correction, params=[by_name[n] for n in weights.names],
+        bias_correction=bias_correction,
+        params=[by_name[n] for n in weights.names],
     )
     init = 1.0 if isinstance(prior_precision, str) else np.asarray(prior_precision, dtype=float)
     group_sizes = weights.group_sizes()
@@ -205,16 +234,21 @@ def l2m_posterior(
             f"{len(group_sizes)} layers (parameter tensors)"
         )
     post = posterior_from_curvature(
-        curv, weights.vector(), prior_precision=torch.as_tensor(init), group_sizes=group_sizes,
-        sigma_noise=1.0, temperature=temperature,
+        curv,
+        weights.vector(),
+        prior_precision=torch.as_tensor(init),
+        group_sizes=group_sizes,
+        sigma_noise=1.0,
+        temperature=temperature,
     )
     if isinstance(prior_precision, str):  # "marglik"
         post.optimize_prior_precision(prior_structure, fit_sigma_noise=False)
     return DiagonalWeightPosterior(weights.unflatten(post.marginal_variance().detach()))
 
 
-def _check_l2m_options(scale, bias_correction, train_batch_size, prior_precision,
-                       prior_structure, temperature) -> None:
+def _check_l2m_options(
+    scale, bias_correction, train_batch_size, prior_precision, prior_structure, temperature
+) -> None:
     if isinstance(scale, str):
         check_option("scale", scale, SCALES)
     else:
@@ -272,7 +306,8 @@ def _l2m_batches(net, n_rows: int, train_batch_size, scale) -> tuple[int, int]:
             f"{batch} >= {n_train} rows): v_hat is then the square of the full gradient, "
             "which vanishes at convergence. The curvature is near zero and the posterior "
             "near the prior. Train with mini-batches, or use posterior='laplace_diag'",
-            UserWarning, stacklevel=4,
+            UserWarning,
+            stacklevel=4,
         )
     return n_train, batch
 

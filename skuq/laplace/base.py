@@ -148,8 +148,11 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
         options = {}
         if isinstance(sel, str) and sel == "largest_variance":
             pp = self.prior_precision
-            options = dict(prior_precision=1.0 if isinstance(pp, str) else pp,
-                           curvature=self.curvature, temperature=self.temperature)
+            options = dict(
+                prior_precision=1.0 if isinstance(pp, str) else pp,
+                curvature=self.curvature,
+                temperature=self.temperature,
+            )
         rule = resolve_selection(sel, **options)
         if rule.ranks and size is None:
             raise ValueError(
@@ -166,9 +169,16 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
             n_total = sum(p.numel() for p in self.model_.parameters() if p.requires_grad)
             k = check_subnetwork_size(self.subnetwork_size, n_total)
             curv = _cached_curvature(
-                select_weights(self.model_, "all"), X, y, self.batch_size, self.device_,
-                likelihood=self._likelihood, structure="diag", curvature=rule.curvature,
-                rank=self.rank, generator=None,
+                select_weights(self.model_, "all"),
+                X,
+                y,
+                self.batch_size,
+                self.device_,
+                likelihood=self._likelihood,
+                structure="diag",
+                curvature=rule.curvature,
+                rank=self.rank,
+                generator=None,
             )
             return top_k(rule.variances_from_curvature(self.model_, curv), k)
 
@@ -176,8 +186,9 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
             return iter_batches(X, y, batch_size=self.batch_size, device=self.device_)
 
         gen = make_generator(self._seed, torch.device("cpu"))
-        return rule.select(self.model_, batches, self.subnetwork_size,
-                           likelihood=self._likelihood, generator=gen)
+        return rule.select(
+            self.model_, batches, self.subnetwork_size, likelihood=self._likelihood, generator=gen
+        )
 
     def _weight_subset(self, X, y):
         """The weights the posterior lives on (a subnetwork is chosen here)."""
@@ -206,8 +217,11 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
                 f"{len(group_sizes)} layers (parameter tensors)"
             )
         post = posterior_from_curvature(
-            curv, weights.vector(), prior_precision=torch.as_tensor(init),
-            group_sizes=group_sizes, sigma_noise=self._initial_sigma(),
+            curv,
+            weights.vector(),
+            prior_precision=torch.as_tensor(init),
+            group_sizes=group_sizes,
+            sigma_noise=self._initial_sigma(),
             temperature=self.temperature,
         )
         self.weights_ = weights
@@ -225,8 +239,15 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
         """The curvature of the summed training loss (a hook: L2M reads it from the optimizer)."""
         gen = self._generator() if self.hessian_structure == "lowrank" else None
         return _cached_curvature(
-            weights, X, y, self.batch_size, self.device_, likelihood=self._likelihood,
-            structure=self.hessian_structure, curvature=self.curvature, rank=self.rank,
+            weights,
+            X,
+            y,
+            self.batch_size,
+            self.device_,
+            likelihood=self._likelihood,
+            structure=self.hessian_structure,
+            curvature=self.curvature,
+            rank=self.rank,
             generator=gen,
         )
 
@@ -240,8 +261,12 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
         curv = self._curvature(weights, X_all, y_all)
         self.weights_ = weights
         self.posterior_ = posterior_from_curvature(
-            curv, weights.vector(), prior_precision=delta, group_sizes=weights.group_sizes(),
-            sigma_noise=sigma, temperature=self.temperature,
+            curv,
+            weights.vector(),
+            prior_precision=delta,
+            group_sizes=weights.group_sizes(),
+            sigma_noise=sigma,
+            temperature=self.temperature,
         )
 
     def _fit_hyperparameters(self, X_cal, y_cal) -> None:
@@ -292,11 +317,11 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
     # ---------------------------------------------------------------- predict
     def _distribution(self, x: Tensor) -> OutputDistribution:
         if self.pred_type == "glm":
-            return glm_predictive(self.weights_, self.posterior_, x,
-                                  center=self._centered_link())
+            return glm_predictive(self.weights_, self.posterior_, x, center=self._centered_link())
         gen = self._generator()  # the same weight draws for every batch
-        return nn_predictive(self.weights_, self.posterior_, x, n_samples=self.n_samples,
-                             generator=gen)
+        return nn_predictive(
+            self.weights_, self.posterior_, x, n_samples=self.n_samples, generator=gen
+        )
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         dist = self._distribution(x)

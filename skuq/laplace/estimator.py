@@ -125,11 +125,27 @@ default="largest_variance"
     """
 
     def __init__(
-        self, estimator, *, subset_of_weights="last_layer", hessian_structure="kron",
-        prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
-        link_approx="centered_probit", n_samples=100, temperature=1.0, subnetwork_size=None,
-        subnetwork_selection="largest_variance", subnetwork_indices=None, rank=100,
-        calibration_fraction=0.2, device="auto", batch_size=256, random_state=None, verbose=0,
+        self,
+        estimator,
+        *,
+        subset_of_weights="last_layer",
+        hessian_structure="kron",
+        prior_precision="heldout",
+        prior_structure="scalar",
+        curvature="ggn",
+        pred_type="glm",
+        link_approx="centered_probit",
+        n_samples=100,
+        temperature=1.0,
+        subnetwork_size=None,
+        subnetwork_selection="largest_variance",
+        subnetwork_indices=None,
+        rank=100,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
         memory=None,
     ):
         self.estimator = estimator
@@ -152,6 +168,7 @@ default="largest_variance"
         self.random_state = random_state
         self.verbose = verbose
         self.memory = memory
+
 
 class LaplaceRegressor(UQRegressorMixin, RegressionLikelihood, _BaseLaplace):
     """Laplace approximation over a trained regression network (Gaussian likelihood).
@@ -205,12 +222,28 @@ subnetwork_indices, rank, calibration_fraction
     """
 
     def __init__(
-        self, estimator, *, sigma_noise="auto", subset_of_weights="last_layer",
-        hessian_structure="kron", prior_precision="marglik", prior_structure="scalar",
-        curvature="ggn", pred_type="glm", n_samples=100, temperature=1.0,
-        subnetwork_size=None, subnetwork_selection="largest_variance", subnetwork_indices=None,
-        rank=100, calibration_fraction=0.2, device="auto",
-        batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        sigma_noise="auto",
+        subset_of_weights="last_layer",
+        hessian_structure="kron",
+        prior_precision="marglik",
+        prior_structure="scalar",
+        curvature="ggn",
+        pred_type="glm",
+        n_samples=100,
+        temperature=1.0,
+        subnetwork_size=None,
+        subnetwork_selection="largest_variance",
+        subnetwork_indices=None,
+        rank=100,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.sigma_noise = sigma_noise
@@ -303,10 +336,24 @@ calibration_fraction
     rank = 100
 
     def __init__(
-        self, estimator, *, subnetwork_size="auto", subnetwork_selection="largest_variance",
-        prior_precision="heldout", prior_structure="scalar", curvature="ggn", pred_type="glm",
-        link_approx="centered_probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
-        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        subnetwork_size="auto",
+        subnetwork_selection="largest_variance",
+        prior_precision="heldout",
+        prior_structure="scalar",
+        curvature="ggn",
+        pred_type="glm",
+        link_approx="centered_probit",
+        n_samples=100,
+        temperature=1.0,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.subnetwork_size = subnetwork_size

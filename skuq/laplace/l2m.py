@@ -161,12 +161,20 @@ class _BaseL2M(_BaseLaplace):
                 "(sum_n g_n)^2 / N^2, which vanishes at convergence, not sum_n g_n^2 / N. The "
                 "curvature is near zero and the posterior near the prior. Train with "
                 "mini-batches, or use LaplaceClassifier/LaplaceRegressor(hessian_structure="
-                "'diag')", UserWarning, stacklevel=4,
+                "'diag')",
+                UserWarning,
+                stacklevel=4,
             )
         return l2m_curvature(
-            weights, optimizer, n_train=n_train, train_batch_size=batch,
-            scale=self.scale, likelihood=self._likelihood, n_outputs=self.n_outputs_,
-            loss=self._training_loss(X, y, n_train), bias_correction=self.bias_correction,
+            weights,
+            optimizer,
+            n_train=n_train,
+            train_batch_size=batch,
+            scale=self.scale,
+            likelihood=self._likelihood,
+            n_outputs=self.n_outputs_,
+            loss=self._training_loss(X, y, n_train),
+            bias_correction=self.bias_correction,
             params=self._optimizer_params(weights),
         )
 
@@ -202,7 +210,8 @@ _SHARED_DOC = """
 
 
 class L2MClassifier(UQClassifierMixin, ClassificationLikelihood, _BaseL2M):
-    __doc__ = """Diagonal Laplace for free from the optimizer's second moment (L2M).
+    __doc__ = (
+        """Diagonal Laplace for free from the optimizer's second moment (L2M).
 
     After the net is trained with Adam (or AdamW, NAdam, RAdam, RMSprop,
     Adagrad, Adamax), each weight's average squared gradient ``v`` is read
@@ -212,7 +221,9 @@ class L2MClassifier(UQClassifierMixin, ClassificationLikelihood, _BaseL2M):
     exactly as :class:`~skuq.LaplaceClassifier` with ``subset_of_weights="all"``
     and ``hessian_structure="diag"``. Fitting makes no pass over the training
     data: the training loss for the evidence comes from skorch's history.
-    """ + _SHARED_DOC + """    link_approx : {"probit", "centered_probit", "mc", "bridge"}, \
+    """
+        + _SHARED_DOC
+        + """    link_approx : {"probit", "centered_probit", "mc", "bridge"}, \
 default="centered_probit"
         As :class:`~skuq.LaplaceClassifier`'s.
 
@@ -238,12 +249,27 @@ default="centered_probit"
     >>> est.predict_proba(d.X_test).shape
     (271, 5)
     """
+    )
 
     def __init__(
-        self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
-        prior_precision="marglik", prior_structure="scalar", pred_type="glm",
-        link_approx="centered_probit", n_samples=100, temperature=1.0, calibration_fraction=0.2,
-        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        scale="fisher",
+        bias_correction=True,
+        train_batch_size=None,
+        prior_precision="marglik",
+        prior_structure="scalar",
+        pred_type="glm",
+        link_approx="centered_probit",
+        n_samples=100,
+        temperature=1.0,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.scale = scale
@@ -264,13 +290,16 @@ default="centered_probit"
 
 
 class L2MRegressor(UQRegressorMixin, RegressionLikelihood, _BaseL2M):
-    __doc__ = """L2M for regression nets trained on ``MSELoss`` with an Adam-family optimizer.
+    __doc__ = (
+        """L2M for regression nets trained on ``MSELoss`` with an Adam-family optimizer.
 
     As :class:`L2MClassifier`; the gradient of the mean squared error is
     rescaled to the Gaussian likelihood's (see
     :func:`~skuq.curvature.optimizer.l2m_curvature`), and the noise
     ``sigma_noise_`` is the RMS training residual (one forward pass).
-    """ + _SHARED_DOC + """    sigma_noise : float or str, default="residual"
+    """
+        + _SHARED_DOC
+        + """    sigma_noise : float or str, default="residual"
         Observation noise. ``"residual"``: the RMS training residual, the
         maximum-likelihood noise at the trained weights. ``"marglik"`` fits it
         with the prior by the marginal likelihood, which over all the weights
@@ -299,12 +328,27 @@ class L2MRegressor(UQRegressorMixin, RegressionLikelihood, _BaseL2M):
     >>> mean.shape == std.shape == (len(d.X_test),)
     True
     """
+    )
 
     def __init__(
-        self, estimator, *, scale="fisher", bias_correction=True, train_batch_size=None,
-        sigma_noise="residual", prior_precision="marglik", prior_structure="scalar",
-        pred_type="glm", n_samples=100, temperature=1.0, calibration_fraction=0.2,
-        device="auto", batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        scale="fisher",
+        bias_correction=True,
+        train_batch_size=None,
+        sigma_noise="residual",
+        prior_precision="marglik",
+        prior_structure="scalar",
+        pred_type="glm",
+        n_samples=100,
+        temperature=1.0,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.scale = scale

@@ -24,7 +24,11 @@ __all__ = [
 
 #: the named rules, usable as strings
 SELECTIONS = (
-    "largest_variance", "largest_variance_swag", "largest_magnitude", "random", "last_layer"
+    "largest_variance",
+    "largest_variance_swag",
+    "largest_magnitude",
+    "random",
+    "last_layer",
 )
 #: ``n_params="auto"`` keeps ``min(DEFAULT_SUBNETWORK_SIZE, P)`` weights
 DEFAULT_SUBNETWORK_SIZE = 1000
@@ -72,9 +76,7 @@ def check_subnetwork_size(n_params, n_total: int) -> int:
     if isinstance(n_params, str) and n_params == "auto":
         return min(DEFAULT_SUBNETWORK_SIZE, n_total)
     if not isinstance(n_params, numbers.Integral) or isinstance(n_params, bool):
-        raise ValueError(
-            f"subnetwork_size must be an int >= 1 or 'auto', got {n_params!r}"
-        )
+        raise ValueError(f"subnetwork_size must be an int >= 1 or 'auto', got {n_params!r}")
     if n_params < 1:
         raise ValueError(f"subnetwork_size must be >= 1, got {n_params}")
     if n_params > n_total:
@@ -179,4 +181,3 @@ def cpu_generator(generator: torch.Generator | None) -> torch.Generator | None:
         return generator
     seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device))
     return torch.Generator().manual_seed(seed)
-

@@ -113,16 +113,21 @@ class LargestVariance(SubnetworkSelection):
         """Marginal variances of the diagonal posterior over all trainable weights."""
         weights = select_weights(model, "all")
         post = DiagPosterior(
-            weights.vector(), curvature.diag, prior_precision=torch.as_tensor(
-                np.asarray(self.prior_precision, dtype=float)
-            ), group_sizes=weights.group_sizes(), temperature=self.temperature,
+            weights.vector(),
+            curvature.diag,
+            prior_precision=torch.as_tensor(np.asarray(self.prior_precision, dtype=float)),
+            group_sizes=weights.group_sizes(),
+            temperature=self.temperature,
         )
         return post.marginal_variance()
 
     def scores(self, model, data, *, likelihood="classification", generator=None):
         curv = compute_curvature(
-            select_weights(model, "all"), data_passes(data, "largest_variance"),
-            likelihood=likelihood, structure="diag", curvature=self.curvature,
+            select_weights(model, "all"),
+            data_passes(data, "largest_variance"),
+            likelihood=likelihood,
+            structure="diag",
+            curvature=self.curvature,
         )
         return self.variances_from_curvature(model, curv)
 
@@ -142,8 +147,9 @@ class LargestMagnitude(SubnetworkSelection):
     """
 
     def scores(self, model, data=None, *, likelihood="classification", generator=None):
-        return torch.cat([p.detach().reshape(-1).abs().cpu()
-                          for p in model.parameters() if p.requires_grad])
+        return torch.cat(
+            [p.detach().reshape(-1).abs().cpu() for p in model.parameters() if p.requires_grad]
+        )
 
 
 class RandomSelection(SubnetworkSelection):
@@ -161,8 +167,9 @@ class RandomSelection(SubnetworkSelection):
     """
 
     def scores(self, model, data=None, *, likelihood="classification", generator=None):
-        return torch.rand(n_trainable(model), generator=cpu_generator(generator),
-                          dtype=torch.float64)
+        return torch.rand(
+            n_trainable(model), generator=cpu_generator(generator), dtype=torch.float64
+        )
 
 
 # ------------------------------------------------------------------ set rules
@@ -202,8 +209,10 @@ class LastLayerSelection(SubnetworkSelection):
         x = next(iter(data_passes(data, "last_layer")()))[0]
         name, module = find_last_layer(model, x[:2])
         prefix = f"{name}." if name else ""
-        return _positions(model, [prefix + n for n, p in module.named_parameters(recurse=False)
-                                  if p.requires_grad])
+        return _positions(
+            model,
+            [prefix + n for n, p in module.named_parameters(recurse=False) if p.requires_grad],
+        )
 
 
 class ByName(SubnetworkSelection):
@@ -240,8 +249,11 @@ class ByName(SubnetworkSelection):
                 chosen.append(n)
             elif n in modules:
                 prefix = f"{n}." if n else ""
-                chosen += [prefix + m for m, p in modules[n].named_parameters()
-                           if p.requires_grad and prefix + m in offsets]
+                chosen += [
+                    prefix + m
+                    for m, p in modules[n].named_parameters()
+                    if p.requires_grad and prefix + m in offsets
+                ]
             else:
                 raise ValueError(
                     f"{n!r} names no trainable parameter or module of the network; "

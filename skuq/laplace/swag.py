@@ -52,8 +52,13 @@ class LargestVarianceSWAG(SubnetworkSelection):
     """
 
     def __init__(
-        self, n_epochs: int = 5, snapshots_per_epoch: int = 4, lr: float = 1e-2,
-        momentum: float = 0.9, weight_decay: float = 3e-4, batch_size: int = 32,
+        self,
+        n_epochs: int = 5,
+        snapshots_per_epoch: int = 4,
+        lr: float = 1e-2,
+        momentum: float = 0.9,
+        weight_decay: float = 3e-4,
+        batch_size: int = 32,
     ):
         self.n_epochs = n_epochs
         self.snapshots_per_epoch = snapshots_per_epoch
@@ -70,8 +75,9 @@ class LargestVarianceSWAG(SubnetworkSelection):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         net = copy.deepcopy(model).eval()
         params = [p for p in net.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum,
-                              weight_decay=self.weight_decay)
+        opt = torch.optim.SGD(
+            params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay
+        )
         sizes = [len(x) for x, _ in passes()]
         steps = sum(math.ceil(n / self.batch_size) for n in sizes)
         every = max(1, steps // self.snapshots_per_epoch)
@@ -107,4 +113,3 @@ def _mean_loss(f: Tensor, y: Tensor, likelihood: str) -> Tensor:
     if likelihood == "regression":
         return 0.5 * F.mse_loss(f, y.reshape(f.shape).to(f.dtype))
     return F.cross_entropy(f, y.long())
-

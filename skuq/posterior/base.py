@@ -196,9 +196,7 @@ class WeightPosterior:
         d = self.prior_precision if prior_precision is None else prior_precision
         sigma = self.sigma_noise if sigma_noise is None else sigma_noise
         s = self._scale(self._f64(sigma))
-        return self.log_likelihood(sigma) - 0.5 * (
-            self.log_det_ratio(d, s) + self.scatter(d)
-        )
+        return self.log_likelihood(sigma) - 0.5 * (self.log_det_ratio(d, s) + self.scatter(d))
 
     def optimize_prior_precision(
         self,
@@ -227,10 +225,12 @@ class WeightPosterior:
             n = self.prior_precision.numel()
         start = self.prior_precision.log()
         start = start.mean().expand(n) if start.ndim == 0 or n == 1 else start
-        x0 = np.concatenate([
-            start.detach().double().reshape(n).cpu().numpy(),
-            [math.log(self.sigma_noise)] if fit_sigma_noise else [],
-        ])
+        x0 = np.concatenate(
+            [
+                start.detach().double().reshape(n).cpu().numpy(),
+                [math.log(self.sigma_noise)] if fit_sigma_noise else [],
+            ]
+        )
         mask = np.r_[np.full(n, fit_prior), [True] if fit_sigma_noise else []].astype(bool)
         if not mask.any():
             return
@@ -239,8 +239,7 @@ class WeightPosterior:
             return
 
         def evidence(z):
-            z_t = torch.tensor(z, dtype=torch.float64, device=self.mean.device,
-                               requires_grad=True)
+            z_t = torch.tensor(z, dtype=torch.float64, device=self.mean.device, requires_grad=True)
             d = z_t[:n].exp()
             d = d[0] if n == 1 else d
             sigma = z_t[n].exp() if fit_sigma_noise else self.sigma_noise
@@ -260,9 +259,14 @@ class WeightPosterior:
         # L-BFGS on the log scale (scipy's: no torch.optim start-up cost); the bounds keep
         # delta and sigma in a finite range when the evidence is flat
         bounds = [(-25.0, 25.0)] * len(x0)
-        res = scipy.optimize.minimize(objective, x0, jac=True, method="L-BFGS-B",
-                                      bounds=bounds,
-                                      options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10})
+        res = scipy.optimize.minimize(
+            objective,
+            x0,
+            jac=True,
+            method="L-BFGS-B",
+            bounds=bounds,
+            options={"maxiter": max_iter, "ftol": 1e-15, "gtol": 1e-10},
+        )
         z = torch.as_tensor(res.x, dtype=torch.float64)
         log_d = z[:n]
         log_s = z[n] if fit_sigma_noise else torch.tensor(math.log(self.sigma_noise))
@@ -287,7 +291,9 @@ class WeightPosterior:
                 return -float(self.log_marginal_likelihood(self._f64(math.exp(z))))
 
         res = scipy.optimize.minimize_scalar(
-            objective, bounds=(-25.0, 25.0), method="bounded",
+            objective,
+            bounds=(-25.0, 25.0),
+            method="bounded",
             options={"xatol": 1e-8, "maxiter": max_iter},
         )
         d = math.exp(float(res.x))

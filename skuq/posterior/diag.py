@@ -58,8 +58,9 @@ class DiagPosterior(WeightPosterior):
         eps = self._randn((n_samples, self.n_params), generator)
         return self.mean + eps * self.marginal_variance().sqrt()
 
-    def functional_variance_last_layer(self, phi: Tensor, n_out: int, has_bias: bool,
-                                       augment: bool = False) -> Tensor:
+    def functional_variance_last_layer(
+        self, phi: Tensor, n_out: int, has_bias: bool, augment: bool = False
+    ) -> Tensor:
         """``J Sigma J^T`` of a last Linear layer from its input features ``phi`` (B, D).
 
         ``augment=True``: the (B, C+1, C+1) covariance of ``(P f, mean f)``

@@ -39,9 +39,14 @@ def posterior_from_curvature(
     torch.Size([4, 8])
     """
     kwargs = dict(
-        prior_precision=prior_precision, group_sizes=group_sizes, sigma_noise=sigma_noise,
-        temperature=temperature, loss=curvature.loss, n_data=curvature.n_data,
-        n_outputs=curvature.n_outputs, likelihood=curvature.likelihood,
+        prior_precision=prior_precision,
+        group_sizes=group_sizes,
+        sigma_noise=sigma_noise,
+        temperature=temperature,
+        loss=curvature.loss,
+        n_data=curvature.n_data,
+        n_outputs=curvature.n_outputs,
+        likelihood=curvature.likelihood,
         curvature_kind=curvature.curvature,
     )
     if curvature.structure == "diag":

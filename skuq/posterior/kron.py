@@ -79,8 +79,7 @@ class KronPosterior(WeightPosterior):
 
     def _log_det(self, delta, s):
         return sum(
-            torch.log(s * self._eig64[i] + d).sum()
-            for i, d in enumerate(self._block_deltas(delta))
+            torch.log(s * self._eig64[i] + d).sum() for i, d in enumerate(self._block_deltas(delta))
         )
 
     def inverse_eigvals(self) -> list[Tensor]:

@@ -38,8 +38,9 @@ def _eigvalsh_lower(H: Tensor, dtype: torch.dtype) -> Tensor:
     work = H.detach().to(dtype, copy=True).numpy()
     # the transpose is Fortran-ordered, so LAPACK works on the copy in place; its upper
     # triangle is H's lower one
-    evals = scipy.linalg.eigh(work.T, lower=False, eigvals_only=True, driver="evr",
-                              overwrite_a=True, check_finite=False)
+    evals = scipy.linalg.eigh(
+        work.T, lower=False, eigvals_only=True, driver="evr", overwrite_a=True, check_finite=False
+    )
     return torch.from_numpy(evals).double()
 
 

@@ -42,8 +42,9 @@ class LowRankPosterior(WeightPosterior):
         if delta.ndim != 0:
             raise ValueError("hessian_structure='lowrank' supports a scalar prior precision only")
         k = self.eigvals.numel()
-        return (torch.log(s * self._stored64("eigvals") + delta).sum()
-                + (self.n_params - k) * torch.log(delta))
+        return torch.log(s * self._stored64("eigvals") + delta).sum() + (
+            self.n_params - k
+        ) * torch.log(delta)
 
     def _shrink(self) -> Tensor:
         s, d = self.curvature_scale, self.prior_precision

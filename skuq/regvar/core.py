@@ -36,8 +36,12 @@ class RegVarConvergenceWarning(UserWarning):
 
 # ----------------------------------------------------------------- helpers
 def _check_lam(lam) -> None:
-    if not (isinstance(lam, numbers.Real) and not isinstance(lam, (bool, np.bool_))
-            and math.isfinite(lam) and lam > 0):
+    if not (
+        isinstance(lam, numbers.Real)
+        and not isinstance(lam, (bool, np.bool_))
+        and math.isfinite(lam)
+        and lam > 0
+    ):
         raise ValueError(
             f"lam must be a finite number > 0 (the size of the regularization "
             f"perturbation; RegVar divides by it), got {lam!r}"
@@ -145,4 +149,3 @@ def _nearest_psd(cov: Tensor) -> Tensor:
     """Eigenvalues clipped at zero: finite-lam estimates can be slightly indefinite."""
     evals, evecs = torch.linalg.eigh(cov)
     return (evecs * evals.clamp_min(0).unsqueeze(-2)) @ evecs.transpose(-1, -2)
-

@@ -72,7 +72,9 @@ class _BaseRegVar(BaseUQEstimator):
     def _optimizer_spec(self) -> tuple[type, list[dict], list[dict]]:
         """Optimizer class, hyperparameter groups and state per weight (:func:`optimizer_spec`)."""
         return optimizer_spec(
-            _trainable(self.model_), trained_optimizer(self.net_), lr=self.finetune_lr,
+            _trainable(self.model_),
+            trained_optimizer(self.net_),
+            lr=self.finetune_lr,
             drop_weight_decay=self.prior_precision is not None,
         )
 
@@ -127,10 +129,18 @@ class _BaseRegVar(BaseUQEstimator):
         if self.mode == "amortized":
             explicit = None if self.prior_precision is None else float(self.prior_precision)
             pair = finetune_pair(
-                self.model_, torch.as_tensor(X), torch.as_tensor(y_net), loss, lam=self.lam,
-                optimizer=self._optimizer_factory(), n_epochs=self.finetune_epochs,
-                batch_size=self._train_batch_size(n), n_average=self.n_average,
-                prior_precision=explicit, generator=self._generator(), verbose=self.verbose,
+                self.model_,
+                torch.as_tensor(X),
+                torch.as_tensor(y_net),
+                loss,
+                lam=self.lam,
+                optimizer=self._optimizer_factory(),
+                n_epochs=self.finetune_epochs,
+                batch_size=self._train_batch_size(n),
+                n_average=self.n_average,
+                prior_precision=explicit,
+                generator=self._generator(),
+                verbose=self.verbose,
             )
             # the difference of two nearby nets, taken in float64 (see amortized_variance)
             self.finetuned_ = tuple(m.double() for m in pair)
@@ -167,15 +177,32 @@ class _BaseRegVar(BaseUQEstimator):
         delta = self._weight_decay_prior(len(X))
         common = dict(lam=self.lam, batch_size=self.batch_size, verbose=self.verbose)
         if self.exact_solver == "lbfgs":
-            cov = exact_covariance(self.model_, X, y, x, self._loss(), prior_precision=delta,
-                                   max_iter=self.exact_max_iter, **common)
+            cov = exact_covariance(
+                self.model_,
+                X,
+                y,
+                x,
+                self._loss(),
+                prior_precision=delta,
+                max_iter=self.exact_max_iter,
+                **common,
+            )
         else:
             explicit = None if self.prior_precision is None else float(self.prior_precision)
             cov = exact_covariance(
-                self.model_, X, y, x, self._loss(), prior_precision=explicit,
-                solver="optimizer", optimizer=self._optimizer_factory(stacked=True),
-                n_epochs=self.finetune_epochs, train_batch_size=self._train_batch_size(len(X)),
-                n_average=self.n_average, generator=self._generator(), **common,
+                self.model_,
+                X,
+                y,
+                x,
+                self._loss(),
+                prior_precision=explicit,
+                solver="optimizer",
+                optimizer=self._optimizer_factory(stacked=True),
+                n_epochs=self.finetune_epochs,
+                train_batch_size=self._train_batch_size(len(X)),
+                n_average=self.n_average,
+                generator=self._generator(),
+                **common,
             )
         return _nearest_psd(cov)
 
@@ -283,10 +310,25 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     """
 
     def __init__(
-        self, estimator, *, mode="exact", lam=1e-2, finetune_epochs=5, finetune_lr=None,
-        n_average=100, variance_scale=1.0, prior_precision=None, exact_solver="lbfgs",
-        exact_max_iter=500, link_approx="centered_probit", n_samples=100, device="auto",
-        batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        mode="exact",
+        lam=1e-2,
+        finetune_epochs=5,
+        finetune_lr=None,
+        n_average=100,
+        variance_scale=1.0,
+        prior_precision=None,
+        exact_solver="lbfgs",
+        exact_max_iter=500,
+        link_approx="centered_probit",
+        n_samples=100,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.mode = mode
@@ -362,10 +404,24 @@ prior_precision, exact_solver, exact_max_iter
     """
 
     def __init__(
-        self, estimator, *, sigma_noise=None, mode="exact", lam=1e-2, finetune_epochs=5,
-        finetune_lr=None, n_average=100, variance_scale=1.0, prior_precision=None,
-        exact_solver="lbfgs", exact_max_iter=500, device="auto", batch_size=256,
-        random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        sigma_noise=None,
+        mode="exact",
+        lam=1e-2,
+        finetune_epochs=5,
+        finetune_lr=None,
+        n_average=100,
+        variance_scale=1.0,
+        prior_precision=None,
+        exact_solver="lbfgs",
+        exact_max_iter=500,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.sigma_noise = sigma_noise

@@ -152,20 +152,50 @@ def exact_covariance(
         q = rows[start : start + max_problems]
         k = outs[start : start + max_problems]
         if solver == "lbfgs":
-            thetas = _solve_lbfgs(weights, theta, X, y, loss, delta, queries[q], k, lam,
-                                  R0, g0, batch_size, max_iter, tol)
+            thetas = _solve_lbfgs(
+                weights,
+                theta,
+                X,
+                y,
+                loss,
+                delta,
+                queries[q],
+                k,
+                lam,
+                R0,
+                g0,
+                batch_size,
+                max_iter,
+                tol,
+            )
             reference = f_star[q]
         else:
-            thetas, ref = _solve_optimizer(weights, theta, X, y, loss, delta, queries[q], k,
-                                           lam, optimizer, n_epochs, train_batch_size,
-                                           n_average, generator)
+            thetas, ref = _solve_optimizer(
+                weights,
+                theta,
+                X,
+                y,
+                loss,
+                delta,
+                queries[q],
+                k,
+                lam,
+                optimizer,
+                n_epochs,
+                train_batch_size,
+                n_average,
+                generator,
+            )
             with torch.no_grad():
                 reference = weights.forward(ref, queries[q])
         f_lam = _outputs_at(weights, thetas, queries[q])
         cov[q, :, k] = (f_lam - reference) / lam
-    _finite_or_raise([cov], "the exact RegVar covariance",
-                     "the fine-tune diverged; lower lam, or check that the net is trained "
-                     "to a minimum of its regularized loss")
+    _finite_or_raise(
+        [cov],
+        "the exact RegVar covariance",
+        "the fine-tune diverged; lower lam, or check that the net is trained "
+        "to a minimum of its regularized loss",
+    )
     return 0.5 * (cov + cov.transpose(1, 2))
 
 
@@ -207,12 +237,12 @@ def _objective_at(weights, theta, X, y, loss, delta, batch_size) -> tuple[Tensor
     return value, grad + delta * theta
 
 
-def _solve_lbfgs(weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_size,
-                 max_iter, tol) -> Tensor:
+def _solve_lbfgs(
+    weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_size, max_iter, tol
+) -> Tensor:
     """Minimizers ``theta* + lam u`` of the rescaled problems of one chunk, (M, P)."""
     m = len(k)
-    U = torch.zeros(m, weights.n_params, dtype=theta.dtype, device=theta.device,
-                    requires_grad=True)
+    U = torch.zeros(m, weights.n_params, dtype=theta.dtype, device=theta.device, requires_grad=True)
     with torch.no_grad():
         f_q = weights.forward(theta, xq)
     onehot = F.one_hot(k, f_q.shape[1]).to(theta)
@@ -225,22 +255,31 @@ def _solve_lbfgs(weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_si
         for start in range(0, len(X), batch_size):
             xb = X[start : start + batch_size].to(theta.device)
             yb = y[start : start + batch_size].to(theta.device)
-            data, f_k = _stacked(_loss_and_query_output(weights, loss, xb, yb),
-                                 theta + lam * U, xq, onehot)
+            data, f_k = _stacked(
+                _loss_and_query_output(weights, loss, xb, yb), theta + lam * U, xq, onehot
+            )
             part = data.sum() * len(xb)
             if start == 0:  # the perturbation -lam f_k(x*), relative to f_k(x*; theta*)
                 part = part - lam * (f_k - f_star).sum()
             (part / lam**2).backward()
             value += part.detach()
         # exact differences: no cancellation in the prior or the tilt
-        rest = (0.5 * (delta * (2 * lam * theta * U + lam**2 * U**2)).sum()
-                - lam * (U @ g0).sum()) / lam**2
+        rest = (
+            0.5 * (delta * (2 * lam * theta * U + lam**2 * U**2)).sum() - lam * (U @ g0).sum()
+        ) / lam**2
         rest.backward()
         return (value - m * R0_data) / lam**2 + rest.detach()
 
-    opt = torch.optim.LBFGS([U], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter,
-                            tolerance_grad=0.0, tolerance_change=0.0, history_size=50,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [U],
+        lr=1.0,
+        max_iter=max_iter,
+        max_eval=2 * max_iter,
+        tolerance_grad=0.0,
+        tolerance_change=0.0,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
     closure()
     scale = max(float(U.grad.abs().max()), 1e-300)
     opt.param_groups[0]["tolerance_grad"] = tol * scale
@@ -253,7 +292,8 @@ def _solve_lbfgs(weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_si
             "variances are unreliable. Either the iteration limit (exact_max_iter) is too "
             "low, or the trained weights are not a strict minimum of the regularized loss "
             "(train to convergence, or add weight decay / prior_precision)",
-            RegVarConvergenceWarning, stacklevel=3,
+            RegVarConvergenceWarning,
+            stacklevel=3,
         )
     return (theta + lam * U).detach()
 
@@ -262,8 +302,22 @@ def _solve_lbfgs(weights, theta, X, y, loss, delta, xq, k, lam, R0, g0, batch_si
 _LBFGS_WARN = 1e-3
 
 
-def _solve_optimizer(weights, theta, X, y, loss, delta, xq, k, lam, optimizer, n_epochs,
-                     batch_size, n_average, generator) -> tuple[Tensor, Tensor]:
+def _solve_optimizer(
+    weights,
+    theta,
+    X,
+    y,
+    loss,
+    delta,
+    xq,
+    k,
+    lam,
+    optimizer,
+    n_epochs,
+    batch_size,
+    n_average,
+    generator,
+) -> tuple[Tensor, Tensor]:
     """Mini-batch fine-tunes of one chunk's problems and a reference, stacked in one tensor."""
     m, n = len(k), len(X)
     Theta = theta.detach().unsqueeze(0).repeat(m + 1, 1).requires_grad_(True)
@@ -283,8 +337,7 @@ def _solve_optimizer(weights, theta, X, y, loss, delta, xq, k, lam, optimizer, n
         for idx in _batches(n, batch_size, generator):
             xb, yb = X[idx].to(theta.device), y[idx].to(theta.device)
             opt.zero_grad(set_to_none=True)
-            losses, f_k = _stacked(_loss_and_query_output(weights, loss, xb, yb),
-                                   Theta, xq, onehot)
+            losses, f_k = _stacked(_loss_and_query_output(weights, loss, xb, yb), Theta, xq, onehot)
             obj = losses.sum() - (lam / n) * f_k.sum()
             if use_prior:
                 obj = obj + (delta * Theta**2).sum() / (2 * n)
@@ -294,7 +347,9 @@ def _solve_optimizer(weights, theta, X, y, loss, delta, xq, k, lam, optimizer, n
             if step > total - n_avg:
                 acc += Theta.detach()
     avg = acc / n_avg
-    _finite_or_raise([avg], "the fine-tuned weights",
-                     "the fine-tune diverged; lower the fine-tuning learning rate or lam")
+    _finite_or_raise(
+        [avg],
+        "the fine-tuned weights",
+        "the fine-tune diverged; lower the fine-tuning learning rate or lam",
+    )
     return avg[:m], avg[m]
-

@@ -117,14 +117,24 @@ def finetune_pair(
         for idx in _batches(n, batch_size, generator):
             xb, yb = X[idx].to(first.device), y[idx].to(first.device)
             for which in (0, 1):  # the perturbed net, then the reference on the same batch
-                _step(models[which], opts[which], params[which], priors[which], loss, xb, yb,
-                      lam if which == 0 else None, n)
+                _step(
+                    models[which],
+                    opts[which],
+                    params[which],
+                    priors[which],
+                    loss,
+                    xb,
+                    yb,
+                    lam if which == 0 else None,
+                    n,
+                )
             step += 1
             if step > total - n_avg:
                 _accumulate(sums, params)
     _load_average(params, sums, n_avg)
     _finite_or_raise(
-        [p for ps in params for p in ps], "the fine-tuned weights",
+        [p for ps in params for p in ps],
+        "the fine-tuned weights",
         "the fine-tune diverged; lower the fine-tuning learning rate or lam",
     )
     for m in models:
@@ -193,4 +203,3 @@ def amortized_variance(model_lam: nn.Module, model_0: nn.Module, x: Tensor, lam:
     with torch.no_grad():
         x = x.to(dtype) if x.is_floating_point() else x
         return (model_lam(x) - model_0(x)).abs() / lam
-

@@ -39,7 +39,6 @@ def _decoupled_scale(cls: type, group: dict, state: dict, param: Tensor) -> Tens
     return (v_hat.sqrt() + float(group["eps"])).reshape(-1)
 
 
-
 def optimizer_spec(
     trainable: list[Tensor],
     trained: torch.optim.Optimizer | None,
@@ -130,12 +129,20 @@ def cloned_optimizer(
     cls: type, groups: list[dict], state: list[dict], params: list[Tensor]
 ) -> torch.optim.Optimizer:
     """``cls`` over ``params`` (one per trained weight) with copies of the trained state."""
-    opt = cls([{**{k: v for k, v in g.items() if k != "index"},
-                "params": [params[i] for i in g["index"]]} for g in groups])
+    opt = cls(
+        [
+            {
+                **{k: v for k, v in g.items() if k != "index"},
+                "params": [params[i] for i in g["index"]],
+            }
+            for g in groups
+        ]
+    )
     for p, s in zip(params, state, strict=False):
         if s:
-            opt.state[p] = {k: v.clone() if isinstance(v, Tensor) else copy.copy(v)
-                            for k, v in s.items()}
+            opt.state[p] = {
+                k: v.clone() if isinstance(v, Tensor) else copy.copy(v) for k, v in s.items()
+            }
     return opt
 
 

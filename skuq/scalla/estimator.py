@@ -177,12 +177,31 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
     _per_layer_prior = False
 
     def __init__(
-        self, estimator, *, n_features=128, probe="rademacher", n_probes=16, surrogate="auto",
-        surrogate__width=256, surrogate__epochs=50, surrogate__lr=1e-3, surrogate__batch_size=128,
-        surrogate_width="deprecated", surrogate_epochs="deprecated", surrogate_lr="deprecated",
-        surrogate_batch_size="deprecated", context_weight=1.0, prior_precision="marglik",
-        link_approx="centered_probit", n_samples=100, calibration_fraction=0.2, device="auto",
-        batch_size=256, random_state=None, verbose=0, memory=None,
+        self,
+        estimator,
+        *,
+        n_features=128,
+        probe="rademacher",
+        n_probes=16,
+        surrogate="auto",
+        surrogate__width=256,
+        surrogate__epochs=50,
+        surrogate__lr=1e-3,
+        surrogate__batch_size=128,
+        surrogate_width="deprecated",
+        surrogate_epochs="deprecated",
+        surrogate_lr="deprecated",
+        surrogate_batch_size="deprecated",
+        context_weight=1.0,
+        prior_precision="marglik",
+        link_approx="centered_probit",
+        n_samples=100,
+        calibration_fraction=0.2,
+        device="auto",
+        batch_size=256,
+        random_state=None,
+        verbose=0,
+        memory=None,
     ):
         self.estimator = estimator
         self.n_features = n_features
@@ -250,7 +269,8 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
                 raise ValueError(f"{old} is the deprecated name of {new}: give only {new}")
             warnings.warn(
                 f"{old} is deprecated and will be removed in a future release; use {new}",
-                FutureWarning, stacklevel=5,
+                FutureWarning,
+                stacklevel=5,
             )
             options[option] = (old, flat)
         return options
@@ -339,7 +359,10 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
         if not isinstance(pp, str):
             pp = float(pp)
         self.posterior_ = feature_posterior(
-            self.model_, fit.kernel, batches, theta_sq_norm=theta_sq,
+            self.model_,
+            fit.kernel,
+            batches,
+            theta_sq_norm=theta_sq,
             prior_precision=1.0 if pp == "heldout" else pp,
         )
         self.surrogate_ = fit.kernel
@@ -355,12 +378,18 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
         m = int(self.n_features)
         opts = self._surrogate_settings
         options = dict(
-            n_features=m, probe=self.probe, n_probes=int(self.n_probes),
-            surrogate=self.surrogate, surrogate_width=int(opts["width"]),
-            surrogate_epochs=int(opts["epochs"]), surrogate_lr=float(opts["lr"]),
+            n_features=m,
+            probe=self.probe,
+            n_probes=int(self.n_probes),
+            surrogate=self.surrogate,
+            surrogate_width=int(opts["width"]),
+            surrogate_epochs=int(opts["epochs"]),
+            surrogate_lr=float(opts["lr"]),
             surrogate_batch_size=int(opts["batch_size"]),
-            context_weight=float(self.context_weight), seed=self._seed,
-            device=str(self.device_), n_outputs=self.n_outputs_,
+            context_weight=float(self.context_weight),
+            seed=self._seed,
+            device=str(self.device_),
+            n_outputs=self.n_outputs_,
         )
         key = None
         if isinstance(self.surrogate, str):  # modules and callables are not keyed
@@ -372,12 +401,21 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
         with seeded_global_rng(self._seed):
             net = self._build_surrogate(self.n_outputs_ * m)
         fit = fit_surrogate(
-            weights, net.to(self.device_), X, n_outputs=self.n_outputs_, n_features=m,
-            context=ctx, context_weight=float(self.context_weight), probe=self.probe,
-            n_probes=int(self.n_probes), epochs=int(opts["epochs"]),
-            lr=float(opts["lr"]), batch_size=int(opts["batch_size"]),
+            weights,
+            net.to(self.device_),
+            X,
+            n_outputs=self.n_outputs_,
+            n_features=m,
+            context=ctx,
+            context_weight=float(self.context_weight),
+            probe=self.probe,
+            n_probes=int(self.n_probes),
+            epochs=int(opts["epochs"]),
+            lr=float(opts["lr"]),
+            batch_size=int(opts["batch_size"]),
             generator=make_generator(self._seed, torch.device("cpu")),
-            probe_generator=self._generator(), verbose=self.verbose,
+            probe_generator=self._generator(),
+            verbose=self.verbose,
         )
         if key is not None:
             CACHE.put(key, copy.deepcopy(fit))
@@ -406,6 +444,6 @@ class ScaLLAClassifier(PriorPrecisionMixin, UQClassifierMixin, BaseUQEstimator):
 
     # ------------------------------------------------------------------ predict
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
-        return scalla_predictive(self.model_, self.surrogate_, self.posterior_, x,
-                                 center=self._centered_link())
-
+        return scalla_predictive(
+            self.model_, self.surrogate_, self.posterior_, x, center=self._centered_link()
+        )

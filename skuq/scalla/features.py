@@ -54,8 +54,9 @@ class FeaturePosterior(FullPosterior):
     def __init__(self, curvature: Tensor, *, theta_sq_norm: float, **kwargs):
         m = curvature.shape[0]
         self.theta_sq_norm = float(theta_sq_norm)
-        super().__init__(torch.zeros(m, dtype=curvature.dtype, device=curvature.device),
-                         curvature, **kwargs)
+        super().__init__(
+            torch.zeros(m, dtype=curvature.dtype, device=curvature.device), curvature, **kwargs
+        )
 
     def scatter(self, prior_precision=None) -> Tensor:
         """``tau ||theta*||^2``: the weight-space prior term at the MAP."""
@@ -127,8 +128,12 @@ def feature_posterior(
     if fit_prior:
         check_option("prior_precision", prior_precision, ("marglik",))
     post = FeaturePosterior(
-        gram, theta_sq_norm=theta_sq_norm, prior_precision=1.0 if fit_prior else prior_precision,
-        loss=loss, n_data=n, n_outputs=int(f.shape[1]),
+        gram,
+        theta_sq_norm=theta_sq_norm,
+        prior_precision=1.0 if fit_prior else prior_precision,
+        loss=loss,
+        n_data=n,
+        n_outputs=int(f.shape[1]),
     )
     if fit_prior:
         post.optimize_prior_precision("scalar")
@@ -136,7 +141,10 @@ def feature_posterior(
 
 
 def scalla_predictive(
-    model: nn.Module, kernel: nn.Module, posterior: FullPosterior, x: Tensor,
+    model: nn.Module,
+    kernel: nn.Module,
+    posterior: FullPosterior,
+    x: Tensor,
     center: bool = False,
 ) -> OutputDistribution:
     """``N(f(x; theta*), g(x) A^-1 g(x)^T)`` for a batch ``x``.
@@ -159,4 +167,3 @@ def scalla_predictive(
         G = kernel(x).double()
         cov = posterior.functional_variance(augment_centered(G) if center else G)
     return gaussian_predictive(mean.float(), cov, center)
-

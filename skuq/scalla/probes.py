@@ -112,8 +112,9 @@ def probe_outputs(
     with torch.no_grad():
         for start in range(0, n_probes, chunk):
             k = min(chunk, n_probes - start)
-            V = draw_probes(k, P, probe, generator=generator, device=weights.device,
-                            dtype=weights.dtype)
+            V = draw_probes(
+                k, P, probe, generator=generator, device=weights.device, dtype=weights.dtype
+            )
             jv, _ = jvp_batch(weights, x, V.T)  # rows of V are contiguous probes
             parts.append(jv)
             del V
@@ -182,4 +183,3 @@ def kernel_matching_loss(
     ZtZ = Z.T @ Z
     kk = (ZtZ.square().sum() - torch.diagonal(ZtZ).square().sum()) / (S * (S - 1))
     return (gg - 2 * gz + kk) / norm, kk / norm
-

@@ -118,13 +118,22 @@ def default_surrogate(
         if min(h, w) >= 8:
             layers.append(nn.MaxPool2d(2))
         layers += [
-            nn.Conv2d(32, 64, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(64 * 16, width), nn.GELU(), nn.Linear(width, n_outputs),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(4),
+            nn.Flatten(),
+            nn.Linear(64 * 16, width),
+            nn.GELU(),
+            nn.Linear(width, n_outputs),
         ]
         return nn.Sequential(*layers)
     d = math.prod(shape)
     return nn.Sequential(
-        nn.Flatten(), nn.Linear(d, width), nn.GELU(), nn.Linear(width, width), nn.GELU(),
+        nn.Flatten(),
+        nn.Linear(d, width),
+        nn.GELU(),
+        nn.Linear(width, width),
+        nn.GELU(),
         nn.Linear(width, n_outputs),
     )
 
@@ -250,7 +259,7 @@ def fit_surrogate(
     rows = _RowUnion(X, context, device, dtype)
     opt, sched = _cosine_adam(kernel, lr, epochs * -(-len(rows) // batch_size))
     weight_all = torch.ones(len(rows), dtype=dtype)
-    weight_all[len(X):] = float(context_weight)
+    weight_all[len(X) :] = float(context_weight)
     root_scale = math.sqrt(scale)
     history: list[float] = []
     step = 0
@@ -287,8 +296,14 @@ class _Prober:
     max_probe_elements: int
 
     def __call__(self, x: Tensor) -> Tensor:
-        return probe_outputs(self.weights, x, self.n_probes, self.probe,
-                             generator=self.generator, max_probe_elements=self.max_probe_elements)
+        return probe_outputs(
+            self.weights,
+            x,
+            self.n_probes,
+            self.probe,
+            generator=self.generator,
+            max_probe_elements=self.max_probe_elements,
+        )
 
 
 class _RowUnion:
@@ -328,8 +343,13 @@ def _ntk_scale(prober: _Prober, X, n_outputs: int, batch_size: int) -> float:
 
 
 def _start_kernel(
-    surrogate: nn.Module, X, n_outputs: int, n_features: int, batch_size: int,
-    device: torch.device, dtype: torch.dtype,
+    surrogate: nn.Module,
+    X,
+    n_outputs: int,
+    n_features: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
 ) -> SurrogateKernel:
     """The untrained feature map, its gain set so that the mean diagonal of ``g g^T`` is 1."""
     kernel = SurrogateKernel(surrogate, n_outputs, n_features, scale=1.0).to(device, dtype)
@@ -353,8 +373,12 @@ def _cosine_adam(kernel: nn.Module, lr: float, n_steps: int):
 
 
 def _kernel_step(
-    kernel: SurrogateKernel, prober: _Prober, xb: Tensor, wb: Tensor | None,
-    root_scale: float, step: int,
+    kernel: SurrogateKernel,
+    prober: _Prober,
+    xb: Tensor,
+    wb: Tensor | None,
+    root_scale: float,
+    step: int,
 ) -> tuple[Tensor, Tensor]:
     """The kernel loss of one batch on fresh probes (targets divided by the NTK's scale)."""
     Z = prober(xb) / root_scale
@@ -365,4 +389,3 @@ def _kernel_step(
             "lower surrogate__lr, or give a smaller or better-conditioned surrogate"
         )
     return loss, ksq
-

@@ -82,13 +82,16 @@ def _in_slices(fn: Callable[..., tuple[Tensor, Tensor]], mu: Tensor, var: Tensor
     """``fn(mu, var, *args)`` for an elementwise moment function, evaluated on
     slices of the flattened inputs when no gradient is needed (same values)."""
     n = mu.numel()
-    if (n <= SLICE_ENTRIES or mu.shape != var.shape
-            or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))):
+    if (
+        n <= SLICE_ENTRIES
+        or mu.shape != var.shape
+        or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))
+    ):
         return fn(mu, var, *args)
     flat_mu, flat_var = mu.reshape(-1), var.reshape(-1)
     out_mean, out_var = torch.empty_like(flat_mu), torch.empty_like(flat_mu)
     for i in range(0, n, SLICE_ENTRIES):
-        m, v = fn(flat_mu[i: i + SLICE_ENTRIES], flat_var[i: i + SLICE_ENTRIES], *args)
-        out_mean[i: i + SLICE_ENTRIES] = m
-        out_var[i: i + SLICE_ENTRIES] = v
+        m, v = fn(flat_mu[i : i + SLICE_ENTRIES], flat_var[i : i + SLICE_ENTRIES], *args)
+        out_mean[i : i + SLICE_ENTRIES] = m
+        out_var[i : i + SLICE_ENTRIES] = v
     return out_mean.view(mu.shape), out_var.view(mu.shape)

@@ -29,6 +29,8 @@ def _clip(dtype: torch.dtype) -> float:
     variances) would otherwise hit on many entries.
     """
     return 40.0 if dtype == torch.float64 else 12.5
+
+
 #: at and below this input variance GELU and SiLU use their fast input-dtype branches
 SMOOTH_VAR_SPLIT = 0.5
 

@@ -26,8 +26,9 @@ from ._normal import (
 _CHAOS_TERMS = ((0.05, 6), (0.1, 8), (0.25, 11), (SMOOTH_VAR_SPLIT, 13))
 
 
-def _gelu_var_chaos(h: Tensor, v: Tensor, inv_q2: Tensor, cdf: Tensor, pdf: Tensor,
-                    n_terms: int) -> Tensor:
+def _gelu_var_chaos(
+    h: Tensor, v: Tensor, inv_q2: Tensor, cdf: Tensor, pdf: Tensor, n_terms: int
+) -> Tensor:
     """GELU variance by its Hermite (Wiener chaos) expansion, ``n_terms`` terms.
 
     With ``x = mu + sd z``, ``Var f(x) = sum_{k>=1} var^k E[f^(k)(x)]^2 / k!``.

@@ -100,8 +100,13 @@ def clamp_moments(mu: Tensor, var: Tensor, min=None, max=None) -> tuple[Tensor, 
     out_var = v * g.clamp(0.0, 1.0)
     det = var == 0
     if bool(det.any()):
-        mean = torch.where(det, torch.clamp(m, min, max) if min is None or max is None
-                           else torch.minimum(torch.maximum(m, lo), hi), mean)
+        mean = torch.where(
+            det,
+            torch.clamp(m, min, max)
+            if min is None or max is None
+            else torch.minimum(torch.maximum(m, lo), hi),
+            mean,
+        )
         out_var = torch.where(det, zero, out_var)
     return mean.to(dtype), out_var.to(dtype)
 

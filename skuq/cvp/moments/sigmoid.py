@@ -58,7 +58,8 @@ _RESID_HALF = 40.0
 _rl_x, _rl_w = np.polynomial.legendre.leggauss(_RESID_NODES)
 _RESID_T = torch.as_tensor(
     (np.arange(_RESID_PANELS)[:, None] + (_rl_x[None, :] + 1.0) / 2.0).reshape(-1),
-    dtype=torch.float64)  # node positions in panel units, [0, _RESID_PANELS]
+    dtype=torch.float64,
+)  # node positions in panel units, [0, _RESID_PANELS]
 _RESID_W = torch.as_tensor(np.tile(_rl_w / 2.0, _RESID_PANELS), dtype=torch.float64)
 
 

@@ -25,15 +25,20 @@ def _row_sliced(fn: Callable[..., Moments], x: Moments, *args, min_ndim: int = 2
     slices of rows when no gradient is needed: a slice's temporaries stay in cache
     (see :data:`skuq.cvp.moments.SLICE_ENTRIES`). Same values."""
     mu, var = x.mean, x.var
-    if (var is None or mu.ndim < min_ndim or var.shape != mu.shape
-            or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))):
+    if (
+        var is None
+        or mu.ndim < min_ndim
+        or var.shape != mu.shape
+        or (torch.is_grad_enabled() and (mu.requires_grad or var.requires_grad))
+    ):
         return fn(x, *args)
     rows = mom.SLICE_ENTRIES * mu.shape[0] // max(mu.numel(), 1)
     if rows >= mu.shape[0]:
         return fn(x, *args)
     rows = max(rows, 1)
-    parts = [fn(Moments(mu[i: i + rows], var[i: i + rows]), *args)
-             for i in range(0, mu.shape[0], rows)]
+    parts = [
+        fn(Moments(mu[i : i + rows], var[i : i + rows]), *args) for i in range(0, mu.shape[0], rows)
+    ]
     return Moments(torch.cat([p.mean for p in parts]), torch.cat([p.var for p in parts]))
 
 

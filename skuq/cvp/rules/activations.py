@@ -16,8 +16,9 @@ from ._common import _is_m
 __all__ = ["elementwise_rule", "linearized_rule"]
 
 
-def elementwise_rule(moment_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]],
-                     fn: Callable[[Tensor], Tensor]):
+def elementwise_rule(
+    moment_fn: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], fn: Callable[[Tensor], Tensor]
+):
     """A rule for an elementwise map from a function of ``(mean, var)``.
 
     Parameters
@@ -86,10 +87,10 @@ register_rule(nn.Sigmoid, torch.sigmoid, F.sigmoid, "sigmoid")(
 )
 register_rule(nn.Tanh, torch.tanh, F.tanh, "tanh")(elementwise_rule(mom.tanh_moments, torch.tanh))
 register_rule(nn.SiLU, F.silu)(_inplace_free(elementwise_rule(mom.silu_moments, F.silu)))
-register_rule(nn.ELU)(elementwise_rule(
-    lambda m, v: mom.quadrature_moments(F.elu, m, v), F.elu))
-register_rule(nn.Softplus)(elementwise_rule(
-    lambda m, v: mom.quadrature_moments(F.softplus, m, v), F.softplus))
+register_rule(nn.ELU)(elementwise_rule(lambda m, v: mom.quadrature_moments(F.elu, m, v), F.elu))
+register_rule(nn.Softplus)(
+    elementwise_rule(lambda m, v: mom.quadrature_moments(F.softplus, m, v), F.softplus)
+)
 
 
 @register_rule(nn.GELU)
@@ -125,8 +126,16 @@ def _bound(b):
     return b
 
 
-@register_rule(torch.clamp, torch.clip, "clamp", "clip", torch.clamp_min, "clamp_min",
-               torch.clamp_max, "clamp_max")
+@register_rule(
+    torch.clamp,
+    torch.clip,
+    "clamp",
+    "clip",
+    torch.clamp_min,
+    "clamp_min",
+    torch.clamp_max,
+    "clamp_max",
+)
 def _clamp(ctx, target, x, *args, **kwargs) -> Moments:
     """``clamp`` of a Gaussian: exact moments (:func:`skuq.cvp.moments.clamp_moments`)."""
     name = target if isinstance(target, str) else target.__name__

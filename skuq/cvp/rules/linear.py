@@ -39,8 +39,13 @@ def linear_moments(
     return _linear_fn(None, F.linear, x, Moments(weight, weight_var), b)
 
 
-def _matmul_var(x_sq: Tensor, x_var: Tensor | None, w_var: Tensor, w_sq_var: Tensor | None,
-                bias_var: Tensor | None) -> Tensor:
+def _matmul_var(
+    x_sq: Tensor,
+    x_var: Tensor | None,
+    w_var: Tensor,
+    w_sq_var: Tensor | None,
+    bias_var: Tensor | None,
+) -> Tensor:
     """``mu^2 s_W^T + v (W^2 + s_W)^T (+ s_b)`` over the last dim, as (add)mm calls."""
     lead = x_sq.shape[:-1]
     a = x_sq.reshape(-1, x_sq.shape[-1])
@@ -98,8 +103,9 @@ def _conv(ctx: PropagationContext, m: nn.Module, x: Moments) -> Moments:
     mean = m._conv_forward(x.mean, w, b)
     shape = (1, -1) + (1,) * (mean.ndim - 2)
     if x.var is not None and wv is not None and m.groups == 1:
-        kernel = _derive(ctx, w, "conv[sq+var,var]",
-                         lambda: torch.cat([torch.addcmul(wv, w, w), wv], dim=1))
+        kernel = _derive(
+            ctx, w, "conv[sq+var,var]", lambda: torch.cat([torch.addcmul(wv, w, w), wv], dim=1)
+        )
         var = conv(torch.cat([x.var, _sq(x.mean)], dim=1), kernel)
     elif x.var is not None and wv is not None:
         var = conv(x.var, _sq_plus_var(ctx, Moments(w, wv))).add_(conv(_sq(x.mean), wv))

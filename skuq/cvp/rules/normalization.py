@@ -21,8 +21,11 @@ def _affine_moments(a: Moments, gamma: Moments | None, beta: Moments | None) -> 
     mean, var = a.mean, a.var
     if gamma is not None:
         if var is not None:
-            g2 = _sq(gamma.mean) if gamma.var is None else torch.addcmul(
-                gamma.var, gamma.mean, gamma.mean)
+            g2 = (
+                _sq(gamma.mean)
+                if gamma.var is None
+                else torch.addcmul(gamma.var, gamma.mean, gamma.mean)
+            )
             var = var * g2
         if gamma.var is not None:
             var = _add_var(var, _sq(a.mean) * gamma.var)

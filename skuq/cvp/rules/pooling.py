@@ -61,7 +61,8 @@ def _adaptive_avgpool(ctx, m, x: Moments) -> Moments:
 @register_rule(F.adaptive_avg_pool1d, F.adaptive_avg_pool2d)
 def _adaptive_avgpool_fn(ctx, fn, x: Moments, output_size) -> Moments:
     pool = (nn.AdaptiveAvgPool1d if fn is F.adaptive_avg_pool1d else nn.AdaptiveAvgPool2d)(
-        output_size)
+        output_size
+    )
     return _adaptive_avgpool(ctx, pool, x)
 
 
@@ -97,7 +98,7 @@ def _maxpool_fold(m, mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
 
         def entry(t, off):
             i, j = off
-            return t[..., i: i + s[0] * (ho - 1) + 1: s[0], j: j + s[1] * (wo - 1) + 1: s[1]]
+            return t[..., i : i + s[0] * (ho - 1) + 1 : s[0], j : j + s[1] * (wo - 1) + 1 : s[1]]
     else:
         k0 = m.kernel_size if isinstance(m.kernel_size, int) else m.kernel_size[0]
         s0 = m.stride if isinstance(m.stride, int) else m.stride[0]
@@ -105,7 +106,7 @@ def _maxpool_fold(m, mu: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
         offsets = list(range(k0))
 
         def entry(t, i):
-            return t[..., i: i + s0 * (lo - 1) + 1: s0]
+            return t[..., i : i + s0 * (lo - 1) + 1 : s0]
 
     mean, out_var = entry(mu, offsets[0]), entry(var, offsets[0])
     for off in offsets[1:]:

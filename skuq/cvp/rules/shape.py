@@ -28,12 +28,35 @@ def _structural(op: Callable):
     return rule
 
 
-for _name in ("view", "reshape", "flatten", "permute", "transpose", "contiguous",
-              "unsqueeze", "squeeze", "expand", "expand_as", "view_as", "reshape_as",
-              "unflatten", "float", "double", "to", "clone"):
+for _name in (
+    "view",
+    "reshape",
+    "flatten",
+    "permute",
+    "transpose",
+    "contiguous",
+    "unsqueeze",
+    "squeeze",
+    "expand",
+    "expand_as",
+    "view_as",
+    "reshape_as",
+    "unflatten",
+    "float",
+    "double",
+    "to",
+    "clone",
+):
     register_rule(_name)(_structural(lambda t, *a, _n=_name, **k: getattr(t, _n)(*a, **k)))
-for _fn in (torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.unsqueeze,
-            torch.squeeze, torch.unflatten):
+for _fn in (
+    torch.flatten,
+    torch.reshape,
+    torch.permute,
+    torch.transpose,
+    torch.unsqueeze,
+    torch.squeeze,
+    torch.unflatten,
+):
     register_rule(_fn)(_structural(_fn))
 
 
@@ -58,8 +81,11 @@ def _cat(ctx, fn, tensors, *args, **kwargs) -> Moments:
 
 @register_rule("chunk", "split", torch.chunk, torch.split)
 def _chunk(ctx, target, x: Moments, *args, **kwargs):
-    op = (lambda t: getattr(t, target)(*args, **kwargs)) if isinstance(target, str) else (
-        lambda t: target(t, *args, **kwargs))
+    op = (
+        (lambda t: getattr(t, target)(*args, **kwargs))
+        if isinstance(target, str)
+        else (lambda t: target(t, *args, **kwargs))
+    )
     means = op(x.mean)
     vars_ = op(x.var) if x.var is not None else [None] * len(means)
     return tuple(Moments(m, v) for m, v in zip(means, vars_, strict=True))
@@ -77,6 +103,7 @@ def _mean(ctx, target, x: Moments, dim=None, keepdim=False, **kwargs) -> Moments
     """Mean of independent entries: ``var = sum(v) / n^2`` (exact under independence; a
     global mean after a shared-weight layer also gets the cross-position term of
     :mod:`skuq.cvp.pooled`, added by the propagator)."""
+
     def red(t):
         return t.mean() if dim is None else t.mean(dim=dim, keepdim=keepdim)
 
