@@ -28,10 +28,9 @@ from skuq.scalla import (
     kernel_matching_loss,
     probe_outputs,
 )
-from tests.conftest import assert_centered_predictive, make_classifier_net
-from tests.test_base import CountingMLP
+from tests._helpers import CountingMLP, assert_centered_predictive, make_classifier_net
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench():
