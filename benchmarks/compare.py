@@ -10,10 +10,10 @@ Sharing the trained net
     ``MAPRegressor``) and every estimator gets it as
     ``FrozenEstimator(trained_net)``; its fit time then counts the net's
     training time plus its own post-hoc fit. Methods that must train their own
-    net say so through the per-class hook below.
+    net say so in ``METHOD_SETTINGS`` below.
 
-The per-class hook (data, not code)
-    An estimator class may define ``_benchmark_hints``, a dict with the keys
+The per-method settings (data, not code)
+    ``METHOD_SETTINGS`` maps an estimator's name to a dict with the keys
 
     * ``"net_params"``: skorch ``set_params`` overrides for the task's net
       (e.g. ``{"module__dropout": 0.05}`` for MC dropout; the benchmark nets are
@@ -23,9 +23,11 @@ The per-class hook (data, not code)
       (deep ensembles train their own members).
     * ``"init_params"``: extra constructor kwargs for this benchmark only
       (defaults are the product; RegVar sets its cheap `"amortized"` mode).
-    * ``"variants"``: ``{label: hints}``, extra rows ``Cls[label]`` built with
-      those hints (their own ``init_params`` / ``shared_net`` / ``net_params``),
+    * ``"variants"``: ``{label: settings}``, extra rows ``Cls[label]`` built with
+      those settings (their own ``init_params`` / ``shared_net`` / ``net_params``),
       e.g. the Laplace structures a user would also try. The default row stays.
+
+    An estimator without an entry runs at its defaults on the shared net.
 
 Data: ``fit`` gets the training split; 20 % of it is held out as a validation
 split that estimators with ``_uses_calibration_split`` receive as
@@ -62,13 +64,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import platform
-import resource
 import sys
-import threading
 import time
 import traceback
 from collections import defaultdict
@@ -82,7 +81,6 @@ from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils import Bunch
-from skorch import NeuralNetClassifier, NeuralNetRegressor
 
 import skuq
 from skuq import MAPClassifier, MAPRegressor
@@ -100,7 +98,16 @@ from skuq.metrics import (
 )
 from skuq.nets import MLP, SmallCNN
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402  (the benchmarks' shared helpers)
+    RESULTS,
+    PeakMemory,
+    classifier_net,
+    regressor_net,
+    write_results,
+    write_runs_csv,
+)
+
 BASELINE = {"classifier": "MAPClassifier", "regressor": "MAPRegressor"}
 
 
@@ -133,21 +140,6 @@ NOISE_IMAGES = 1.0  # pixel noise of the synthetic images: a task that is not so
 
 
 # ------------------------------------------------------------------- tasks
-def _classifier_net(module, cfg, **module_params):
-    return NeuralNetClassifier(
-        module, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.Adam,
-        lr=cfg["lr"], max_epochs=cfg["epochs"], batch_size=64, train_split=None, verbose=0,
-        **{f"module__{k}": v for k, v in module_params.items()},
-    )
-
-
-def _regressor_net(cfg):
-    return NeuralNetRegressor(
-        MLP, module__hidden=cfg["hidden"], optimizer=torch.optim.Adam, lr=cfg["lr"],
-        max_epochs=cfg["epochs"], batch_size=64, train_split=None, verbose=0,
-    )
-
-
 def _split_val(X, y, seed, stratify):
     X_tr, X_val, y_tr, y_val = train_test_split(
         X, y, test_size=0.2, random_state=seed, stratify=y if stratify else None
@@ -168,7 +160,7 @@ def _tabular(X, y, seed, cfg, ood):
     return Bunch(
         kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
         X_test=X_te, y_test=y_te, X_ood=X_ood.astype(np.float32),
-        net=_classifier_net(MLP, cfg, hidden=cfg["hidden"]),
+        net=classifier_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -178,7 +170,7 @@ def task_digits(seed, cfg):
     return Bunch(
         kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
         X_test=d.X_test, y_test=d.y_test, X_ood=d.X_ood,
-        net=_classifier_net(MLP, cfg, hidden=cfg["hidden"]),
+        net=classifier_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -200,7 +192,7 @@ def task_images(seed, cfg):
         d.X, d.y, test_size=0.25, random_state=seed, stratify=d.y
     )
     X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, True)
-    net = _classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
+    net = classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     return Bunch(
         kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
         X_test=X_te, y_test=y_te, X_ood=d.X_ood, net=net,
@@ -216,7 +208,8 @@ def task_gap_regression(seed, cfg):
     X_tr, y_tr, X_val, y_val = _split_val(d.X, d.y, seed, False)
     return Bunch(
         kind="regressor", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=d.X_test, y_test=y_test, ood_mask=~inside, net=_regressor_net(cfg),
+        X_test=d.X_test, y_test=y_test, ood_mask=~inside,
+        net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -230,7 +223,7 @@ def task_diabetes(seed, cfg):
     X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, False)
     return Bunch(
         kind="regressor", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=X_te, y_test=y_te, ood_mask=None, net=_regressor_net(cfg),
+        X_test=X_te, y_test=y_te, ood_mask=None, net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -250,60 +243,47 @@ TASKS = {
 }
 
 
-# ------------------------------------------------------------------ memory
-class PeakMemory:
-    """Peak memory over a block: CUDA allocator peak, or sampled peak RSS on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.peak_mb = float("nan")
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:  # not Linux: max RSS so far (KiB on Linux, bytes on macOS)
-            scale = 1 if sys.platform == "darwin" else 1024
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
-
-    def _sample(self):
-        while not self._stop.wait(0.002):
-            self._max = max(self._max, self._rss())
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self._start = torch.cuda.memory_allocated()
-        else:
-            self._start = self._max = self._rss()
-            self._stop = threading.Event()
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - self._start
-        else:
-            self._stop.set()
-            self._thread.join()
-            peak = max(self._max, self._rss()) - self._start
-        self.peak_mb = max(peak, 0) / 2**20
-        return False
-
-
 # ------------------------------------------------------------------ running
 HINT_KEYS = {"net_params", "shared_net", "init_params"}
 
+#: estimator name -> what the comparison does beyond ``Cls(net, random_state, device)``
+#: (the keys are those of the module docstring); every other estimator runs at its
+#: defaults on the shared net
+METHOD_SETTINGS: dict[str, dict] = {
+    # the IVON source trains its own net (an Adam-trained shared net has no IVON posterior)
+    "CVPClassifier": {"variants": {
+        "ivon": {"init_params": {"posterior": "ivon"}, "shared_net": False},
+    }},
+    # an ensemble trains its own members, it cannot share the one trained net
+    "DeepEnsembleClassifier": {"shared_net": False},
+    "DeepEnsembleRegressor": {"shared_net": False},
+    # the structures a user would try next
+    "LaplaceClassifier": {"variants": {
+        "all,diag,marglik": {"init_params": {"subset_of_weights": "all",
+                                             "hessian_structure": "diag",
+                                             "prior_precision": "marglik"}},
+        "last_layer,kron,marglik": {"init_params": {"prior_precision": "marglik"}},
+    }},
+    "LaplaceRegressor": {"variants": {
+        "all,diag": {"init_params": {"subset_of_weights": "all", "hessian_structure": "diag"}},
+    }},
+    # p = 0.05 had the lowest validation NLL on the digits split among
+    # {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5} (validation rows, never the test split)
+    "MCDropoutClassifier": {"net_params": {"module__dropout": 0.05}},
+    "MCDropoutRegressor": {"net_params": {"module__dropout": 0.05}},
+    # the comparison predicts thousands of rows, one exact fine-tune per row and class;
+    # its RegVar rows are the amortized score, and are labeled so in the docs
+    "RegVarClassifier": {"init_params": {"mode": "amortized"}},
+    "RegVarRegressor": {"init_params": {"mode": "amortized"}},
+}
+
 
 def _hints(cls, hints=None) -> dict:
-    hints = dict(getattr(cls, "_benchmark_hints", {}) or {}) if hints is None else dict(hints)
+    """The settings of ``cls`` (``METHOD_SETTINGS``, or ``hints`` where given), checked."""
+    hints = dict(METHOD_SETTINGS.get(cls.__name__, {})) if hints is None else dict(hints)
     unknown = set(hints) - HINT_KEYS - {"variants"}
     if unknown:
-        raise ValueError(f"{cls.__name__}._benchmark_hints has unknown keys {sorted(unknown)}")
+        raise ValueError(f"{cls.__name__}: settings with unknown keys {sorted(unknown)}")
     for label, variant in hints.get("variants", {}).items():
         if set(variant) - HINT_KEYS:
             raise ValueError(f"{cls.__name__} variant {label!r} has unknown keys "
@@ -321,7 +301,7 @@ def method_rows(name, cls) -> list[tuple[str, type, dict]]:
 
 
 def _build(cls, data, frozen, seed, device, hints=None):
-    """``(estimator, own_net)`` built with the class's defaults and its hints."""
+    """``(estimator, own_net)`` built with the class's defaults and its settings."""
     hints = _hints(cls, hints)
     net_params = hints.get("net_params", {})
     own = bool(net_params) or not hints.get("shared_net", True)
@@ -516,17 +496,6 @@ def markdown(agg, task_kinds, methods_by_kind, header):
     return "\n".join(lines)
 
 
-def write_csv(path, runs):
-    keys = ["task", "method", "seed", "error", "own_net"] + METRIC_KEYS
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        for r in runs:
-            row = {"task": r.task, "method": r.method, "seed": r.seed, "error": r.error}
-            row.update({k: v for k, v in r.metrics.items() if k in keys})
-            w.writerow(row)
-
-
 def plots(runs, task_kinds, out_dir, stem, seed):
     """Reliability diagrams, risk-coverage curves, uncertainty histograms (first seed)."""
     import matplotlib
@@ -611,7 +580,7 @@ def _warm_up(device):
     seconds of one-off set-up that would otherwise land on the first method."""
     rng = np.random.RandomState(0)
     X = rng.randn(32, 4).astype(np.float32)
-    net = _classifier_net(MLP, dict(lr=1e-2, epochs=2), hidden=(8,))
+    net = classifier_net(MLP, dict(lr=1e-2, epochs=2), hidden=(8,))
     MAPClassifier(net, random_state=0, device=str(device)).fit(X, (X[:, 0] > 0).astype(int))
 
 
@@ -706,9 +675,8 @@ def main(argv=None) -> dict:
         "NLL < MAP and AUROC > MAP compare means over seeds."
     )
     md = markdown(agg, task_kinds, names, header)
-    with open(os.path.join(args.out_dir, f"{stem}.md"), "w") as f:
-        f.write(md + "\n")
-    write_csv(os.path.join(args.out_dir, f"{stem}.csv"), runs)
+    write_results(args.out_dir, stem, md + "\n")
+    write_runs_csv(os.path.join(args.out_dir, f"{stem}.csv"), runs, ["own_net", *METRIC_KEYS])
     pngs = [] if args.no_plots else plots(runs, task_kinds, args.out_dir, stem, seeds[0])
     print(md)
     return {"runs": runs, "aggregate": agg, "markdown": md, "pngs": pngs, "seconds": total}

@@ -32,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -43,12 +42,13 @@ from sklearn.utils import Bunch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (the comparison benchmark's tasks and nets)
+from _common import RESULTS, regressor_net, write_results  # noqa: E402
 
 from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier  # noqa: E402
 from skuq.conformal import cross_conformal, split_conformal  # noqa: E402
 from skuq.datasets import make_gap_regression  # noqa: E402
+from skuq.nets import MLP  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 LEVEL = 0.9
 Z90 = 1.6448536269514722  # the two-sided 90 % normal quantile
 
@@ -75,7 +75,7 @@ def task_gap(seed, cfg):
     return Bunch(
         X_train=d.X[tr], y_train=d.y[tr], X_pool=d.X[pool], y_pool=d.y[pool],
         X_shift=d.X_test[shifted], y_shift=(d.y_test[shifted] + noise[shifted]).astype(np.float32),
-        net=compare._regressor_net(cfg),
+        net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -232,12 +232,8 @@ def main(argv=None):
         " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
     md = markdown(summary, command.strip(), seconds)
     print(md)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = "conformal_quick" if args.quick else "conformal"
-    with open(os.path.join(args.out_dir, stem + ".md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(args.out_dir, stem + ".json"), "w") as f:
-        json.dump(dict(rows=rows, summary=summary), f, indent=1)
+    write_results(args.out_dir, stem, md, dict(rows=rows, summary=summary))
     return dict(rows=rows, summary=summary, markdown=md)
 
 

@@ -16,7 +16,6 @@ minute); writes ``benchmarks/results/cvp_ivon_lr.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ from sklearn.model_selection import train_test_split
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (the comparison's tasks, nets and splits)
+from _common import RESULTS, write_results  # noqa: E402
 
 from skuq import CVPClassifier  # noqa: E402
 from skuq.cvp.ivon import IVON_DEFAULTS  # noqa: E402
@@ -59,7 +59,7 @@ def inner_nll(task: str, seed: int, lrs, cfg: dict) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="digits, 1 seed, 2 rates")
-    parser.add_argument("--out-dir", default=compare.RESULTS)
+    parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -88,14 +88,10 @@ def main(argv=None) -> dict:
               f"`skuq.cvp.ivon.IVON_DEFAULTS['lr']` is {IVON_DEFAULTS['lr']:g}."]
     table = "\n".join(lines) + "\n"
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = "cvp_ivon_lr_quick" if args.quick else "cvp_ivon_lr"
-    with open(os.path.join(args.out_dir, f"{stem}.md"), "w") as f:
-        f.write(table)
-    with open(os.path.join(args.out_dir, f"{stem}.json"), "w") as f:
-        json.dump({"command": cmd, "nll": {t: {str(lr): v for lr, v in per.items()}
-                                           for t, per in nll.items()},
-                   "choice": best}, f, indent=1)
+    write_results(args.out_dir, stem, table, {
+        "command": cmd, "nll": {t: {str(lr): v for lr, v in per.items()} for t, per in nll.items()},
+        "choice": best})
     return {"nll": nll, "choice": best}
 
 

@@ -26,8 +26,8 @@ Run: ``PYTHONPATH=. python benchmarks/cvp_moments.py [--quick]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import math
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -43,7 +43,8 @@ from skuq.cvp import moments as mom
 from skuq.cvp.sources import laplace_diag_posterior
 from skuq.datasets import load_digits_ood
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_results  # noqa: E402
 
 
 # ------------------------------------------------------------- elementwise rules
@@ -406,7 +407,7 @@ def _fmt(x):
     return f"{x:.1e}" if x >= 1e-3 or x == 0 else f"{x:.0e}"
 
 
-def write_md(res, path):
+def markdown(res) -> str:
     lines = ["# CVP: how right are the moments", "",
              f"`PYTHONPATH=. python benchmarks/cvp_moments.py` ({res['seconds']:.0f} s, "
              f"torch {torch.__version__}, {res['threads']} thread(s)).", "",
@@ -460,7 +461,7 @@ def write_md(res, path):
     accs = {r["net"]: r["accuracy"] for r in res["sources"]}
     lines += ["", "Test accuracy of the nets: " + ", ".join(
         f"{k} {v:.3f}" for k, v in accs.items()) + "."]
-    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main():
@@ -492,9 +493,7 @@ def main():
            "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        write_md(res, out / "cvp_moments.md")
-        (out / "cvp_moments.json").write_text(json.dumps(res, indent=1, default=float))
+        write_results(out, "cvp_moments", markdown(res), res, json_default=float)
         print(f"wrote {out / 'cvp_moments.md'}")
     print((out / "cvp_moments.md").read_text() if out is not None else "")
 

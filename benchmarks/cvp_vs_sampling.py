@@ -22,7 +22,7 @@ the estimator's default ``laplace_diag``, which you can pass instead):
   (robust to other jobs on the machine; page faults included), wall-clock time is
   reported next to it; on CUDA they use wall-clock time with synchronization.
 
-Targets (issue 7): CVP costs <= 3 deterministic forward passes, is >= 20x faster
+Targets: CVP costs <= 3 deterministic forward passes, is >= 20x faster
 than MC-100, at NLL within 2 % of MC-1000.
 
 Run: ``PYTHONPATH=. python benchmarks/cvp_vs_sampling.py [--quick] [--device cuda]``;
@@ -33,10 +33,10 @@ writes ``benchmarks/results/cvp_vs_sampling.{md,json}`` (``--out`` for another f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -57,7 +57,9 @@ from skuq.metrics import (
 from skuq.nets import MLP, SmallCNN
 from skuq.outputs import entropy, probit_probabilities
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_results  # noqa: E402
+
 TARGET_FORWARDS, TARGET_SPEEDUP, TARGET_NLL_GAP = 3.0, 20.0, 0.02
 
 
@@ -418,10 +420,8 @@ def main(argv=None):
     print(text)
     out = args.out if args.out is not None else (None if args.quick else RESULTS)
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "cvp_vs_sampling.md").write_text(text + "\n")
-        (out / "cvp_vs_sampling.json").write_text(
-            json.dumps({"config": config, "environment": env, "models": results}, indent=1))
+        write_results(out, "cvp_vs_sampling", text + "\n",
+                      {"config": config, "environment": env, "models": results})
 
 
 if __name__ == "__main__":

@@ -14,22 +14,21 @@ Run: ``PYTHONPATH=. python benchmarks/l2m.py [--quick] [--seeds N]``; writes
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.frozen import FrozenEstimator
-from skorch import NeuralNetClassifier
 
 from skuq import L2MClassifier, LaplaceClassifier, MAPClassifier
 from skuq.datasets import load_digits_ood
 from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
 from skuq.nets import MLP
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, classifier_net, timed, write_results  # noqa: E402
 
 #: label -> constructor of the estimator around the trained (frozen) net
 METHODS = {
@@ -47,21 +46,16 @@ METHODS = {
 def run(seed: int, epochs: int) -> dict[str, dict]:
     d = load_digits_ood()
     torch.manual_seed(seed)
-    net = NeuralNetClassifier(MLP, module__hidden=(64, 64), criterion=torch.nn.CrossEntropyLoss,
-                              optimizer=torch.optim.Adam, lr=1e-3, max_epochs=epochs,
-                              batch_size=64, train_split=None, verbose=0)
-    t0 = time.perf_counter()
-    bare = MAPClassifier(net, random_state=seed, device="cpu").fit(d.X_train, d.y_train)
-    train_s = time.perf_counter() - t0
+    net = classifier_net(MLP, dict(lr=1e-3, epochs=epochs), hidden=(64, 64))
+    bare, train_s = timed(
+        lambda: MAPClassifier(net, random_state=seed, device="cpu").fit(d.X_train, d.y_train))
     out = {}
     for label, make in METHODS.items():
         if make is None:
             est, fit_s = bare, 0.0
         else:
             est = make(FrozenEstimator(bare.net_)).set_params(device="cpu")
-            t0 = time.perf_counter()
-            est.fit(d.X_train, d.y_train)
-            fit_s = time.perf_counter() - t0
+            _, fit_s = timed(lambda est=est: est.fit(d.X_train, d.y_train))
         p = est.predict_proba(d.X_test)
         out[label] = {
             "acc": float((est.classes_[p.argmax(1)] == d.y_test).mean()),
@@ -115,11 +109,9 @@ def main(argv=None) -> dict:
               f"({platform.processor() or platform.machine()}). Mean ± std over seeds.")
     table = markdown(runs, header)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "l2m_quick" if args.quick else "l2m"
-    (args.out_dir / f"{stem}.md").write_text(table)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "seeds": seeds, "epochs": epochs, "runs": runs}, indent=1))
+    write_results(args.out_dir, stem, table,
+                  {"command": cmd, "seeds": seeds, "epochs": epochs, "runs": runs})
     return {"runs": runs}
 
 

@@ -37,9 +37,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from laplace_predict_memory import _hwm, _reset, _rss  # noqa: E402
+from _common import RESULTS, hwm_bytes, reset_hwm, rss_bytes, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 N_IN, N_OUT, N_TEST, BATCH = 64, 10, 500, 128
 
 
@@ -85,12 +84,12 @@ def child(hidden: int, n_train: int, threads: int) -> dict:
     phases = {}
 
     def run(name, fn):
-        _reset()
-        base = _rss()
+        reset_hwm()
+        base = rss_bytes()
         t = time.perf_counter()
         fn()
         out[f"{name}_s"] = time.perf_counter() - t
-        phases[name] = (_hwm() - base) / 2**20
+        phases[name] = (hwm_bytes() - base) / 2**20
 
     run("fit", lambda: est.fit(X, y))
     run("marglik", lambda: est.posterior_.optimize_prior_precision())
@@ -174,9 +173,7 @@ def write(rows: list[dict]) -> None:
             f"{r['nll']:.4f} | `{r['command']}` |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "laplace_all_full.md").write_text(text)
-    (RESULTS / "laplace_all_full.json").write_text(json.dumps(dict(rows=rows), indent=1) + "\n")
+    write_results(RESULTS, "laplace_all_full", text, dict(rows=rows), json_end="\n")
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import numpy as np
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, hwm_bytes, reset_hwm, rss_bytes, write_results  # noqa: E402
+
 CONFIGS = [("all", "diag"), ("all", "kron"), ("all", "full"), ("all", "lowrank"),
            ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full")]
 ROWS = [1_000, 10_000, 30_000, 100_000]
@@ -53,24 +55,6 @@ def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return X, y
 
 
-def _hwm() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM")
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _reset() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def child(subset: str, structure: str, rows: int) -> dict:
     torch.set_num_threads(1)
     from skuq import LaplaceClassifier
@@ -89,12 +73,12 @@ def child(subset: str, structure: str, rows: int) -> dict:
     est.fit(X, y)
     est.predict_proba(X[:BATCH])  # first-call code paths and caches, before the baseline
     X_pred, _ = make_data(rows, 1)
-    _reset()
-    base = _rss()
+    reset_hwm()
+    base = rss_bytes()
     t = time.perf_counter()
     proba = est.predict_proba(X_pred)
     seconds = time.perf_counter() - t
-    peak = _hwm()
+    peak = hwm_bytes()
     return dict(subset=subset, structure=structure, rows=rows,
                 peak_mb=(peak - base) / 2**20, output_mb=proba.nbytes / 2**20,
                 predict_s=seconds, n_params=est.n_params_)
@@ -158,10 +142,8 @@ def write(results: list[dict], meta: dict) -> None:
         lines.append(f"| {subset} / {structure} | " + " | ".join(cells) + f" | {out_mb} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "laplace_predict_memory.md").write_text(text)
-    (RESULTS / "laplace_predict_memory.json").write_text(
-        json.dumps(dict(meta=meta, results=results), indent=1) + "\n")
+    write_results(RESULTS, "laplace_predict_memory", text, dict(meta=meta, results=results),
+                  json_end="\n")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,6 @@ writes ``benchmarks/results/laplace_prior_sweep.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -45,19 +44,15 @@ from sklearn.frozen import FrozenEstimator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402  (the comparison's tasks, nets and splits)
+from _common import RESULTS, entropy, write_results  # noqa: E402
 
 from skuq import LaplaceClassifier, MAPClassifier  # noqa: E402
 from skuq.metrics import negative_log_likelihood, ood_auroc  # noqa: E402
 from skuq.outputs import probit_probabilities  # noqa: E402
 
-RESULTS = compare.RESULTS
 STRUCTURES = (("last_layer", "kron"), ("all", "diag"), ("all", "kron"))
 LINKS = ("probit", "centered", "mc")
 N_MC = 2000
-
-
-def _entropy(p: np.ndarray) -> np.ndarray:
-    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(1)
 
 
 def link_probabilities(dist, seed: int) -> dict:
@@ -104,7 +99,7 @@ def sweep(task: str, seed: int, cfg: dict, grid: np.ndarray, log) -> dict:
                 row[link] = {
                     "val_nll": negative_log_likelihood(data.y_val, val[link], labels=labels),
                     "nll": negative_log_likelihood(data.y_test, test[link], labels=labels),
-                    "auroc": ood_auroc(_entropy(test[link]), _entropy(ood[link])),
+                    "auroc": ood_auroc(entropy(test[link]), entropy(ood[link])),
                 }
             rows.append(row)
         out["structures"][f"{subset},{structure}"] = rows
@@ -197,12 +192,8 @@ def main(argv=None) -> dict:
     summary = summarize(runs)
     table = markdown(summary, grid, header)
     print(table)
-    os.makedirs(args.out_dir, exist_ok=True)
     stem = "laplace_prior_sweep" + ("_quick" if args.quick else "")
-    with open(os.path.join(args.out_dir, f"{stem}.md"), "w") as fh:
-        fh.write(table)
-    with open(os.path.join(args.out_dir, f"{stem}.json"), "w") as fh:
-        json.dump({"command": cmd, "grid": grid.tolist(), "runs": runs}, fh, indent=1)
+    write_results(args.out_dir, stem, table, {"command": cmd, "grid": grid.tolist(), "runs": runs})
     return {"runs": runs, "summary": summary}
 
 

@@ -77,8 +77,10 @@ import numpy as np
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, hwm_bytes, reset_hwm, rss_bytes, write_results  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = Path(__file__).parent / "results"
 LIBS = ("skuq", "laplace-torch")
 CONFIGS = [("all", "diag"), ("all", "kron"), ("all", "full"),
            ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full")]
@@ -191,26 +193,11 @@ def train(task: str, data: str, epochs: int, path: str, device: torch.device) ->
 
 
 # ------------------------------------------------------------------- memory
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _hwm_bytes() -> int:
-    """The kernel's resident-set high-water mark since the last reset (VmHWM)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise OSError("no VmHWM in /proc/self/status")
-
-
 def _reset_hwm() -> bool:
-    """Reset VmHWM to the current RSS (``/proc/self/clear_refs``, Linux >= 4.0)."""
+    """Reset VmHWM to the current RSS; ``False`` where the kernel does not allow it."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        _hwm_bytes()
+        reset_hwm()
+        hwm_bytes()
     except OSError:
         return False
     return True
@@ -240,7 +227,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             return
         self.exact = _reset_hwm()
-        self.base = _rss_bytes()
+        self.base = rss_bytes()
         self.peak = self.base
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -248,7 +235,7 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            rss = _rss_bytes()
+            rss = rss_bytes()
             self.peak = max(self.peak, rss)
             if rss > self.cap:
                 sys.stderr.write(f"MEMORY CAP: RSS {rss / 2**30:.1f} GB above the cap of "
@@ -263,11 +250,11 @@ class PeakMemory:
             peak = torch.cuda.max_memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            peak = max(self.peak, _rss_bytes())
+            peak = max(self.peak, rss_bytes())
             if self.exact:
-                peak = max(peak, _hwm_bytes())
+                peak = max(peak, hwm_bytes())
                 _reset_hwm()
-            self.peak = _rss_bytes()
+            self.peak = rss_bytes()
         self.phases[name] = max(peak - self.base, 0) / 2**20
 
     def stop(self) -> float:
@@ -803,9 +790,7 @@ def write(rows: list[dict], meta: dict, name: str) -> None:
             + table(rows, task, info["n_test"]) + "\n")
     text = "\n".join(parts)
     print(text)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.md").write_text(text)
-    (RESULTS / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1) + "\n")
+    write_results(RESULTS, name, text, dict(meta=meta, rows=rows), json_end="\n")
 
 
 if __name__ == "__main__":

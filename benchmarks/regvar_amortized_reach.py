@@ -18,12 +18,16 @@ Run: ``PYTHONPATH=. python benchmarks/regvar_amortized_reach.py``; writes
 from __future__ import annotations
 
 import platform
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from skuq.regvar import finetune_pair
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, write_results  # noqa: E402
 
 N, WD, LAM, BATCH = 200, 1e-2, 1e-2, 32
 
@@ -76,8 +80,7 @@ def main() -> None:
     lines += [f"| {lr:g} | {ep} | {r:.3f} | {c:.4f} | {dr:.1f} |" for lr, ep, r, c, dr in rows]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(__file__).parent / "results" / "regvar_amortized_reach.md"
-    out.write_text(text)
+    write_results(RESULTS, "regvar_amortized_reach", text)
 
 
 if __name__ == "__main__":

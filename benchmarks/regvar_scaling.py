@@ -27,23 +27,23 @@ writes ``benchmarks/results/regvar_scaling.{md,json,png}`` (``_quick`` with
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import time
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
-from skorch import NeuralNetClassifier
 
 from skuq import LaplaceClassifier, MAPClassifier, RegVarClassifier
 from skuq.datasets import load_digits_ood
 from skuq.metrics import expected_calibration_error, negative_log_likelihood, ood_auroc
 from skuq.nets import MLP
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, classifier_net, timed, write_results  # noqa: E402
+
 FULL_MAX_PARAMS = 4_000
 WIDTHS = (8, 16, 32, 64, 128, 256, 512, 1024)
 QUICK_WIDTHS = (8, 16, 64, 128)
@@ -62,17 +62,8 @@ SCALING = {
 
 
 def _net(hidden, epochs, weight_decay=1e-4):
-    return NeuralNetClassifier(
-        MLP, module__hidden=hidden, criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=1e-3, optimizer__weight_decay=weight_decay,
-        max_epochs=epochs, batch_size=64, train_split=None, verbose=0,
-    )
-
-
-def _timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
+    return classifier_net(MLP, dict(lr=1e-3, epochs=epochs, weight_decay=weight_decay),
+                          hidden=hidden)
 
 
 def scaling(widths, epochs, device) -> list[dict]:
@@ -80,8 +71,8 @@ def scaling(widths, epochs, device) -> list[dict]:
     X_pred = np.concatenate([d.X_test, d.X_ood])
     rows = []
     for w in widths:
-        bare, train_s = _timed(lambda w=w: MAPClassifier(_net((w, w), epochs), random_state=0,
-                                                         device=device).fit(d.X_train, d.y_train))
+        bare, train_s = timed(lambda w=w: MAPClassifier(_net((w, w), epochs), random_state=0,
+                                                        device=device).fit(d.X_train, d.y_train))
         n_params = sum(p.numel() for p in bare.model_.parameters())
         row = {"width": w, "n_params": n_params, "train_s": train_s}
         for label, make in SCALING.items():
@@ -90,8 +81,8 @@ def scaling(widths, epochs, device) -> list[dict]:
                 row[label] = None
                 continue
             est.set_params(device=device)
-            _, fit_s = _timed(lambda est=est: est.fit(d.X_train, d.y_train))
-            _, pred_s = _timed(lambda est=est: est.predict_proba(X_pred))
+            _, fit_s = timed(lambda est=est: est.fit(d.X_train, d.y_train))
+            _, pred_s = timed(lambda est=est: est.predict_proba(X_pred))
             row[label] = {"fit_s": fit_s, "predict_s": pred_s}
         print(f"  width {w:5d}  P {n_params:9d}  train {train_s:6.2f}s  " + "  ".join(
             f"{k.split(',')[0]}: fit {v['fit_s']:.2f}s pred {v['predict_s']:.2f}s"
@@ -141,8 +132,8 @@ def quality(seed, epochs, device) -> dict:
     bare = MAPClassifier(_net((64, 64), epochs), random_state=seed, device=device).fit(X_tr, y_tr)
     frozen = FrozenEstimator(bare.net_)
     out = {"MAP (bare net)": {**_metrics(bare, d), "fit_s": 0.0}}
-    rv, fit_s = _timed(lambda: RegVarClassifier(frozen, random_state=seed, device=device)
-                       .fit(X_tr, y_tr))
+    rv, fit_s = timed(lambda: RegVarClassifier(frozen, random_state=seed, device=device)
+                      .fit(X_tr, y_tr))
     out["RegVar amortized (defaults)"] = {**_metrics(rv, d), "fit_s": fit_s}
     scale = _heldout_scale(rv, X_val, y_val)
     out["RegVar amortized, held-out variance_scale"] = {**_metrics(rv, d), "fit_s": fit_s,
@@ -152,9 +143,9 @@ def quality(seed, epochs, device) -> dict:
         "K-FAC Laplace, all weights, marglik": dict(subset_of_weights="all",
                                                     prior_precision="marglik"),
     }.items():
-        est, fit_s = _timed(lambda kw=kw: LaplaceClassifier(frozen, random_state=seed,
-                                                            device=device, **kw)
-                            .fit(X_tr, y_tr, **({} if kw else {"X_cal": X_val, "y_cal": y_val})))
+        est, fit_s = timed(lambda kw=kw: LaplaceClassifier(frozen, random_state=seed,
+                                                           device=device, **kw)
+                           .fit(X_tr, y_tr, **({} if kw else {"X_cal": X_val, "y_cal": y_val})))
         out[label] = {**_metrics(est, d), "fit_s": fit_s}
     return out
 
@@ -258,14 +249,12 @@ def main(argv=None) -> dict:
               f"{seeds} seed(s), MLP 64-64-64-5, {epochs} epochs, mean ± std over seeds.")
     table = markdown(scal, runs, header)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "regvar_scaling_quick" if args.quick else "regvar_scaling"
-    (args.out_dir / f"{stem}.md").write_text(table)
     slopes = {k: {"all": slope(scal, k), "three_largest": slope(scal, k, largest=3)}
               for k in SCALING}
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "device": args.device, "scaling": scal, "fit_time_slopes": slopes,
-         "quality": runs}, indent=1))
+    write_results(args.out_dir, stem, table, {
+        "command": cmd, "device": args.device, "scaling": scal, "fit_time_slopes": slopes,
+        "quality": runs})
     png = args.out_dir / f"{stem}.png"
     try:
         plot(scal, png)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -34,21 +35,17 @@ import numpy as np
 import torch
 from joblib import parallel_config
 from sklearn.model_selection import GridSearchCV
-from skorch import NeuralNetClassifier
 
 from skuq import DeepEnsembleClassifier, LaplaceClassifier
 from skuq.datasets import load_digits_ood
 from skuq.nets import MLP
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, classifier_net, write_results  # noqa: E402
 
 
-def make_net(epochs: int) -> NeuralNetClassifier:
-    return NeuralNetClassifier(
-        MLP, module__hidden=(64,), criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=1e-2, max_epochs=epochs, batch_size=64,
-        train_split=None, verbose=0,
-    )
+def make_net(epochs: int):
+    return classifier_net(MLP, dict(lr=1e-2, epochs=epochs), hidden=(64,))
 
 
 def run_estimators(d, epochs: int) -> dict[str, np.ndarray]:
@@ -158,9 +155,8 @@ def main() -> None:
         "run on a shared machine, not a speed comparison.\n\n"
     )
     print(table)
-    RESULTS.mkdir(exist_ok=True)
     suffix = "_quick" if args.quick else ""
-    (RESULTS / f"reproducibility{suffix}.md").write_text(note + table + "\n")
+    write_results(RESULTS, f"reproducibility{suffix}", note + table + "\n")
 
 
 if __name__ == "__main__":

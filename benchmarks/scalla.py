@@ -46,8 +46,8 @@ Run: ``PYTHONPATH=. python benchmarks/scalla.py [--quick] [--seeds 0 1 2]``; wri
 from __future__ import annotations
 
 import argparse
-import json
 import platform
+import sys
 import time
 import weakref
 from pathlib import Path
@@ -56,7 +56,6 @@ import numpy as np
 import torch
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
-from skorch import NeuralNetClassifier
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -66,7 +65,8 @@ from skuq.metrics import expected_calibration_error, negative_log_likelihood, oo
 from skuq.nets import MLP
 from skuq.outputs import OutputDistribution
 
-RESULTS = Path(__file__).parent / "results"
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import RESULTS, classifier_net, timed, write_results  # noqa: E402
 
 
 # ------------------------------------------------------------------- memory
@@ -136,15 +136,9 @@ def make_data(seed: int):
 
 def train_net(data, hidden, epochs, seed):
     torch.manual_seed(seed)
-    net = NeuralNetClassifier(
-        MLP, module__hidden=hidden, criterion=torch.nn.CrossEntropyLoss,
-        optimizer=torch.optim.Adam, lr=1e-3, max_epochs=epochs, batch_size=64,
-        train_split=None, verbose=0,
-    )
-    t0 = time.perf_counter()
-    bare = MAPClassifier(net, random_state=seed, device="cpu").fit(data["X_train"],
-                                                                    data["y_train"])
-    return bare, time.perf_counter() - t0
+    net = classifier_net(MLP, dict(lr=1e-3, epochs=epochs), hidden=hidden)
+    return timed(lambda: MAPClassifier(net, random_state=seed, device="cpu")
+                 .fit(data["X_train"], data["y_train"]))
 
 
 # ------------------------------------------------------------------- methods
@@ -369,14 +363,12 @@ def main(argv=None) -> dict:
     header = header_text(cmd, args.seeds, profile)
     table = markdown(results, header)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "scalla_quick" if args.quick else "scalla"
-    (args.out_dir / f"{stem}.md").write_text(table)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "seeds": args.seeds, "profile": {k: {kk: list(v) if isinstance(v, tuple)
-                                                            else v for kk, v in c.items()}
-                                                        for k, c in profile.items()},
-         "results": results}, indent=1))
+    write_results(args.out_dir, stem, table, {
+        "command": cmd, "seeds": args.seeds,
+        "profile": {k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()}
+                    for k, c in profile.items()},
+        "results": results})
     return results
 
 

@@ -42,7 +42,7 @@ with a fixed random stream per task, seed and corruption)
 Methods: every registered skuq estimator at its DEFAULT options (no variants),
 built and fitted with ``benchmarks/compare.py``'s helpers: the task's net is
 trained once per task and seed and shared as ``FrozenEstimator``; MC dropout
-and deep ensembles train their own (see ``_benchmark_hints``). Estimators that
+and deep ensembles train their own (``METHOD_SETTINGS`` in compare.py). Estimators that
 calibrate on held-out data get the 20 % validation split as ``X_cal, y_cal``.
 Nothing is tuned on a test or shifted split.
 
@@ -83,11 +83,17 @@ from sklearn.utils import Bunch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402  (the benchmarks' shared helpers)
+    RESULTS,
+    PeakMemory,
+    classifier_net,
+    entropy,
+    write_results,
+    write_runs_csv,
+)
 from compare import (  # noqa: E402  (the shared helpers of the comparison benchmark)
     BASELINE,
-    PeakMemory,
     _build,
-    _classifier_net,
     _fit,
     _split_val,
     _tabular,
@@ -108,7 +114,6 @@ from skuq.metrics import (  # noqa: E402
 )
 from skuq.nets import MLP, SmallCNN  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 SEVERITIES = (1, 2, 3, 4, 5)
 #: rows of the test split that are corrupted (a fixed random subset per task and
 #: seed): 25-30 shifted sets per task, so the shifted rows cost several times the
@@ -279,9 +284,9 @@ def _digits(seed, cfg, as_image):
     )
     shape = (-1, 1, 8, 8) if as_image else (-1, 64)
     if as_image:
-        net = _classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
+        net = classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     else:
-        net = _classifier_net(MLP, cfg, hidden=cfg["hidden"])
+        net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     r = lambda a: np.ascontiguousarray(a.reshape(shape))  # noqa: E731
     return Bunch(
         kind="classifier", X_train=r(X_tr), y_train=y_tr, X_val=r(X_val), y_val=y_val,
@@ -334,9 +339,9 @@ def _mnist1d(seed, cfg, as_cnn):
     )
     shape = (-1, 1, length) if as_cnn else (-1, length)
     if as_cnn:
-        net = _classifier_net(CNN1D, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
+        net = classifier_net(CNN1D, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     else:
-        net = _classifier_net(MLP, cfg, hidden=cfg["hidden"])
+        net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     r = lambda a: np.ascontiguousarray(a.reshape(shape))  # noqa: E731
     return Bunch(
         kind="classifier", X_train=r(X_tr), y_train=y_tr, X_val=r(X_val), y_val=y_val,
@@ -368,7 +373,7 @@ def task_images(seed, cfg):
     shifted, rows = _shifted_sets(
         X_te, corruptions, lambda X, n, s, r: corrupt_images(X, n, s, r, pixel_std=std), seed,
     )
-    net = _classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
+    net = classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     return Bunch(
         kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
         X_test=X_te, y_test=y_te, X_ood=d.X_ood, shifted=shifted, y_shifted=y_te[rows],
@@ -413,10 +418,6 @@ TASKS = {
 
 
 # ---------------------------------------------------------------- evaluate
-def _entropy(p: np.ndarray) -> np.ndarray:
-    return -(p * np.log(np.clip(p, 1e-12, 1.0))).sum(axis=1)
-
-
 def evaluate_classifier(est, data):
     """Metrics on the clean, shifted and OOD rows from one ``predict_proba`` call."""
     keys = list(data.shifted)
@@ -438,7 +439,7 @@ def evaluate_classifier(est, data):
     per_set = {("clean", 0): row.copy()}
     for k, p in zip(keys, chunks[1:-1], strict=True):
         per_set[k] = scores(p, data.y_shifted)
-    row["ood_auroc"] = ood_auroc(_entropy(chunks[0]), _entropy(chunks[-1]))
+    row["ood_auroc"] = ood_auroc(entropy(chunks[0]), entropy(chunks[-1]))
     for sev in SEVERITIES:
         at = [v for (c, s), v in per_set.items() if s == sev]
         for m in ("nll", "ece", "accuracy"):
@@ -524,7 +525,7 @@ def aggregate(runs):
     return out
 
 
-#: target name -> (metric, test(mine, base)); means over seeds, as the issue states them
+#: target name -> (metric, test(mine, base)); means over seeds
 TARGETS = {
     "acc": ("accuracy", lambda m, b: m >= b - 0.005),
     "NLL": ("nll", lambda m, b: m <= 1.10 * b),
@@ -656,13 +657,7 @@ SUMMARY_KEYS = ["accuracy", "nll", "ece", "shift_nll", "shift_ece", "shift_accur
 
 
 def write_csvs(out_dir, stem, runs):
-    with open(os.path.join(out_dir, f"{stem}.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["task", "method", "seed", "error"] + SUMMARY_KEYS)
-        w.writeheader()
-        for r in runs:
-            row = {"task": r.task, "method": r.method, "seed": r.seed, "error": r.error}
-            row.update({k: v for k, v in r.metrics.items() if k in SUMMARY_KEYS})
-            w.writerow(row)
+    write_runs_csv(os.path.join(out_dir, f"{stem}.csv"), runs, SUMMARY_KEYS)
     with open(os.path.join(out_dir, f"{stem}_by_corruption.csv"), "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["task", "method", "seed", "corruption", "severity", "accuracy", "nll",
@@ -740,8 +735,7 @@ def render(runs, out_dir, stem, header, plot=True):
         names[kind].sort(key=lambda n: (n != base, n))
     agg = aggregate(runs)
     md = markdown(agg, task_kinds, names, header)
-    with open(os.path.join(out_dir, f"{stem}.md"), "w") as f:
-        f.write(md + "\n")
+    write_results(out_dir, stem, md + "\n")
     png = None
     if plot:
         png = plot_nll_vs_severity(agg, task_kinds, names["classifier"],

@@ -32,7 +32,7 @@ the training data is zero (they never move the outputs there).
 
 Metrics on the test split: accuracy, NLL, ECE (15 bins), OOD AUROC of the
 predictive entropy. Peak memory: RSS above the level at the start, sampled
-every 2 ms over fit + predict (``benchmarks/compare.py``'s ``PeakMemory``; on
+every 2 ms over fit + predict (``PeakMemory`` of ``benchmarks/_common.py``; on
 CUDA the allocator's peak). A last table times one chunk of ``J[:, S]`` on
 the CNN by skuq's route and by differentiating through a scatter into all
 weights (the route that forms per-sample gradients of every weight).
@@ -45,7 +45,6 @@ with ``--quick``).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -55,7 +54,6 @@ import numpy as np
 import torch
 from sklearn.frozen import FrozenEstimator
 from sklearn.model_selection import train_test_split
-from skorch import NeuralNetClassifier
 from torch import nn
 from torch.func import jacrev, vmap
 
@@ -68,9 +66,8 @@ from skuq.metrics import expected_calibration_error, negative_log_likelihood, oo
 from skuq.nets import MLP
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compare import PeakMemory  # noqa: E402
+from _common import RESULTS, PeakMemory, classifier_net, write_results  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
 #: pixel noise of the synthetic images; at 1.25-2.5 the CNN is still far from converged
 #: after 4-6 epochs (accuracy 0.1-0.5), at 1.0 it reaches 0.97 in 6
 NOISE = 1.0
@@ -108,26 +105,18 @@ class WideCNN(nn.Sequential):
         )
 
 
-def _net(module, cfg, **module_params):
-    return NeuralNetClassifier(
-        module, criterion=nn.CrossEntropyLoss, optimizer=torch.optim.Adam, lr=cfg["lr"],
-        max_epochs=cfg["epochs"], batch_size=64, train_split=None, verbose=0,
-        **{f"module__{k}": v for k, v in module_params.items()},
-    )
-
-
 def task(name: str, cfg: dict, seed: int) -> dict:
     if name == "digits":
         d = load_digits_ood(random_state=seed)
         X, y, X_test, y_test, X_ood = d.X_train, d.y_train, d.X_test, d.y_test, d.X_ood
-        net = _net(MLP, cfg, hidden=cfg["hidden"])
+        net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     else:
         d = make_synthetic_images(n_samples=cfg["n"], size=28, noise=cfg["noise"],
                                   random_state=seed)
         X, X_test, y, y_test = train_test_split(d.X, d.y, test_size=0.25, random_state=seed,
                                                 stratify=d.y)
         X_test, y_test, X_ood = X_test[:N_EVAL], y_test[:N_EVAL], d.X_ood[:N_EVAL]
-        net = _net(WideCNN, cfg)
+        net = classifier_net(WideCNN, cfg)
     X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=0.2, random_state=seed,
                                                 stratify=y)
     return dict(X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val, X_test=X_test,
@@ -317,12 +306,10 @@ def main(argv=None) -> dict:
               "default); the diagonal Laplace uses the same predictive.")
     table = markdown(results, routes, header)
     print(table)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = "subnetwork_quick" if args.quick else "subnetwork"
-    (args.out_dir / f"{stem}.md").write_text(table)
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(
-        {"command": cmd, "seed": args.seed, "device": str(device), "total_s": total,
-         "tasks": results, "jacobian_routes": routes}, indent=1))
+    write_results(args.out_dir, stem, table, {
+        "command": cmd, "seed": args.seed, "device": str(device), "total_s": total,
+        "tasks": results, "jacobian_routes": routes})
     return {"tasks": results, "jacobian_routes": routes}
 
 

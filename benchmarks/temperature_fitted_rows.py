@@ -28,6 +28,7 @@ from sklearn.frozen import FrozenEstimator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import shift  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 from skuq import MAPClassifier, TemperatureScalingClassifier  # noqa: E402
 from skuq.baselines.map_temperature import _criterion_loss, _last_training_loss  # noqa: E402
@@ -56,7 +57,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--tasks", default=",".join(TASKS))
-    parser.add_argument("--out-dir", default=shift.RESULTS)
+    parser.add_argument("--out-dir", default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     rows = []
@@ -115,9 +116,7 @@ def main(argv=None):
         f"and on {sum(r['warn_val'] for r in rows)} of {n} held-out fits.",
     ]
     md = "\n".join(lines)
-    os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, "temperature_fitted_rows.md"), "w") as f:
-        f.write(md + "\n")
+    write_results(args.out_dir, "temperature_fitted_rows", md + "\n")
     print(md)
     return rows
 

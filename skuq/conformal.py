@@ -23,7 +23,7 @@ decides how wide the sets are where; skuq's posteriors give two:
   the set; a confident one does not. The weights fall off like ``2 / z^2``,
   not like ``Phi(-z)``: with ``Phi(-z)`` itself, the rows of an easy task
   (digits) all score exactly 0 in float64, the scores tie and the sets
-  over-cover (0.97 at a 0.9 target, ``tests/test_conformal.py``).
+  over-cover (0.97 at a 0.9 target, ``tests/sklearn/test_conformal.py``).
 
 :func:`split_conformal` and :func:`cross_conformal` set MAPIE's split and
 cross conformal up with these scores (``score="posterior"``) or with MAPIE's

@@ -1,7 +1,8 @@
 #!/bin/bash
-# Run HERE (a machine with PyPI), from the repository root, before a device run:
-# downloads the pure-Python wheels the GPU machine lacks into .whl/ (git-ignored),
-# pinned to the versions CI tests against. ~0.8 MB; `carry` it with the run.
+# Run on a machine with a package index, from the repository root, before
+# run_checks.sh: downloads the pure-Python wheels a GPU machine without one needs into
+# .whl/ (git-ignored), pinned to the versions CI tests against. ~0.8 MB; copy .whl/
+# along with the checkout.
 set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude

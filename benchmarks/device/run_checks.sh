@@ -1,16 +1,16 @@
 #!/bin/bash
-# Run ON THE GPU MACHINE, from the repository root, with .whl/ carried:
+# The GPU measurements, run on a machine with a CUDA device, from the repository root,
+# with the wheels of fetch_wheels.sh in .whl/:
 #   bash benchmarks/device/run_checks.sh STAGE...     (stages run in the order given)
-# Stages (seconds are the default budgets, each enforced by `timeout`):
+# Stages (default timeout in seconds, each enforced by `timeout`):
 #   laplace  benchmarks/laplace_vs_laplace_torch.py --device cuda, images task
-#            at issue 3's GPU size (20k training rows, 5k test rows), the four
-#            configurations it names, both libraries                           [300]
+#            at GPU size (20k training rows, 5k test rows), four
+#            configurations, both libraries                                     [300]
 #   cvp      benchmarks/cvp_vs_sampling.py --device cuda                       [60]
 #   tests    the whole test suite on CUDA (device="auto" picks the GPU)      [150]
 #   compare  benchmarks/compare.py --device cuda (COMPARE_SEEDS, default 1)    [480]
-# With 15 device minutes (a start costs 1-2): one run of `laplace cvp tests`
-# (timeout_s 560), then one of `compare` (timeout_s 500).
-# Budgets: STAGE_TIMEOUT_<stage>=seconds. Everything the stages write (logs and
+# e.g. `run_checks.sh laplace cvp tests`, then `run_checks.sh compare`.
+# Timeouts: STAGE_TIMEOUT_<stage>=seconds. Everything the stages write (logs and
 # benchmarks/results/*cuda*) is packed into $OUT/device_results.tgz, plus
 # $OUT/run.log; a stage that fails or times out does not stop the next one.
 set -u
@@ -27,9 +27,9 @@ assert torch.cuda.is_available(), "no CUDA device"
 print("torch", torch.__version__, torch.cuda.get_device_name(0))
 import laplace, skorch, skuq  # noqa: F401  the carried wheels and the package import
 PY
-budget() { local v="STAGE_TIMEOUT_$1"; echo "${!v:-$2}"; }
-stage() {  # name, default budget, command...
-    local name=$1 secs; secs=$(budget "$1" "$2"); shift 2
+stage_timeout() { local v="STAGE_TIMEOUT_$1"; echo "${!v:-$2}"; }
+stage() {  # name, default timeout, command...
+    local name=$1 secs; secs=$(stage_timeout "$1" "$2"); shift 2
     echo "=== $name (timeout ${secs}s) $(date -u +%T)"
     timeout "$secs" "$@" > "/tmp/device_logs/$name.log" 2>&1
     echo "=== $name rc=$? $(date -u +%T)"; tail -25 "/tmp/device_logs/$name.log"

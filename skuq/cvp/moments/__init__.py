@@ -31,7 +31,7 @@ and variance of ``f(x)``.
   rule on the interval where it and the Gaussian are not negligible. Against
   adaptive quadrature (``scipy.integrate.quad``), input variances 1e-6 to 1e4:
   relative error below 1e-9 (sigmoid, tanh; SiLU for ``var > 0.5``) and below
-  2e-5 (SiLU's input-dtype branch, measured 1.5e-6); ``tests/test_cvp.py``
+  2e-5 (SiLU's input-dtype branch, measured 1.5e-6); ``tests/methods/test_cvp.py``
   checks these bounds.
 * :func:`quadrature_moments`: 32-node Gauss-Hermite for any smooth ``f``: accurate
   when ``f`` is smooth on the scale of ``sqrt(var)`` (Softplus: relative error below

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load_compare():
@@ -50,10 +50,10 @@ def test_compare_hints_and_bad_method_name(tmp_path):
     compare = _load_compare()
 
     class Bad:
-        _benchmark_hints = {"net_parms": {}}
+        pass
 
     with pytest.raises(ValueError, match="unknown keys"):
-        compare._hints(Bad)
+        compare._hints(Bad, {"net_parms": {}})
     with pytest.raises(SystemExit):
         compare.main(["--quick", "--methods", "NoSuchClassifier", "--out-dir", str(tmp_path)])
 
@@ -95,7 +95,18 @@ def test_variant_hints_are_checked():
     compare = _load_compare()
 
     class Bad:
-        _benchmark_hints = {"variants": {"x": {"init_parms": {}}}}
+        pass
 
     with pytest.raises(ValueError, match="variant 'x' has unknown keys"):
-        compare._hints(Bad)
+        compare._hints(Bad, {"variants": {"x": {"init_parms": {}}}})
+
+
+def test_method_settings_name_registered_estimators_with_known_keys():
+    """A renamed estimator must not silently lose its benchmark settings."""
+    from skuq.base import all_estimators
+
+    compare = _load_compare()
+    registered = {name: cls for name, cls in all_estimators()}
+    assert set(compare.METHOD_SETTINGS) <= set(registered)
+    for name, settings in compare.METHOD_SETTINGS.items():
+        assert compare._hints(registered[name]) == settings

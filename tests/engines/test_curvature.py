@@ -14,6 +14,7 @@ from skuq.curvature import (
     select_subnetwork,
     select_weights,
 )
+from tests._helpers import _cnn, _data, _mlp, batches, brute_ggn, brute_jacobian
 
 
 @pytest.fixture(autouse=True)
@@ -25,54 +26,6 @@ def _float64():
     torch.set_default_dtype(old)
 
 
-def _mlp(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
-
-
-def _cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, stride=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
-        nn.Flatten(), nn.Linear(8, 3),
-    )
-
-
-def _data(model, n=7, seed=1):
-    torch.manual_seed(seed)
-    x = torch.randn(n, 4) if isinstance(model[0], nn.Linear) else torch.randn(n, 2, 4, 4)
-    return x, torch.randint(0, 3, (n,))
-
-
-def brute_jacobian(model, x):
-    """J[n, c, :] by one autograd backward per sample and output (no torch.func)."""
-    params = [p for p in model.parameters()]
-    rows = []
-    for n in range(len(x)):
-        out = model(x[n : n + 1])[0]
-        per = []
-        for c in range(out.shape[0]):
-            g = torch.autograd.grad(out[c], params, retain_graph=True)
-            per.append(torch.cat([t.reshape(-1) for t in g]))
-        rows.append(torch.stack(per))
-    return torch.stack(rows)
-
-
-def brute_ggn(model, x, y=None, likelihood="classification"):
-    J = brute_jacobian(model, x)
-    with torch.no_grad():
-        f = model(x)
-    H = 0
-    for n in range(len(x)):
-        if likelihood == "classification":
-            p = torch.softmax(f[n], 0)
-            lam = torch.diag(p) - torch.outer(p, p)
-        else:
-            lam = torch.eye(f.shape[1])
-        H = H + J[n].T @ lam @ J[n]
-    return H
-
-
 def brute_ef(model, x, y):
     rows = []
     for n in range(len(x)):
@@ -82,9 +35,6 @@ def brute_ef(model, x, y):
     G = torch.stack(rows)
     return G.T @ G
 
-
-def batches(x, y, size=3):
-    return [(x[i : i + size], y[i : i + size]) for i in range(0, len(x), size)]
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn])

@@ -16,7 +16,7 @@ from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier
 from skuq.curvature import compute_curvature, select_weights
 from skuq.metrics import ood_auroc
 from skuq.posterior import posterior_from_curvature
-from tests.conftest import assert_centered_predictive, make_classifier_net
+from tests._helpers import assert_centered_predictive, make_classifier_net
 
 laplace = pytest.importorskip("laplace")
 
@@ -111,7 +111,7 @@ def test_cnn_kron_factors_against_laplace_torch():
     Conv2d bias blocks are the stated exception (see skuq.curvature.ggn): ours is the
     exact GGN block, laplace-torch's is the weight's G (no cross-position terms).
     """
-    from tests.test_curvature import brute_ggn
+    from tests._helpers import brute_ggn
 
     model = _cnn().double()
     torch.manual_seed(1)
@@ -255,7 +255,7 @@ def test_marglik_of_a_float32_net_against_float64_brute_force(trained, structure
     """A float32 net: the optimum of the evidence of its own (float32) curvature within
     1e-6 of a dense float64 maximization (an objective evaluated in float32 missed it by
     up to 1.5e-3)."""
-    from tests.test_posterior import brute_layerwise_marglik_optimum
+    from tests._helpers import brute_layerwise_marglik_optimum
 
     model, X, y = trained[:3]
     est = _ours(model, X, y, "all", structure, "marglik", rank=40)
@@ -271,7 +271,7 @@ def test_layerwise_marglik_against_brute_force(tiny, structure):
     """prior_structure="layerwise": one precision per parameter tensor. A float32 net
     against a dense float64 maximization of the evidence of its own curvature, and the
     net in float64 against laplace-torch's float64 optimum; both at 1e-6 (see above)."""
-    from tests.test_posterior import brute_layerwise_marglik_optimum
+    from tests._helpers import brute_layerwise_marglik_optimum
 
     model, X, y = tiny
     sizes = [p.numel() for p in model.parameters()]

@@ -11,7 +11,7 @@ import pytest
 
 from skuq.base import all_estimators
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = ROOT / "docs"
 NAV = (ROOT / "mkdocs.yml").read_text()
 
@@ -36,7 +36,7 @@ def test_every_method_page_is_in_the_nav_and_has_the_same_sections():
 
 def test_every_example_is_in_the_gallery_with_its_figure_and_a_test():
     gallery = (DOCS / "gallery.md").read_text()
-    tests = (ROOT / "tests" / "test_examples.py").read_text()
+    tests = (ROOT / "tests" / "examples" / "test_examples.py").read_text()
     for script in sorted((ROOT / "examples").glob("*.py")):
         name = script.stem
         assert f'--8<-- "examples/{name}.py"' in gallery, name

@@ -14,7 +14,7 @@ from torch import nn
 from skuq import MAPClassifier, TemperatureScalingClassifier
 from skuq.baselines.map_temperature import _criterion_loss, _last_training_loss
 from skuq.metrics import negative_log_likelihood
-from tests.conftest import make_classifier_net
+from tests._helpers import make_classifier_net
 
 FITTED = "look like rows the net was trained on"
 

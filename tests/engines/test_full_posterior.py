@@ -15,7 +15,7 @@ from skuq.curvature import compute_curvature, select_weights
 from skuq.curvature.memory import check_full_memory, full_memory_bytes
 from skuq.posterior import CholeskyFullPosterior, FullPosterior, posterior_from_curvature
 from skuq.predictive import glm_predictive
-from tests.test_curvature import brute_jacobian
+from tests._helpers import brute_jacobian
 
 
 def _spd(P, rank, seed=0, dtype=torch.float64):

@@ -8,7 +8,6 @@ from unittest.mock import patch
 
 import numpy as np
 import pytest
-import scipy.optimize
 import torch
 from torch import nn
 
@@ -21,7 +20,15 @@ from skuq.posterior import (
     posterior_from_curvature,
 )
 from skuq.predictive import glm_predictive, needs_jacobians, nn_predictive
-from tests.test_curvature import _cnn, _data, _mlp, batches, brute_ggn, brute_jacobian
+from tests._helpers import (
+    _cnn,
+    _data,
+    _mlp,
+    batches,
+    brute_ggn,
+    brute_jacobian,
+    brute_layerwise_marglik_optimum,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -118,50 +125,6 @@ def test_marglik_gradient_and_optimum():
         cov = torch.linalg.inv(H + d * torch.eye(len(H)))
         grad = w.n_params / (2 * d) - torch.trace(cov) / 2 - theta @ theta / 2
         assert abs(float(grad * d)) < 1e-5
-
-
-def brute_layerwise_marglik_optimum(H, theta, group_sizes):
-    """Per-group prior precisions maximizing the Laplace evidence, in float64 numpy.
-
-    ``-log p(D) + const = 0.5 (logdet(H + D) - sum_g P_g log d_g + sum_g d_g |theta_g|^2)``
-    with ``D = diag(d_g per weight)``; its gradient in ``d_g`` is
-    ``0.5 (tr_g (H + D)^-1 - P_g / d_g + |theta_g|^2)``. Independent of skuq's posteriors.
-    """
-    H = np.asarray(H, dtype=np.float64)
-    theta = np.asarray(theta, dtype=np.float64)
-    sizes = np.asarray(group_sizes)
-    group = np.repeat(np.arange(len(sizes)), sizes)
-    t2 = np.bincount(group, theta**2)
-
-    def objective(z):
-        d = np.exp(z)
-        M = H + np.diag(d[group])
-        sign, logdet = np.linalg.slogdet(M)
-        assert sign > 0
-        value = 0.5 * (logdet - sizes @ z + d @ t2)
-        grad = 0.5 * (np.bincount(group, np.diag(np.linalg.inv(M))) - sizes / d + t2)
-        return value, grad * d
-
-    def newton_step(z):
-        """Exact gradient and Hessian in ``z = log d``; the Newton step."""
-        d = np.exp(z)
-        S = np.linalg.inv(H + np.diag(d[group]))
-        tr = np.bincount(group, np.diag(S))
-        grad = 0.5 * (d * (tr + t2) - sizes)
-        G = np.zeros((len(sizes), len(sizes)))  # sum_{i in g, j in h} S_ij^2
-        for g in range(len(sizes)):
-            G[g] = np.bincount(group, (S[group == g] ** 2).sum(0), minlength=len(sizes))
-        hess = 0.5 * (np.diag(d * (tr + t2)) - np.outer(d, d) * G)
-        return grad, np.linalg.solve(hess, grad)
-
-    res = scipy.optimize.minimize(objective, np.zeros(len(sizes)), jac=True, method="L-BFGS-B",
-                                  options=dict(ftol=1e-15, gtol=1e-12, maxiter=1000))
-    z = res.x
-    for _ in range(5):  # polished by Newton: quadratic convergence to the float64 floor
-        grad, step = newton_step(z)
-        z = z - step
-    assert np.abs(newton_step(z)[0]).max() < 1e-9 * sizes.sum(), res  # stationary in log d
-    return np.exp(z)
 
 
 @pytest.mark.parametrize("structure", ["diag", "kron", "full"])

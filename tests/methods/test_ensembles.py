@@ -20,7 +20,7 @@ from skuq import (
 )
 from skuq.base import all_estimators
 from skuq.baselines import EnsembleModule, mc_dropout_mode, mc_dropout_samples
-from tests.conftest import make_classifier_net, make_regressor_net
+from tests._helpers import make_classifier_net, make_regressor_net
 
 
 def _tiny_dropout_net(p=0.3, seed=0, batch_norm=False):

@@ -20,8 +20,7 @@ from torch.func import functional_call, grad, vmap
 from skuq import L2MClassifier, L2MRegressor, LaplaceClassifier, LaplaceRegressor
 from skuq.curvature.optimizer import second_moments
 from skuq.cvp import CVPClassifier
-from tests.conftest import make_classifier_net, make_regressor_net
-from tests.test_base import CountingMLP
+from tests._helpers import CountingMLP, make_classifier_net, make_regressor_net
 
 
 def _noisy_problem(n=512, d=5, c=3, seed=0):

@@ -12,8 +12,7 @@ from sklearn.datasets import make_classification
 
 from skuq._persist import from_portable, to_portable
 from skuq.base import UQClassifierMixin, all_estimators
-from tests.conftest import make_classifier_net, make_regressor_net
-from tests.test_estimator_checks import EST_KWARGS, NET_KWARGS
+from tests._helpers import EST_KWARGS, NET_KWARGS, make_classifier_net, make_regressor_net
 
 sio = pytest.importorskip("skops.io")
 

@@ -25,7 +25,7 @@ from skuq.cvp import (
 )
 from skuq.cvp import moments as mom
 from skuq.nets import MLP, SmallCNN
-from tests.conftest import make_classifier_net
+from tests._helpers import make_classifier_net
 
 N_MC = 1_000_000
 # input moments: tiny, moderate and large variances, means of both signs

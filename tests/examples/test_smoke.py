@@ -3,7 +3,7 @@
 import numpy as np
 
 from skuq import MAPClassifier
-from tests.conftest import make_classifier_net
+from tests._helpers import make_classifier_net
 
 
 def test_map_classifier_end_to_end(digits):

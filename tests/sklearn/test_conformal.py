@@ -13,7 +13,7 @@ from skuq import LaplaceClassifier, LaplaceRegressor
 from skuq.conformal import PosteriorMarginClassifier, margin_probabilities
 from skuq.datasets import make_gap_regression
 from skuq.outputs import OutputDistribution
-from tests.conftest import make_classifier_net, make_regressor_net
+from tests._helpers import make_classifier_net, make_regressor_net
 
 pytest.importorskip("mapie")
 from skuq.conformal import cross_conformal, split_conformal  # noqa: E402

@@ -17,8 +17,7 @@ from skuq import DeepEnsembleClassifier, LaplaceClassifier, MCDropoutClassifier
 from skuq._utils import seeded_global_rng
 from skuq.base import UQClassifierMixin, all_estimators
 from skuq.baselines import DropoutSampler, mc_dropout_samples
-from tests.conftest import make_classifier_net
-from tests.test_estimator_checks import make_check_instance
+from tests._helpers import make_check_instance, make_classifier_net
 
 
 def _data(n=60, d=3, seed=0):

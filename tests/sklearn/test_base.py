@@ -22,17 +22,7 @@ from skuq.baselines import LOG_TEMPERATURE_BOUNDS, fit_temperature
 from skuq.metrics import get_scorer
 from skuq.nets import MLP
 from skuq.outputs import OutputDistribution
-from tests.conftest import make_classifier_net, make_regressor_net
-
-
-class CountingMLP(MLP):
-    """An MLP that counts how often a net is built (= trained, for skorch)."""
-
-    n_built = 0
-
-    def __init__(self, **kwargs):
-        type(self).n_built += 1
-        super().__init__(**kwargs)
+from tests._helpers import CountingMLP, make_classifier_net, make_regressor_net
 
 
 @pytest.fixture(scope="module")

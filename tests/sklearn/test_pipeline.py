@@ -11,7 +11,7 @@ from sklearn.preprocessing import StandardScaler
 
 from skuq import LaplaceClassifier, LaplaceRegressor, MAPClassifier
 from skuq.pipeline import UQPipeline, make_pipeline
-from tests.conftest import make_classifier_net, make_regressor_net
+from tests._helpers import make_classifier_net, make_regressor_net
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from torch.func import functional_call, hessian, jacrev, vmap
 
 from skuq import LaplaceClassifier, RegVarClassifier, RegVarRegressor
 from skuq.regvar import amortized_variance, exact_covariance, finetune_pair
-from tests.conftest import assert_centered_predictive, make_classifier_net, make_regressor_net
+from tests._helpers import assert_centered_predictive, make_classifier_net, make_regressor_net
 
 N, D, C = 40, 2, 3
 WD = 1e-2  # weight decay of the mean loss: prior precision N * WD of the summed loss

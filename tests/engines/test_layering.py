@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-SKUQ = Path(__file__).resolve().parents[1] / "skuq"
+SKUQ = Path(__file__).resolve().parents[2] / "skuq"
 
 # The engine layer: what it may not import.
 ENGINE_MODULES = [

@@ -2,9 +2,10 @@
 
 Estimators are discovered from the registry (``skuq.base.all_estimators``), so
 a new method is checked as soon as it is exported. Each is built with its
-default options around a tiny, fast net; per-class construction tweaks, the
-expected failures and the checks that float32 rounding alone can fail (each
-with its reason, per estimator) are listed below.
+default options around a tiny, fast net, with the per-class construction tweaks
+of ``tests._helpers.make_check_instance`` (shared with the persistence and
+reproducibility tests); the expected failures and the checks that float32
+rounding alone can fail (each with its reason, per estimator) are listed below.
 """
 
 from __future__ import annotations
@@ -14,24 +15,8 @@ import pytest
 from sklearn.base import BaseEstimator, clone, is_classifier
 from sklearn.utils.estimator_checks import estimator_checks_generator, set_random_state
 
-from skuq.base import UQClassifierMixin, all_estimators
-from tests.conftest import make_classifier_net, make_regressor_net
-
-#: constructor kwargs for the check instances (speed, or what the method needs)
-NET_KWARGS: dict[str, dict] = {
-    "MCDropoutClassifier": {"module__dropout": 0.1},
-    "MCDropoutRegressor": {"module__dropout": 0.1},
-}
-EST_KWARGS: dict[str, dict] = {
-    "DeepEnsembleClassifier": {"n_estimators": 2},
-    "DeepEnsembleRegressor": {"n_estimators": 2},
-    # the contract checks train their nets for a few epochs without weight decay: no strict
-    # minimum of a regularized loss for the exact mode (the default) to fine-tune from, so
-    # they run the amortized mode; tests/test_regvar.py checks the exact mode's values
-    "RegVarClassifier": {"finetune_epochs": 2, "mode": "amortized"},
-    "RegVarRegressor": {"finetune_epochs": 2, "mode": "amortized"},
-    "ScaLLAClassifier": {"surrogate__epochs": 3, "n_features": 8, "surrogate__width": 32},
-}
+from skuq.base import all_estimators
+from tests._helpers import make_check_instance
 
 #: checks an estimator fails on every run, and why (strict: an unexpected pass is
 #: an error, so that a fixed check is noticed and its entry removed)
@@ -92,13 +77,6 @@ def _float32_invariance(estimator, check_name: str) -> None:
             np.testing.assert_array_equal(whole, parts, err_msg=f"{method}: a label changed")
         else:
             np.testing.assert_allclose(whole, parts, rtol=0, atol=FLOAT32_ATOL, err_msg=method)
-
-
-def make_check_instance(name: str, cls: type):
-    is_clf = issubclass(cls, UQClassifierMixin)
-    factory = make_classifier_net if is_clf else make_regressor_net
-    net = factory(max_epochs=30, hidden=(16,), lr=3e-2, **NET_KWARGS.get(name, {}))
-    return cls(net, random_state=0, **EST_KWARGS.get(name, {}))
 
 
 ESTIMATORS = [make_check_instance(name, cls) for name, cls in all_estimators()]

@@ -29,10 +29,9 @@ from skuq.scalla import (
     probe_outputs,
 )
 from skuq.scalla import estimator as scalla
-from tests.conftest import assert_centered_predictive, make_classifier_net
-from tests.test_base import CountingMLP
+from tests._helpers import CountingMLP, assert_centered_predictive, make_classifier_net
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _bench():
