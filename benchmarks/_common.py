@@ -25,8 +25,9 @@ RESULTS = Path(__file__).parent / "results"
 
 
 # ----------------------------------------------------------------- writers
-def write_results(out_dir, stem: str, markdown: str, data=None, *, json_end: str = "",
-                  json_default=None) -> None:
+def write_results(
+    out_dir, stem: str, markdown: str, data=None, *, json_end: str = "", json_default=None
+) -> None:
     """``<stem>.md`` with ``markdown`` as given and, with ``data``, ``<stem>.json``.
 
     The JSON is indented by one space, followed by ``json_end`` (the scripts' files
@@ -73,17 +74,30 @@ def classifier_net(module, cfg: dict, **module_params) -> NeuralNetClassifier:
     if "weight_decay" in cfg:
         extra["optimizer__weight_decay"] = cfg["weight_decay"]
     return NeuralNetClassifier(
-        module, criterion=torch.nn.CrossEntropyLoss, optimizer=torch.optim.Adam,
-        lr=cfg["lr"], max_epochs=cfg["epochs"], batch_size=64, train_split=None, verbose=0,
-        **extra, **_module_params(module_params),
+        module,
+        criterion=torch.nn.CrossEntropyLoss,
+        optimizer=torch.optim.Adam,
+        lr=cfg["lr"],
+        max_epochs=cfg["epochs"],
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+        **extra,
+        **_module_params(module_params),
     )
 
 
 def regressor_net(module, cfg: dict, **module_params) -> NeuralNetRegressor:
     """The regression counterpart of :func:`classifier_net` (skorch's MSE loss)."""
     return NeuralNetRegressor(
-        module, optimizer=torch.optim.Adam, lr=cfg["lr"], max_epochs=cfg["epochs"],
-        batch_size=64, train_split=None, verbose=0, **_module_params(module_params),
+        module,
+        optimizer=torch.optim.Adam,
+        lr=cfg["lr"],
+        max_epochs=cfg["epochs"],
+        batch_size=64,
+        train_split=None,
+        verbose=0,
+        **_module_params(module_params),
     )
 
 

@@ -158,8 +158,14 @@ def _tabular(X, y, seed, cfg, ood):
         X_ood = 5.0 * X_te
     X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, True)
     return Bunch(
-        kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=X_te, y_test=y_te, X_ood=X_ood.astype(np.float32),
+        kind="classifier",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=X_te,
+        y_test=y_te,
+        X_ood=X_ood.astype(np.float32),
         net=classifier_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
@@ -168,8 +174,14 @@ def task_digits(seed, cfg):
     d = load_digits_ood(random_state=seed)
     X_tr, y_tr, X_val, y_val = _split_val(d.X_train, d.y_train, seed, True)
     return Bunch(
-        kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=d.X_test, y_test=d.y_test, X_ood=d.X_ood,
+        kind="classifier",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=d.X_test,
+        y_test=d.y_test,
+        X_ood=d.X_ood,
         net=classifier_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
@@ -194,8 +206,15 @@ def task_images(seed, cfg):
     X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, True)
     net = classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     return Bunch(
-        kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=X_te, y_test=y_te, X_ood=d.X_ood, net=net,
+        kind="classifier",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=X_te,
+        y_test=y_te,
+        X_ood=d.X_ood,
+        net=net,
     )
 
 
@@ -207,8 +226,14 @@ def task_gap_regression(seed, cfg):
     inside = (np.abs(x) <= 2) & ~d.in_gap
     X_tr, y_tr, X_val, y_val = _split_val(d.X, d.y, seed, False)
     return Bunch(
-        kind="regressor", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=d.X_test, y_test=y_test, ood_mask=~inside,
+        kind="regressor",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=d.X_test,
+        y_test=y_test,
+        ood_mask=~inside,
         net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
@@ -222,8 +247,15 @@ def task_diabetes(seed, cfg):
     y_tr, y_te = (((a - mu) / sd).astype(np.float32) for a in (y_tr, y_te))
     X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, False)
     return Bunch(
-        kind="regressor", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=X_te, y_test=y_te, ood_mask=None, net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
+        kind="regressor",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=X_te,
+        y_test=y_te,
+        ood_mask=None,
+        net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
 
@@ -251,22 +283,32 @@ HINT_KEYS = {"net_params", "shared_net", "init_params"}
 #: defaults on the shared net
 METHOD_SETTINGS: dict[str, dict] = {
     # the IVON source trains its own net (an Adam-trained shared net has no IVON posterior)
-    "CVPClassifier": {"variants": {
-        "ivon": {"init_params": {"posterior": "ivon"}, "shared_net": False},
-    }},
+    "CVPClassifier": {
+        "variants": {
+            "ivon": {"init_params": {"posterior": "ivon"}, "shared_net": False},
+        }
+    },
     # an ensemble trains its own members, it cannot share the one trained net
     "DeepEnsembleClassifier": {"shared_net": False},
     "DeepEnsembleRegressor": {"shared_net": False},
     # the structures a user would try next
-    "LaplaceClassifier": {"variants": {
-        "all,diag,marglik": {"init_params": {"subset_of_weights": "all",
-                                             "hessian_structure": "diag",
-                                             "prior_precision": "marglik"}},
-        "last_layer,kron,marglik": {"init_params": {"prior_precision": "marglik"}},
-    }},
-    "LaplaceRegressor": {"variants": {
-        "all,diag": {"init_params": {"subset_of_weights": "all", "hessian_structure": "diag"}},
-    }},
+    "LaplaceClassifier": {
+        "variants": {
+            "all,diag,marglik": {
+                "init_params": {
+                    "subset_of_weights": "all",
+                    "hessian_structure": "diag",
+                    "prior_precision": "marglik",
+                }
+            },
+            "last_layer,kron,marglik": {"init_params": {"prior_precision": "marglik"}},
+        }
+    },
+    "LaplaceRegressor": {
+        "variants": {
+            "all,diag": {"init_params": {"subset_of_weights": "all", "hessian_structure": "diag"}},
+        }
+    },
     # p = 0.05 had the lowest validation NLL on the digits split among
     # {0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5} (validation rows, never the test split)
     "MCDropoutClassifier": {"net_params": {"module__dropout": 0.05}},
@@ -286,8 +328,10 @@ def _hints(cls, hints=None) -> dict:
         raise ValueError(f"{cls.__name__}: settings with unknown keys {sorted(unknown)}")
     for label, variant in hints.get("variants", {}).items():
         if set(variant) - HINT_KEYS:
-            raise ValueError(f"{cls.__name__} variant {label!r} has unknown keys "
-                             f"{sorted(set(variant) - HINT_KEYS)}")
+            raise ValueError(
+                f"{cls.__name__} variant {label!r} has unknown keys "
+                f"{sorted(set(variant) - HINT_KEYS)}"
+            )
     return hints
 
 
@@ -295,8 +339,9 @@ def method_rows(name, cls) -> list[tuple[str, type, dict]]:
     """``(row name, class, hints)``: the default row, then one per declared variant."""
     hints = _hints(cls)
     rows = [(name, cls, {k: v for k, v in hints.items() if k != "variants"})]
-    rows += [(f"{name}[{label}]", cls, variant)
-             for label, variant in hints.get("variants", {}).items()]
+    rows += [
+        (f"{name}[{label}]", cls, variant) for label, variant in hints.get("variants", {}).items()
+    ]
     return rows
 
 
@@ -400,8 +445,10 @@ def run_task(task, data, methods, seed, device, log):
                 row, arrays = evaluate(est, data)
             row.update(fit_s=fit_s, fit_cpu_s=fit_cpu_s, peak_mb=mem.peak_mb, own_net=own)
             runs.append(Run(task, name, seed, row, arrays))
-            log(f"  {task:15s} seed {seed} {name:30s} nll {row['nll']:.4f} "
-                f"auroc {row['ood_auroc']:.3f} fit {fit_s:.1f}s")
+            log(
+                f"  {task:15s} seed {seed} {name:30s} nll {row['nll']:.4f} "
+                f"auroc {row['ood_auroc']:.3f} fit {fit_s:.1f}s"
+            )
         except Exception as exc:  # one method's failure must not sink the table
             log(f"  {task:15s} seed {seed} {name:30s} FAILED: {exc!r}")
             traceback.print_exc(file=sys.stderr)
@@ -411,15 +458,27 @@ def run_task(task, data, methods, seed, device, log):
 
 # ----------------------------------------------------------------- reporting
 CLS_COLS = [
-    ("accuracy", "acc", 3), ("nll", "NLL", 3), ("ece", "ECE", 3), ("brier", "Brier", 3),
-    ("aurc", "AURC", 4), ("cov_at_1pct", "C@1%", 3), ("ood_auroc", "OOD AUROC", 3),
-    ("fpr95", "FPR@95", 3), ("fit_s", "fit s", 1), ("predict_s", "pred s", 2),
+    ("accuracy", "acc", 3),
+    ("nll", "NLL", 3),
+    ("ece", "ECE", 3),
+    ("brier", "Brier", 3),
+    ("aurc", "AURC", 4),
+    ("cov_at_1pct", "C@1%", 3),
+    ("ood_auroc", "OOD AUROC", 3),
+    ("fpr95", "FPR@95", 3),
+    ("fit_s", "fit s", 1),
+    ("predict_s", "pred s", 2),
     ("peak_mb", "peak MB", 0),
 ]
 REG_COLS = [
-    ("rmse", "RMSE", 3), ("nll", "NLL", 3), ("cov95", "cov 95%", 3),
-    ("ood_auroc", "OOD AUROC", 3), ("fpr95", "FPR@95", 3), ("fit_s", "fit s", 1),
-    ("predict_s", "pred s", 2), ("peak_mb", "peak MB", 0),
+    ("rmse", "RMSE", 3),
+    ("nll", "NLL", 3),
+    ("cov95", "cov 95%", 3),
+    ("ood_auroc", "OOD AUROC", 3),
+    ("fpr95", "FPR@95", 3),
+    ("fit_s", "fit s", 1),
+    ("predict_s", "pred s", 2),
+    ("peak_mb", "peak MB", 0),
 ]
 METRIC_KEYS = sorted({k for k, _, _ in CLS_COLS + REG_COLS} | {"fit_cpu_s"})
 
@@ -446,8 +505,9 @@ def _beats(agg, task, method, kind, metric):
     mine = agg.get((task, method), {})
     if method == BASELINE[kind] or metric not in base or metric not in mine:
         return "—"
-    better = mine[metric][0] < base[metric][0] if metric == "nll" else \
-        mine[metric][0] > base[metric][0]
+    better = (
+        mine[metric][0] < base[metric][0] if metric == "nll" else mine[metric][0] > base[metric][0]
+    )
     return "yes" if better else "no"
 
 
@@ -472,13 +532,17 @@ def markdown(agg, task_kinds, methods_by_kind, header):
                     cells.append(f"{m:.{digits}f} ± {s:.{digits}f}")
                 else:
                     cells.append("n/a")
-            cells += [_beats(agg, task, name, kind, "nll"), _beats(agg, task, name, kind,
-                                                                  "ood_auroc")]
+            cells += [
+                _beats(agg, task, name, kind, "nll"),
+                _beats(agg, task, name, kind, "ood_auroc"),
+            ]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     # summary: does each method beat the bare net?
-    lines += ["### Does the method at its defaults beat MAP? (NLL / OOD AUROC, mean over seeds)",
-              ""]
+    lines += [
+        "### Does the method at its defaults beat MAP? (NLL / OOD AUROC, mean over seeds)",
+        "",
+    ]
     for kind, names in methods_by_kind.items():
         tasks = [t for t, k in task_kinds.items() if k == kind]
         if not tasks or len(names) < 2:
@@ -517,8 +581,13 @@ def plots(runs, task_kinds, out_dir, stem, seed):
         if kind == "classifier":
             fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.6 * nrow), squeeze=False)
             for ax, r in zip(axes.flat, rs, strict=False):
-                reliability_diagram(data.y_test, r.arrays["proba"], labels=r.arrays["labels"],
-                                    ax=ax, label=r.method.replace("Classifier", ""))
+                reliability_diagram(
+                    data.y_test,
+                    r.arrays["proba"],
+                    labels=r.arrays["labels"],
+                    ax=ax,
+                    label=r.method.replace("Classifier", ""),
+                )
                 ax.legend(loc="upper left", fontsize=7)
             for ax in list(axes.flat)[n:]:
                 ax.axis("off")
@@ -529,8 +598,9 @@ def plots(runs, task_kinds, out_dir, stem, seed):
             for r in rs:
                 p, labels = r.arrays["proba"], r.arrays["labels"]
                 errors = (labels[p.argmax(1)] != data.y_test).astype(float)
-                risk_coverage_plot(errors, p.max(1), ax=ax,
-                                   label=r.method.replace("Classifier", ""))
+                risk_coverage_plot(
+                    errors, p.max(1), ax=ax, label=r.method.replace("Classifier", "")
+                )
             ax.legend(fontsize=7)
             ax.set_title(f"{task}: risk-coverage")
             written.append(_save(fig, out_dir, f"{stem}_{task}_risk_coverage.png"))
@@ -549,13 +619,24 @@ def plots(runs, task_kinds, out_dir, stem, seed):
                 written.append(_save(fig, out_dir, f"{stem}_{task}_bands.png"))
             if data.ood_mask is None:
                 continue
-            scores = [(r, r.arrays["std"][~data.ood_mask], r.arrays["std"][data.ood_mask],
-                       "predictive std") for r in rs]
+            scores = [
+                (
+                    r,
+                    r.arrays["std"][~data.ood_mask],
+                    r.arrays["std"][data.ood_mask],
+                    "predictive std",
+                )
+                for r in rs
+            ]
         fig, axes = plt.subplots(nrow, ncol, figsize=(3.6 * ncol, 3.2 * nrow), squeeze=False)
         for ax, (r, s_in, s_out, what) in zip(axes.flat, scores, strict=False):
-            uncertainty_histogram(s_in, s_out, ax=ax, xlabel=what,
-                                  label=r.method.replace("Classifier", "").replace(
-                                      "Regressor", ""))
+            uncertainty_histogram(
+                s_in,
+                s_out,
+                ax=ax,
+                xlabel=what,
+                label=r.method.replace("Classifier", "").replace("Regressor", ""),
+            )
             ax.title.set_fontsize(8)
             ax.legend(fontsize=7)
         for ax in list(axes.flat)[n:]:
@@ -603,13 +684,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny tasks, few epochs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (larger sizes on cuda)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of " +
-                        ",".join(TASKS))
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated estimator names (MAP always runs)")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1 is fastest for these small nets on a "
-                             "shared machine)")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS)
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated estimator names (MAP always runs)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (1 is fastest for these small nets on a shared machine)",
+    )
     parser.add_argument("--out-dir", default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
@@ -630,14 +716,19 @@ def main(argv=None) -> dict:
     methods_by_kind = {}
     for kind in ("classifier", "regressor"):
         found = [
-            row for n, c in all_estimators(kind) for row in method_rows(n, c)
+            row
+            for n, c in all_estimators(kind)
+            for row in method_rows(n, c)
             if wanted is None or n in wanted or row[0] in wanted or n == BASELINE[kind]
         ]
         found.sort(key=lambda row: (row[0] != BASELINE[kind], row[0]))  # MAP first
         methods_by_kind[kind] = found
     if wanted:
-        missing = wanted - {n for ms in methods_by_kind.values() for n, *_ in ms} - {
-            c.__name__ for ms in methods_by_kind.values() for _, c, _ in ms}
+        missing = (
+            wanted
+            - {n for ms in methods_by_kind.values() for n, *_ in ms}
+            - {c.__name__ for ms in methods_by_kind.values() for _, c, _ in ms}
+        )
         if missing:
             parser.error(f"no skuq estimator named {sorted(missing)}")
     os.makedirs(args.out_dir, exist_ok=True)
@@ -657,19 +748,26 @@ def main(argv=None) -> dict:
 
     agg = aggregate(runs)
     names = {k: [n for n, *_ in ms] for k, ms in methods_by_kind.items()}
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, " \
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"torch threads {args.threads})"
+    )
     header = (
         f"## skuq comparison ({profile} profile)\n\n"
         f"`{' '.join(['PYTHONPATH=. python benchmarks/compare.py', *(argv or sys.argv[1:])])}`\n\n"
         f"skuq {skuq.__version__}, torch {torch.__version__}, device: {dev}; "
         f"{n_seeds} seed(s), mean ± std over seeds; total wall time {total / 60:.1f} min.\n"
         "Every estimator at its default options; the net is trained once per task and seed "
-        "and shared (fit s includes that training), except: " + _own_net_note(methods_by_kind)
+        "and shared (fit s includes that training), except: "
+        + _own_net_note(methods_by_kind)
         + ". Peak MB: "
-        + ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-           "peak RSS increase, sampled (approximate lower bound)")
+        + (
+            "torch.cuda.max_memory_allocated"
+            if device.type == "cuda"
+            else "peak RSS increase, sampled (approximate lower bound)"
+        )
         + ". Times: wall clock (CPU time in the CSV). OOD scores: default "
         "predict_uncertainty (entropy / predictive std). "
         "NLL < MAP and AUROC > MAP compare means over seeds."

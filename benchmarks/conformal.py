@@ -68,13 +68,17 @@ def task_gap(seed, cfg):
     d = make_gap_regression(n_samples=2 * cfg["n"], random_state=seed)
     rng = np.random.RandomState(seed)
     order = rng.permutation(len(d.X))
-    tr, pool = order[: cfg["n"]], order[cfg["n"]:]
+    tr, pool = order[: cfg["n"]], order[cfg["n"] :]
     x = d.X_test[:, 0]
     shifted = ~((np.abs(x) <= 2) & ~d.in_gap)
     noise = 0.1 * np.random.RandomState(seed + 1000).randn(len(x))
     return Bunch(
-        X_train=d.X[tr], y_train=d.y[tr], X_pool=d.X[pool], y_pool=d.y[pool],
-        X_shift=d.X_test[shifted], y_shift=(d.y_test[shifted] + noise[shifted]).astype(np.float32),
+        X_train=d.X[tr],
+        y_train=d.y[tr],
+        X_pool=d.X[pool],
+        y_pool=d.y[pool],
+        X_shift=d.X_test[shifted],
+        y_shift=(d.y_test[shifted] + noise[shifted]).astype(np.float32),
         net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
     )
 
@@ -83,9 +87,13 @@ def load_task(name, seed, cfg):
     if name == "gap_regression":
         return task_gap(seed, cfg)
     d = TASKS[name][1](seed, cfg)
-    return Bunch(X_train=d.X_train, y_train=d.y_train,
-                 X_pool=np.concatenate([d.X_val, d.X_test]),
-                 y_pool=np.concatenate([d.y_val, d.y_test]), net=d.net)
+    return Bunch(
+        X_train=d.X_train,
+        y_train=d.y_train,
+        X_pool=np.concatenate([d.X_val, d.X_test]),
+        y_pool=np.concatenate([d.y_val, d.y_test]),
+        net=d.net,
+    )
 
 
 def _interval_stats(bounds, y):
@@ -105,59 +113,88 @@ def run_regression(name, d, seed, n_splits, cross, rows):
     n = len(d.X_pool)
     for _ in range(n_splits):
         perm = rng.permutation(n)
-        cal, test = perm[: n // 2], perm[n // 2:]
+        cal, test = perm[: n // 2], perm[n // 2 :]
         mean, std = est.predict(d.X_pool[test], return_std=True)
         y = d.y_pool[test]
-        rows.append(dict(task=name, seed=seed, mode="none", score="Laplace band",
-                         coverage=float(np.mean(np.abs(y - mean) <= Z90 * std)),
-                         size=float(np.mean(2 * Z90 * std))))
+        rows.append(
+            dict(
+                task=name,
+                seed=seed,
+                mode="none",
+                score="Laplace band",
+                coverage=float(np.mean(np.abs(y - mean) <= Z90 * std)),
+                size=float(np.mean(2 * Z90 * std)),
+            )
+        )
         for score in ("absolute", "posterior"):
-            cp = split_conformal(est, d.X_pool[cal], d.y_pool[cal], confidence_level=LEVEL,
-                                 score=score)
+            cp = split_conformal(
+                est, d.X_pool[cal], d.y_pool[cal], confidence_level=LEVEL, score=score
+            )
             cov, width = _interval_stats(cp.predict_interval(d.X_pool[test])[1], y)
             row = dict(task=name, seed=seed, mode="split", score=score, coverage=cov, size=width)
             if "X_shift" in d:
                 row["shift_coverage"], row["shift_size"] = _interval_stats(
-                    cp.predict_interval(d.X_shift)[1], d.y_shift)
+                    cp.predict_interval(d.X_shift)[1], d.y_shift
+                )
             rows.append(row)
     if cross:
         base = LaplaceRegressor(d.net, random_state=seed)
         for score in ("absolute", "posterior"):
-            cp = cross_conformal(base, d.X_train, d.y_train, confidence_level=LEVEL,
-                                 score=score, cv=5, random_state=seed)
+            cp = cross_conformal(
+                base,
+                d.X_train,
+                d.y_train,
+                confidence_level=LEVEL,
+                score=score,
+                cv=5,
+                random_state=seed,
+            )
             cov, width = _interval_stats(cp.predict_interval(d.X_pool)[1], d.y_pool)
-            rows.append(dict(task=name, seed=seed, mode="cross", score=score, coverage=cov,
-                             size=width))
+            rows.append(
+                dict(task=name, seed=seed, mode="cross", score=score, coverage=cov, size=width)
+            )
 
 
 def run_classification(name, d, seed, n_splits, cross, rows):
     est = LaplaceClassifier(d.net, random_state=seed).fit(d.X_train, d.y_train)
-    bare = MAPClassifier(FrozenEstimator(est.net_), random_state=seed).fit(
-        d.X_train, d.y_train)
+    bare = MAPClassifier(FrozenEstimator(est.net_), random_state=seed).fit(d.X_train, d.y_train)
     rng = np.random.RandomState(seed)
     n = len(d.X_pool)
-    variants = [("lac (MAP)", bare, "lac"), ("lac", est, "lac"), ("aps", est, "aps"),
-                ("posterior", est, "posterior")]
+    variants = [
+        ("lac (MAP)", bare, "lac"),
+        ("lac", est, "lac"),
+        ("aps", est, "aps"),
+        ("posterior", est, "posterior"),
+    ]
     if len(est.classes_) == 2:  # MAPIE takes only lac for two classes
         variants = [v for v in variants if v[2] != "aps"]
     for _ in range(n_splits):
         perm = rng.permutation(n)
-        cal, test = perm[: n // 2], perm[n // 2:]
+        cal, test = perm[: n // 2], perm[n // 2 :]
         for label, model, score in variants:
-            cp = split_conformal(model, d.X_pool[cal], d.y_pool[cal], confidence_level=LEVEL,
-                                 score=score)
-            cov, size = _set_stats(cp.predict_set(d.X_pool[test])[1], d.y_pool[test],
-                                   est.classes_)
-            rows.append(dict(task=name, seed=seed, mode="split", score=label, coverage=cov,
-                             size=size))
+            cp = split_conformal(
+                model, d.X_pool[cal], d.y_pool[cal], confidence_level=LEVEL, score=score
+            )
+            cov, size = _set_stats(cp.predict_set(d.X_pool[test])[1], d.y_pool[test], est.classes_)
+            rows.append(
+                dict(task=name, seed=seed, mode="split", score=label, coverage=cov, size=size)
+            )
     if cross:
         for label, score in (("lac", "lac"), ("posterior", "posterior")):
             base = LaplaceClassifier(d.net, random_state=seed)
-            cp = cross_conformal(base, d.X_train, d.y_train, confidence_level=LEVEL,
-                                 score=score, cv=5, random_state=seed)
+            cp = cross_conformal(
+                base,
+                d.X_train,
+                d.y_train,
+                confidence_level=LEVEL,
+                score=score,
+                cv=5,
+                random_state=seed,
+            )
             cov, size = _set_stats(cp.predict_set(d.X_pool)[1], d.y_pool, est.classes_)
-            rows.append(dict(task=name, seed=seed, mode="cross", score=label, coverage=cov,
-                             size=size))
+            rows.append(
+                dict(task=name, seed=seed, mode="cross", score=label, coverage=cov, size=size)
+            )
 
 
 def summarize(rows):
@@ -191,8 +228,11 @@ def markdown(summary, command, seconds):
         "|---|---|---|---|---|---|---|",
     ]
     for e in summary:
-        shift = ("| {:.3f} | {:.3f} |".format(e["shift_coverage"], e["shift_size"])
-                 if "shift_coverage" in e else "| | |")
+        shift = (
+            "| {:.3f} | {:.3f} |".format(e["shift_coverage"], e["shift_size"])
+            if "shift_coverage" in e
+            else "| | |"
+        )
         lines.append(
             f"| {e['task']} | {e['mode']} | {e['score']} | {e['coverage']:.3f} "
             f"({e['coverage_sd']:.3f}) | {e['size']:.3f} ({e['size_sd']:.3f}) {shift}"
@@ -203,8 +243,11 @@ def markdown(summary, command, seconds):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small nets, one seed, 2 splits")
-    parser.add_argument("--small", action="store_true",
-                        help="the small nets of --quick (one hidden layer of 32, 10-40 epochs)")
+    parser.add_argument(
+        "--small",
+        action="store_true",
+        help="the small nets of --quick (one hidden layer of 32, 10-40 epochs)",
+    )
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--splits", type=int, default=None, help="cal/test halves per seed")
     parser.add_argument("--tasks", default=",".join(TASKS))
@@ -229,7 +272,8 @@ def main(argv=None):
     seconds = time.perf_counter() - start
     summary = summarize(rows)
     command = "PYTHONPATH=. python benchmarks/conformal.py" + (
-        " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:]) if sys.argv[1:] else "")
+        " " + " ".join(argv) if argv else " " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""
+    )
     md = markdown(summary, command.strip(), seconds)
     print(md)
     stem = "conformal_quick" if args.quick else "conformal"

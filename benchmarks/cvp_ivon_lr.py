@@ -45,14 +45,14 @@ def inner_nll(task: str, seed: int, lrs, cfg: dict) -> dict:
     """
     data = getattr(compare, f"task_{task}")(seed, cfg)
     X_fit, X_held, y_fit, y_held = train_test_split(
-        data.X_train, data.y_train, test_size=0.25, random_state=100 + seed,
-        stratify=data.y_train)
+        data.X_train, data.y_train, test_size=0.25, random_state=100 + seed, stratify=data.y_train
+    )
     out = {}
     for lr in lrs:
-        est = CVPClassifier(clone(data.net), posterior="ivon", posterior__lr=lr,
-                            calibration=None, random_state=seed).fit(X_fit, y_fit)
-        out[lr] = negative_log_likelihood(y_held, est.predict_proba(X_held),
-                                          labels=est.classes_)
+        est = CVPClassifier(
+            clone(data.net), posterior="ivon", posterior__lr=lr, calibration=None, random_state=seed
+        ).fit(X_fit, y_fit)
+        out[lr] = negative_log_likelihood(y_held, est.predict_proba(X_held), labels=est.classes_)
     return out
 
 
@@ -63,7 +63,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", category=UserWarning)
-    tasks, seeds, lrs = ((("digits",), 1, (1.0, 0.2)) if args.quick else (TASKS, 3, LRS))
+    tasks, seeds, lrs = (("digits",), 1, (1.0, 0.2)) if args.quick else (TASKS, 3, LRS)
     cfgs = compare.PROFILES["quick" if args.quick else "cpu"]
     t0 = time.perf_counter()
     per_seed = {t: [inner_nll(t, s, lrs, cfgs[t]) for s in range(seeds)] for t in tasks}
@@ -73,25 +73,37 @@ def main(argv=None) -> dict:
     best = min(lrs, key=lambda lr: max(ratio[lr]))
     cmd = "PYTHONPATH=. python benchmarks/cvp_ivon_lr.py" + (" --quick" if args.quick else "")
     lines = [
-        "# CVP's IVON source: the learning rate, chosen on held-out training rows", "",
+        "# CVP's IVON source: the learning rate, chosen on held-out training rows",
+        "",
         f"`{cmd}`: the comparison's tasks (cpu profile), {seeds} seed(s); IVON trains on 75 % "
         "of each task's training rows, the uncalibrated predictive is scored on the other "
         f"25 % (never the validation or test rows); torch 1 thread; "
-        f"{time.perf_counter() - t0:.0f} s.", "",
+        f"{time.perf_counter() - t0:.0f} s.",
+        "",
         "| lr | " + " | ".join(f"{t} NLL (x best)" for t in tasks) + " | worst ratio |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
     for lr in lrs:
         cells = [f"{mean[t][lr]:.4f} ({r:.2f})" for t, r in zip(tasks, ratio[lr], strict=True)]
         lines.append(f"| {lr:g} | " + " | ".join(cells) + f" | {max(ratio[lr]):.2f} |")
-    lines += ["", f"Minimax choice of this run: lr = {best:g}; "
-              f"`skuq.cvp.ivon.IVON_DEFAULTS['lr']` is {IVON_DEFAULTS['lr']:g}."]
+    lines += [
+        "",
+        f"Minimax choice of this run: lr = {best:g}; "
+        f"`skuq.cvp.ivon.IVON_DEFAULTS['lr']` is {IVON_DEFAULTS['lr']:g}.",
+    ]
     table = "\n".join(lines) + "\n"
     print(table)
     stem = "cvp_ivon_lr_quick" if args.quick else "cvp_ivon_lr"
-    write_results(args.out_dir, stem, table, {
-        "command": cmd, "nll": {t: {str(lr): v for lr, v in per.items()} for t, per in nll.items()},
-        "choice": best})
+    write_results(
+        args.out_dir,
+        stem,
+        table,
+        {
+            "command": cmd,
+            "nll": {t: {str(lr): v for lr, v in per.items()} for t, per in nll.items()},
+            "choice": best,
+        },
+    )
     return {"nll": nll, "choice": best}
 
 

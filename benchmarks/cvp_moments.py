@@ -72,25 +72,51 @@ def _sig(x):
 
 ELEMENTWISE = {  # name: (rule, f, kinks, kind)
     "ReLU": (mom.relu_moments, lambda x: max(x, 0.0), (0.0,), "exact"),
-    "LeakyReLU(0.2)": (lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
-                       lambda x: x if x > 0 else 0.2 * x, (0.0,), "exact"),
-    "clamp(-1, 0.5)": (lambda m, v: mom.clamp_moments(m, v, -1.0, 0.5),
-                       lambda x: min(max(x, -1.0), 0.5), (-1.0, 0.5), "exact"),
-    "GELU": (mom.gelu_moments, lambda x: x * 0.5 * math.erfc(-x / math.sqrt(2)), (),
-             "exact mean; variance series (v <= 0.5) / closed form"),
-    "SiLU": (mom.silu_moments, lambda x: x * _sig(x), (),
-             "quadrature (v <= 0.5) / closed-form proxy + residual"),
+    "LeakyReLU(0.2)": (
+        lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
+        lambda x: x if x > 0 else 0.2 * x,
+        (0.0,),
+        "exact",
+    ),
+    "clamp(-1, 0.5)": (
+        lambda m, v: mom.clamp_moments(m, v, -1.0, 0.5),
+        lambda x: min(max(x, -1.0), 0.5),
+        (-1.0, 0.5),
+        "exact",
+    ),
+    "GELU": (
+        mom.gelu_moments,
+        lambda x: x * 0.5 * math.erfc(-x / math.sqrt(2)),
+        (),
+        "exact mean; variance series (v <= 0.5) / closed form",
+    ),
+    "SiLU": (
+        mom.silu_moments,
+        lambda x: x * _sig(x),
+        (),
+        "quadrature (v <= 0.5) / closed-form proxy + residual",
+    ),
     "sigmoid": (mom.sigmoid_moments, _sig, (), "quadrature / closed-form proxy + residual"),
     "tanh": (mom.tanh_moments, math.tanh, (), "as sigmoid"),
-    "Softplus": (lambda m, v: mom.quadrature_moments(F.softplus, m, v),
-                 lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))), (),
-                 "32-node Gauss-Hermite"),
-    "ELU": (lambda m, v: mom.quadrature_moments(F.elu, m, v),
-            lambda x: x if x > 0 else math.expm1(x), (0.0,), "32-node Gauss-Hermite"),
+    "Softplus": (
+        lambda m, v: mom.quadrature_moments(F.softplus, m, v),
+        lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
+        (),
+        "32-node Gauss-Hermite",
+    ),
+    "ELU": (
+        lambda m, v: mom.quadrature_moments(F.elu, m, v),
+        lambda x: x if x > 0 else math.expm1(x),
+        (0.0,),
+        "32-node Gauss-Hermite",
+    ),
 }
 MUS = (-5.0, -3.0, -1.0, -0.3, 0.0, 0.5, 2.0, 4.0)
-VAR_BANDS = {"v <= 0.5": (1e-6, 1e-3, 0.1, 0.5), "0.5 < v <= 4": (0.6, 1.0, 4.0),
-             "v > 4": (25.0, 100.0, 1e4)}
+VAR_BANDS = {
+    "v <= 0.5": (1e-6, 1e-3, 0.1, 0.5),
+    "0.5 < v <= 4": (0.6, 1.0, 4.0),
+    "v > 4": (25.0, 100.0, 1e4),
+}
 
 
 def elementwise_table():
@@ -125,11 +151,16 @@ def _mc_layer(model, x_mean, x_var, variances, n, seed=0, chunk=20_000):
     acc = acc2 = 0
     with torch.no_grad():
         for _ in range(n // chunk):
-            p = {k: t + variances[k].sqrt() * torch.randn(chunk, *t.shape, generator=g,
-                                                          dtype=t.dtype)
-                 if k in variances else t.expand(chunk, *t.shape) for k, t in params.items()}
-            x = x_mean[0] + x_var[0].sqrt() * torch.randn(chunk, *x_mean.shape[1:],
-                                                          generator=g, dtype=x_mean.dtype)
+            p = {
+                k: t
+                + variances[k].sqrt() * torch.randn(chunk, *t.shape, generator=g, dtype=t.dtype)
+                if k in variances
+                else t.expand(chunk, *t.shape)
+                for k, t in params.items()
+            }
+            x = x_mean[0] + x_var[0].sqrt() * torch.randn(
+                chunk, *x_mean.shape[1:], generator=g, dtype=x_mean.dtype
+            )
             y = run(p, x)
             acc, acc2 = acc + y.sum(0), acc2 + (y * y).sum(0)
     mean = acc / (n // chunk * chunk)
@@ -159,22 +190,40 @@ def _layer_cases():
     spread = (0.1, 2.0)
     return {  # name: (module, input shape, input variance spread, kind)
         "Linear": (nn.Linear(16, 8), (16,), spread, "exact under independence"),
-        "Conv2d (3x3, padding 1)": (nn.Conv2d(2, 3, 3, padding=1), (2, 5, 5), spread,
-                                    "exact under independence"),
+        "Conv2d (3x3, padding 1)": (
+            nn.Conv2d(2, 3, 3, padding=1),
+            (2, 5, 5),
+            spread,
+            "exact under independence",
+        ),
         "BatchNorm2d (eval)": (bn, (3, 2, 2), spread, "exact"),
         "AvgPool2d(2)": (nn.AvgPool2d(2), (2, 4, 4), spread, "exact under independence"),
-        "MaxPool2d(2)": (nn.MaxPool2d(2), (2, 4, 4), spread,
-                         "approximate (Clark folded over the window)"),
+        "MaxPool2d(2)": (
+            nn.MaxPool2d(2),
+            (2, 4, 4),
+            spread,
+            "approximate (Clark folded over the window)",
+        ),
         "LayerNorm (D = 64)": (ln, (64,), spread, "approximate (expected statistic)"),
         "RMSNorm (D = 64)": (rms, (64,), spread, "approximate (expected statistic)"),
         "Conv2d -> global average pool (weights random)": (
             nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1)),
-            (2, 6, 6), (1e-12, 1e-11), "exact under independence (pooled rule)"),
+            (2, 6, 6),
+            (1e-12, 1e-11),
+            "exact under independence (pooled rule)",
+        ),
         "Conv2d -> ReLU -> global average pool (weights random)": (
             nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)),
-            (2, 6, 6), (1e-12, 1e-11), "approximate (pooled rule, Hermite series)"),
+            (2, 6, 6),
+            (1e-12, 1e-11),
+            "approximate (pooled rule, Hermite series)",
+        ),
         "per-token Linear -> ReLU -> mean over 16 tokens (weights random)": (
-            _TokenMLP(), (16, 8), (1e-12, 1e-11), "approximate (pooled rule, Hermite series)"),
+            _TokenMLP(),
+            (16, 8),
+            (1e-12, 1e-11),
+            "approximate (pooled rule, Hermite series)",
+        ),
     }
 
 
@@ -187,17 +236,24 @@ def layer_table(n_draws):
         if "pool" in name or "token" in name:
             x_mean = x_mean.abs() + 0.5  # post-ReLU-like inputs
         lo, hi = math.log(spread[0]), math.log(spread[1])
-        x_var = torch.exp(lo + (hi - lo) * torch.rand(1, *shape, generator=g,
-                                                      dtype=torch.float64))
-        variances = {n: 0.05 * torch.rand(p.shape, generator=g, dtype=p.dtype)
-                     for n, p in m.named_parameters()}
+        x_var = torch.exp(lo + (hi - lo) * torch.rand(1, *shape, generator=g, dtype=torch.float64))
+        variances = {
+            n: 0.05 * torch.rand(p.shape, generator=g, dtype=p.dtype)
+            for n, p in m.named_parameters()
+        }
         with torch.no_grad():
             out = MomentPropagator(m, variances)(Moments(x_mean, x_var))
         mc_mean, mc_var = _mc_layer(m, x_mean, x_var, variances, n_draws)
         rel = ((out.var[0] - mc_var).abs() / mc_var).flatten()
-        rows.append({"layer": name, "kind": kind,
-                     "ratio": float(out.var[0].mean() / mc_var.mean()),
-                     "median": float(rel.median()), "max": float(rel.max())})
+        rows.append(
+            {
+                "layer": name,
+                "kind": kind,
+                "ratio": float(out.var[0].mean() / mc_var.mean()),
+                "median": float(rel.median()),
+                "max": float(rel.max()),
+            }
+        )
     return rows
 
 
@@ -236,12 +292,16 @@ class _Encoder(nn.Module):
 
 
 def _mlp(n_outputs=5):
-    return nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(),
-                         nn.Linear(64, n_outputs))
+    return nn.Sequential(
+        nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, n_outputs)
+    )
 
 
-NETS = {"MLP": (_mlp, 60), "CNN (global average pool)": (_GapCNN, 60),
-        "Transformer (mean pool)": (_Encoder, 80)}
+NETS = {
+    "MLP": (_mlp, 60),
+    "CNN (global average pool)": (_GapCNN, 60),
+    "Transformer (mean pool)": (_Encoder, 80),
+}
 
 
 def _train(model, X, y, epochs, seed):
@@ -251,7 +311,7 @@ def _train(model, X, y, epochs, seed):
     for _ in range(epochs):
         perm = torch.randperm(len(X))
         for i in range(0, len(X), 64):
-            idx = perm[i: i + 64]
+            idx = perm[i : i + 64]
             opt.zero_grad()
             F.cross_entropy(model(X[idx]), y[idx]).backward()
             opt.step()
@@ -281,8 +341,10 @@ def _mc_logits(model, variances, x, noise, tau=1.0):
     outs = []
     with torch.no_grad():
         for eps in noise:
-            p = {k: t + (tau * variances[k]).sqrt() * eps[k] if k in variances else t
-                 for k, t in params.items()}
+            p = {
+                k: t + (tau * variances[k]).sqrt() * eps[k] if k in variances else t
+                for k, t in params.items()
+            }
             outs.append(functional_call(model, p, (x,)).double())
     return torch.stack(outs)
 
@@ -312,8 +374,9 @@ def source_table(n_draws, n_tau_draws, seed=0, quick=False):
         model = _train(make(), X, y, 5 if quick else epochs, seed)
         with torch.no_grad():
             acc = float((model(X_ev).argmax(1) == y_ev).float().mean())
-        post = laplace_diag_posterior(model, model, d.X_train, d.y_train, device="cpu",
-                                      batch_size=256).variances
+        post = laplace_diag_posterior(
+            model, model, d.X_train, d.y_train, device="cpu", batch_size=256
+        ).variances
         sources = _sources(model, MomentPropagator(model, post))
         for src, pnames in [*sources.items(), ("all", [n for n, _ in model.named_parameters()])]:
             base = {n: post[n] for n in pnames}
@@ -326,29 +389,38 @@ def source_table(n_draws, n_tau_draws, seed=0, quick=False):
                 out = prop(X_ev)
             samples = _mc_logits(model, var, X_ev, _noise(model, pnames, n_draws, seed + 1))
             mc_var = samples.var(0)
-            halves = [samples[: n_draws // 2].var(0).mean(), samples[n_draws // 2:].var(0).mean()]
+            halves = [samples[: n_draws // 2].var(0).mean(), samples[n_draws // 2 :].var(0).mean()]
             ratio = float(out.var.mean() / mc_var.mean())
             spread = [float(out.var.mean() / h) for h in halves]
             scales = fit_layer_scales(prop, [(X_cal, y_cal)], "per_layer")
             with torch.no_grad():
                 cal = prop(X_ev, layer_scales=scales)
-            rows.append({
-                "net": net_name, "source": src, "accuracy": acc,
-                "n_params": int(sum(post[n].numel() for n in pnames)), "tau": tau,
-                "ratio": ratio, "ratio_halves": spread,
-                "median_entry_ratio": float((out.var / mc_var).median()),
-                "scales": scales,
-                "ratio_calibrated": float(cal.var.mean() / mc_var.mean()),
-                "nll_mc": _nll_mc(samples, y_ev),
-                "nll_cvp": float(probit_nll(out.mean.double(), out.var.double(), y_ev)),
-                "nll_cvp_calibrated": float(probit_nll(cal.mean.double(), cal.var.double(),
-                                                       y_ev)),
-            })
+            rows.append(
+                {
+                    "net": net_name,
+                    "source": src,
+                    "accuracy": acc,
+                    "n_params": int(sum(post[n].numel() for n in pnames)),
+                    "tau": tau,
+                    "ratio": ratio,
+                    "ratio_halves": spread,
+                    "median_entry_ratio": float((out.var / mc_var).median()),
+                    "scales": scales,
+                    "ratio_calibrated": float(cal.var.mean() / mc_var.mean()),
+                    "nll_mc": _nll_mc(samples, y_ev),
+                    "nll_cvp": float(probit_nll(out.mean.double(), out.var.double(), y_ev)),
+                    "nll_cvp_calibrated": float(
+                        probit_nll(cal.mean.double(), cal.var.double(), y_ev)
+                    ),
+                }
+            )
             r = rows[-1]
-            print(f"  {net_name:26s} {src:6s} tau {tau:.3g} ratio {ratio:.3f} ({spread[0]:.3f}-"
-                  f"{spread[1]:.3f}) calibrated {r['ratio_calibrated']:.3f} NLL MC "
-                  f"{r['nll_mc']:.4f} CVP {r['nll_cvp']:.4f} cal {r['nll_cvp_calibrated']:.4f}",
-                  flush=True)
+            print(
+                f"  {net_name:26s} {src:6s} tau {tau:.3g} ratio {ratio:.3f} ({spread[0]:.3f}-"
+                f"{spread[1]:.3f}) calibrated {r['ratio_calibrated']:.3f} NLL MC "
+                f"{r['nll_mc']:.4f} CVP {r['nll_cvp']:.4f} cal {r['nll_cvp_calibrated']:.4f}",
+                flush=True,
+            )
     return rows
 
 
@@ -368,37 +440,64 @@ def calibration_rows_table(seed=0, quick=False):
     X_val, y_val = d.X_test[:half], d.y_test[:half]
     X_ev, y_ev = d.X_test[half:], d.y_test[half:]
     rows = []
-    for net_name, (make, epochs) in (("MLP", NETS["MLP"]),
-                                     ("CNN (global average pool)",
-                                      NETS["CNN (global average pool)"])):
+    for net_name, (make, epochs) in (
+        ("MLP", NETS["MLP"]),
+        ("CNN (global average pool)", NETS["CNN (global average pool)"]),
+    ):
         torch.manual_seed(seed)
-        net = NeuralNetClassifier(make, criterion=nn.CrossEntropyLoss,
-                                  optimizer=torch.optim.Adam, lr=3e-3,
-                                  optimizer__weight_decay=1e-4, batch_size=64,
-                                  max_epochs=5 if quick else epochs, train_split=None,
-                                  verbose=0).fit(d.X_train, d.y_train)
+        net = NeuralNetClassifier(
+            make,
+            criterion=nn.CrossEntropyLoss,
+            optimizer=torch.optim.Adam,
+            lr=3e-3,
+            optimizer__weight_decay=1e-4,
+            batch_size=64,
+            max_epochs=5 if quick else epochs,
+            train_split=None,
+            verbose=0,
+        ).fit(d.X_train, d.y_train)
         variants = {
             "posterior and scales on the training rows (before)": (
-                d.X_train, d.y_train, dict(X_cal=d.X_train, y_cal=d.y_train)),
+                d.X_train,
+                d.y_train,
+                dict(X_cal=d.X_train, y_cal=d.y_train),
+            ),
             "posterior and scales on held-out rows (before, X = held-out)": (
-                X_val, y_val, dict(X_cal=X_val, y_cal=y_val)),
+                X_val,
+                y_val,
+                dict(X_cal=X_val, y_cal=y_val),
+            ),
             "default now: split of the training rows (80 % posterior, 20 % scales)": (
-                d.X_train, d.y_train, {}),
+                d.X_train,
+                d.y_train,
+                {},
+            ),
             "posterior on the training rows, scales on held-out X_cal": (
-                d.X_train, d.y_train, dict(X_cal=X_val, y_cal=y_val)),
+                d.X_train,
+                d.y_train,
+                dict(X_cal=X_val, y_cal=y_val),
+            ),
         }
         for name, (Xf, yf, kw) in variants.items():
             est = CVPClassifier(FrozenEstimator(net), random_state=seed).fit(Xf, yf, **kw)
             p = est.predict_proba(X_ev)
             u_in = entropy(torch.as_tensor(p)).numpy()
             u_out = entropy(torch.as_tensor(est.predict_proba(d.X_ood))).numpy()
-            rows.append({"net": net_name, "variant": name,
-                         "nll": negative_log_likelihood(y_ev, p),
-                         "ece": expected_calibration_error(y_ev, p),
-                         "ood_auroc": ood_auroc(u_in, u_out),
-                         "scales": est.layer_scales_})
-            print(f"  {net_name:26s} {name:70s} NLL {rows[-1]['nll']:.4f} ECE "
-                  f"{rows[-1]['ece']:.4f} AUROC {rows[-1]['ood_auroc']:.3f}", flush=True)
+            rows.append(
+                {
+                    "net": net_name,
+                    "variant": name,
+                    "nll": negative_log_likelihood(y_ev, p),
+                    "ece": expected_calibration_error(y_ev, p),
+                    "ood_auroc": ood_auroc(u_in, u_out),
+                    "scales": est.layer_scales_,
+                }
+            )
+            print(
+                f"  {net_name:26s} {name:70s} NLL {rows[-1]['nll']:.4f} ECE "
+                f"{rows[-1]['ece']:.4f} AUROC {rows[-1]['ood_auroc']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -408,59 +507,88 @@ def _fmt(x):
 
 
 def markdown(res) -> str:
-    lines = ["# CVP: how right are the moments", "",
-             f"`PYTHONPATH=. python benchmarks/cvp_moments.py` ({res['seconds']:.0f} s, "
-             f"torch {torch.__version__}, {res['threads']} thread(s)).", "",
-             "## Elementwise rules against adaptive quadrature", "",
-             "Worst error over input means " + ", ".join(f"{m:g}" for m in MUS)
-             + ": mean relative to the output RMS / variance relative (where it is above "
-             "1e-7 of the input variance).", "",
-             "| rule | how | " + " | ".join(VAR_BANDS) + " |",
-             "|---|---|" + "---|" * len(VAR_BANDS)]
+    lines = [
+        "# CVP: how right are the moments",
+        "",
+        f"`PYTHONPATH=. python benchmarks/cvp_moments.py` ({res['seconds']:.0f} s, "
+        f"torch {torch.__version__}, {res['threads']} thread(s)).",
+        "",
+        "## Elementwise rules against adaptive quadrature",
+        "",
+        "Worst error over input means "
+        + ", ".join(f"{m:g}" for m in MUS)
+        + ": mean relative to the output RMS / variance relative (where it is above "
+        "1e-7 of the input variance).",
+        "",
+        "| rule | how | " + " | ".join(VAR_BANDS) + " |",
+        "|---|---|" + "---|" * len(VAR_BANDS),
+    ]
     for r in res["elementwise"]:
         cells = [f"{_fmt(r[b][0])} / {_fmt(r[b][1])}" for b in VAR_BANDS]
         lines.append(f"| {r['rule']} | {r['kind']} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Layer rules against Monte Carlo ({res['layer_draws']:,} draws)", "",
-              "Random weights (variances up to 0.05) and, for the single layers, "
-              "independent random inputs; the pooled cases have a fixed input, so all "
-              "their variance comes from the shared weights. Ratio: CVP variance / MC "
-              "variance, averaged over the outputs; error: per output, relative.", "",
-              "| layer | kind | ratio | median error | worst error |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Layer rules against Monte Carlo ({res['layer_draws']:,} draws)",
+        "",
+        "Random weights (variances up to 0.05) and, for the single layers, "
+        "independent random inputs; the pooled cases have a fixed input, so all "
+        "their variance comes from the shared weights. Ratio: CVP variance / MC "
+        "variance, averaged over the outputs; error: per output, relative.",
+        "",
+        "| layer | kind | ratio | median error | worst error |",
+        "|---|---|---|---|---|",
+    ]
     for r in res["layers"]:
-        lines.append(f"| {r['layer']} | {r['kind']} | {r['ratio']:.3f} | {r['median']:.3f} "
-                     f"| {r['max']:.3f} |")
-    lines += ["", f"## Per-source variance ratios on trained nets ({res['draws']:,} weight "
-              "draws)", "",
-              "Diagonal Laplace posterior (GGN, marginal-likelihood prior) restricted to one "
-              "layer (`all`: every layer), times the temperature tau (grid 1e-3 to 10) that "
-              f"minimizes the NLL of the MC predictive ({res['tau_draws']} draws) on one half "
-              "of the test rows: MC at that posterior is the target. Ratio: CVP logit "
-              "variance / MC logit variance on the other half, averaged over rows and "
-              "classes (in brackets: against each half of the draws); calibrated: CVP with "
-              "its per-layer scales fitted on the first half.", "",
-              "| net | source | params | tau | ratio | median entry | scale | ratio calibrated "
-              "| NLL MC | NLL CVP | NLL CVP calibrated |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {r['layer']} | {r['kind']} | {r['ratio']:.3f} | {r['median']:.3f} "
+            f"| {r['max']:.3f} |"
+        )
+    lines += [
+        "",
+        f"## Per-source variance ratios on trained nets ({res['draws']:,} weight draws)",
+        "",
+        "Diagonal Laplace posterior (GGN, marginal-likelihood prior) restricted to one "
+        "layer (`all`: every layer), times the temperature tau (grid 1e-3 to 10) that "
+        f"minimizes the NLL of the MC predictive ({res['tau_draws']} draws) on one half "
+        "of the test rows: MC at that posterior is the target. Ratio: CVP logit "
+        "variance / MC logit variance on the other half, averaged over rows and "
+        "classes (in brackets: against each half of the draws); calibrated: CVP with "
+        "its per-layer scales fitted on the first half.",
+        "",
+        "| net | source | params | tau | ratio | median entry | scale | ratio calibrated "
+        "| NLL MC | NLL CVP | NLL CVP calibrated |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in res["sources"]:
         sc = ", ".join(f"{v:.2g}" for v in r["scales"].values())
         lines.append(
             f"| {r['net']} | {r['source']} | {r['n_params']} | {r['tau']:.2g} | {r['ratio']:.3f} "
             f"({r['ratio_halves'][0]:.3f}-{r['ratio_halves'][1]:.3f}) | "
             f"{r['median_entry_ratio']:.3f} | {sc} | {r['ratio_calibrated']:.3f} | "
-            f"{r['nll_mc']:.4f} | {r['nll_cvp']:.4f} | {r['nll_cvp_calibrated']:.4f} |")
-    lines += ["", "## Where a prefit net's calibration is fitted", "",
-              "`CVPClassifier(FrozenEstimator(net))`, default posterior (`laplace_diag`), "
-              "per-layer calibration; scored on the half of the test rows no variant "
-              "saw; OOD: digits 5-9 against it (entropy).", "",
-              "| net | posterior / scales fitted on | NLL | ECE | OOD AUROC | scales |",
-              "|---|---|---|---|---|---|"]
+            f"{r['nll_mc']:.4f} | {r['nll_cvp']:.4f} | {r['nll_cvp_calibrated']:.4f} |"
+        )
+    lines += [
+        "",
+        "## Where a prefit net's calibration is fitted",
+        "",
+        "`CVPClassifier(FrozenEstimator(net))`, default posterior (`laplace_diag`), "
+        "per-layer calibration; scored on the half of the test rows no variant "
+        "saw; OOD: digits 5-9 against it (entropy).",
+        "",
+        "| net | posterior / scales fitted on | NLL | ECE | OOD AUROC | scales |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in res["calibration_rows"]:
         sc = ", ".join(f"{v:.2g}" for v in r["scales"].values())
-        lines.append(f"| {r['net']} | {r['variant']} | {r['nll']:.4f} | {r['ece']:.4f} | "
-                     f"{r['ood_auroc']:.3f} | {sc} |")
+        lines.append(
+            f"| {r['net']} | {r['variant']} | {r['nll']:.4f} | {r['ece']:.4f} | "
+            f"{r['ood_auroc']:.3f} | {sc} |"
+        )
     accs = {r["net"]: r["accuracy"] for r in res["sources"]}
-    lines += ["", "Test accuracy of the nets: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in accs.items()) + "."]
+    lines += [
+        "",
+        "Test accuracy of the nets: " + ", ".join(f"{k} {v:.3f}" for k, v in accs.items()) + ".",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -481,16 +609,26 @@ def main():
     print("layer rules vs MC", flush=True)
     layers = layer_table(args.layer_draws)
     for r in layers:
-        print(f"  {r['layer']:50s} ratio {r['ratio']:.3f} median {r['median']:.3f} "
-              f"max {r['max']:.3f}", flush=True)
+        print(
+            f"  {r['layer']:50s} ratio {r['ratio']:.3f} median {r['median']:.3f} "
+            f"max {r['max']:.3f}",
+            flush=True,
+        )
     print("per-source ratios", flush=True)
     sources = source_table(args.draws, args.tau_draws, quick=args.quick)
     print("calibration rows of a prefit net", flush=True)
     cal_rows = calibration_rows_table(quick=args.quick)
-    res = {"elementwise": elementwise, "layers": layers, "sources": sources,
-           "calibration_rows": cal_rows, "tau_draws": args.tau_draws,
-           "draws": args.draws, "layer_draws": args.layer_draws,
-           "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+    res = {
+        "elementwise": elementwise,
+        "layers": layers,
+        "sources": sources,
+        "calibration_rows": cal_rows,
+        "tau_draws": args.tau_draws,
+        "draws": args.draws,
+        "layer_draws": args.layer_draws,
+        "threads": torch.get_num_threads(),
+        "seconds": time.perf_counter() - t0,
+    }
     out = args.out or (None if args.quick else RESULTS)
     if out is not None:
         write_results(out, "cvp_moments", markdown(res), res, json_default=float)

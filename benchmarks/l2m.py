@@ -34,11 +34,16 @@ from _common import RESULTS, classifier_net, timed, write_results  # noqa: E402
 METHODS = {
     "MAP (bare net)": None,
     "L2M (defaults)": lambda net: L2MClassifier(net, random_state=0),
-    "L2M, held-out prior": lambda net: L2MClassifier(net, prior_precision="heldout",
-                                                     random_state=0),
+    "L2M, held-out prior": lambda net: L2MClassifier(
+        net, prior_precision="heldout", random_state=0
+    ),
     "diag GGN Laplace, all weights, marglik": lambda net: LaplaceClassifier(
-        net, subset_of_weights="all", hessian_structure="diag", prior_precision="marglik",
-        random_state=0),
+        net,
+        subset_of_weights="all",
+        hessian_structure="diag",
+        prior_precision="marglik",
+        random_state=0,
+    ),
     "LaplaceClassifier (defaults)": lambda net: LaplaceClassifier(net, random_state=0),
 }
 
@@ -48,7 +53,8 @@ def run(seed: int, epochs: int) -> dict[str, dict]:
     torch.manual_seed(seed)
     net = classifier_net(MLP, dict(lr=1e-3, epochs=epochs), hidden=(64, 64))
     bare, train_s = timed(
-        lambda: MAPClassifier(net, random_state=seed, device="cpu").fit(d.X_train, d.y_train))
+        lambda: MAPClassifier(net, random_state=seed, device="cpu").fit(d.X_train, d.y_train)
+    )
     out = {}
     for label, make in METHODS.items():
         if make is None:
@@ -61,8 +67,7 @@ def run(seed: int, epochs: int) -> dict[str, dict]:
             "acc": float((est.classes_[p.argmax(1)] == d.y_test).mean()),
             "nll": negative_log_likelihood(d.y_test, p),
             "ece": expected_calibration_error(d.y_test, p),
-            "auroc": ood_auroc(est.predict_uncertainty(d.X_test),
-                               est.predict_uncertainty(d.X_ood)),
+            "auroc": ood_auroc(est.predict_uncertainty(d.X_test), est.predict_uncertainty(d.X_ood)),
             "fit_s": fit_s,
             "fit_over_train": fit_s / train_s,
             "train_s": train_s,
@@ -71,9 +76,12 @@ def run(seed: int, epochs: int) -> dict[str, dict]:
 
 
 def markdown(runs: list[dict], header: str) -> str:
-    lines = [header, "",
-             "| method | acc | NLL | ECE | OOD AUROC | posterior fit s | fit / training |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        "| method | acc | NLL | ECE | OOD AUROC | posterior fit s | fit / training |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label in METHODS:
         rows = [r[label] for r in runs]
 
@@ -104,14 +112,17 @@ def main(argv=None) -> dict:
     run(0, 1)  # warm-up: first calls (imports, autograd, L-BFGS set-up) are not timed
     runs = [run(seed, epochs) for seed in range(seeds)]
     cmd = "PYTHONPATH=. python benchmarks/l2m.py" + (" --quick" if args.quick else "")
-    header = (f"# L2M on the digits OOD split\n\n`{cmd}`: {seeds} seed(s), MLP 64-64-64-5, "
-              f"Adam lr 1e-3, batch 64, {epochs} epochs; CPU, torch 1 thread "
-              f"({platform.processor() or platform.machine()}). Mean ± std over seeds.")
+    header = (
+        f"# L2M on the digits OOD split\n\n`{cmd}`: {seeds} seed(s), MLP 64-64-64-5, "
+        f"Adam lr 1e-3, batch 64, {epochs} epochs; CPU, torch 1 thread "
+        f"({platform.processor() or platform.machine()}). Mean ± std over seeds."
+    )
     table = markdown(runs, header)
     print(table)
     stem = "l2m_quick" if args.quick else "l2m"
-    write_results(args.out_dir, stem, table,
-                  {"command": cmd, "seeds": seeds, "epochs": epochs, "runs": runs})
+    write_results(
+        args.out_dir, stem, table, {"command": cmd, "seeds": seeds, "epochs": epochs, "runs": runs}
+    )
     return {"runs": runs}
 
 

@@ -44,8 +44,13 @@ N_IN, N_OUT, N_TEST, BATCH = 64, 10, 500, 128
 
 def make_net(hidden: int) -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(N_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden),
-                         nn.ReLU(), nn.Linear(hidden, N_OUT))
+    return nn.Sequential(
+        nn.Linear(N_IN, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, N_OUT),
+    )
 
 
 def make_data(n: int, seed: int):
@@ -73,14 +78,26 @@ def child(hidden: int, n_train: int, threads: int) -> dict:
             opt.step()
     model.eval()
     P = sum(p.numel() for p in model.parameters())
-    out = dict(hidden=hidden, n_params=P, n_train=n_train, n_test=N_TEST, threads=threads,
-               covariance_mb=4 * P * P / 2**20,
-               planned_mb=full_memory_bytes(P) / 2**20,
-               available_mb_before=(available_memory("cpu") or 0) / 2**20,
-               loadavg_before=os.getloadavg()[0])
-    est = LaplaceClassifier(model, subset_of_weights="all", hessian_structure="full",
-                            prior_precision=1.0, pred_type="glm", link_approx="probit",
-                            batch_size=BATCH)
+    out = dict(
+        hidden=hidden,
+        n_params=P,
+        n_train=n_train,
+        n_test=N_TEST,
+        threads=threads,
+        covariance_mb=4 * P * P / 2**20,
+        planned_mb=full_memory_bytes(P) / 2**20,
+        available_mb_before=(available_memory("cpu") or 0) / 2**20,
+        loadavg_before=os.getloadavg()[0],
+    )
+    est = LaplaceClassifier(
+        model,
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=1.0,
+        pred_type="glm",
+        link_approx="probit",
+        batch_size=BATCH,
+    )
     phases = {}
 
     def run(name, fn):
@@ -100,8 +117,8 @@ def child(hidden: int, n_train: int, threads: int) -> dict:
         prior_precision=float(est.posterior_.prior_precision),
         nll=float(-np.log(np.clip(p[np.arange(N_TEST), y_test], 1e-12, None)).mean()),
         accuracy=float((p.argmax(1) == y_test).mean()),
-        peak_mb=phases, peak_over_covariance={k: v / out["covariance_mb"]
-                                              for k, v in phases.items()},
+        peak_mb=phases,
+        peak_over_covariance={k: v / out["covariance_mb"] for k, v in phases.items()},
         loadavg_after=os.getloadavg()[0],
     )
     return out
@@ -121,14 +138,19 @@ def main(argv=None) -> None:
     path = RESULTS / "laplace_all_full.json"
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    command = ("PYTHONPATH=. python benchmarks/laplace_all_full.py"
-               + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip())
+    command = (
+        "PYTHONPATH=. python benchmarks/laplace_all_full.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip()
+    )
     for h in [int(v) for v in args.hidden.split(",")]:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-               json.dumps([h, args.n_train, args.threads])]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            json.dumps([h, args.n_train, args.threads]),
+        ]
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, env=env,
-                                 timeout=args.timeout)
+            res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.timeout)
             if res.returncode != 0:
                 row = dict(hidden=h, error=res.stderr.strip().splitlines()[-1][:400])
             else:
@@ -160,8 +182,10 @@ def write(rows: list[dict]) -> None:
     ]
     for r in sorted(rows, key=lambda r: r.get("n_params", 0)):
         if "error" in r:
-            lines.append(f"| h={r['hidden']} | | | | {r['error'].replace('|', '/')} | | | | | "
-                         f"| | | `{r['command']}` |")
+            lines.append(
+                f"| h={r['hidden']} | | | | {r['error'].replace('|', '/')} | | | | | "
+                f"| | | `{r['command']}` |"
+            )
             continue
         pk, ratio = r["peak_mb"], r["peak_over_covariance"]
         lines.append(
@@ -170,7 +194,8 @@ def write(rows: list[dict]) -> None:
             f"{r['predict_s']:.1f} | {pk['fit']:.0f} / {pk['marglik']:.0f} / "
             f"{pk['predict']:.0f} | {ratio['fit']:.2f} / {ratio['marglik']:.2f} / "
             f"{ratio['predict']:.2f} | {r['covariance_mb']:.0f} | {r['prior_precision']:.3g} | "
-            f"{r['nll']:.4f} | `{r['command']}` |")
+            f"{r['nll']:.4f} | `{r['command']}` |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     write_results(RESULTS, "laplace_all_full", text, dict(rows=rows), json_end="\n")

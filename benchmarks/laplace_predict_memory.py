@@ -33,16 +33,24 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import RESULTS, hwm_bytes, reset_hwm, rss_bytes, write_results  # noqa: E402
 
-CONFIGS = [("all", "diag"), ("all", "kron"), ("all", "full"), ("all", "lowrank"),
-           ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full")]
+CONFIGS = [
+    ("all", "diag"),
+    ("all", "kron"),
+    ("all", "full"),
+    ("all", "lowrank"),
+    ("last_layer", "diag"),
+    ("last_layer", "kron"),
+    ("last_layer", "full"),
+]
 ROWS = [1_000, 10_000, 30_000, 100_000]
 N_TRAIN, N_IN, N_OUT, BATCH = 1_000, 8, 5, 256
 
 
 def make_net() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(N_IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
-                         nn.Linear(16, N_OUT))
+    return nn.Sequential(
+        nn.Linear(N_IN, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, N_OUT)
+    )
 
 
 def make_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -67,9 +75,16 @@ def child(subset: str, structure: str, rows: int) -> dict:
         opt.zero_grad()
         nn.functional.cross_entropy(model(Xt), yt).backward()
         opt.step()
-    est = LaplaceClassifier(model, subset_of_weights=subset, hessian_structure=structure,
-                            prior_precision=1.0, pred_type="glm", link_approx="probit",
-                            batch_size=BATCH, random_state=0)
+    est = LaplaceClassifier(
+        model,
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=1.0,
+        pred_type="glm",
+        link_approx="probit",
+        batch_size=BATCH,
+        random_state=0,
+    )
     est.fit(X, y)
     est.predict_proba(X[:BATCH])  # first-call code paths and caches, before the baseline
     X_pred, _ = make_data(rows, 1)
@@ -79,9 +94,15 @@ def child(subset: str, structure: str, rows: int) -> dict:
     proba = est.predict_proba(X_pred)
     seconds = time.perf_counter() - t
     peak = hwm_bytes()
-    return dict(subset=subset, structure=structure, rows=rows,
-                peak_mb=(peak - base) / 2**20, output_mb=proba.nbytes / 2**20,
-                predict_s=seconds, n_params=est.n_params_)
+    return dict(
+        subset=subset,
+        structure=structure,
+        rows=rows,
+        peak_mb=(peak - base) / 2**20,
+        output_mb=proba.nbytes / 2**20,
+        predict_s=seconds,
+        n_params=est.n_params_,
+    )
 
 
 def main(argv=None) -> None:
@@ -98,20 +119,34 @@ def main(argv=None) -> None:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     for subset, structure in CONFIGS:
         for n in rows:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
-                   json.dumps([subset, structure, n])]
+            cmd = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                json.dumps([subset, structure, n]),
+            ]
             res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             if res.returncode != 0:
-                out = dict(subset=subset, structure=structure, rows=n,
-                           error=res.stderr.strip().splitlines()[-1][:300])
+                out = dict(
+                    subset=subset,
+                    structure=structure,
+                    rows=n,
+                    error=res.stderr.strip().splitlines()[-1][:300],
+                )
             else:
                 out = json.loads(res.stdout.strip().splitlines()[-1])
             print(out, flush=True)
             results.append(out)
-    meta = dict(rows=rows, n_train=N_TRAIN, batch_size=BATCH, torch=torch.__version__,
-                python=platform.python_version(), total_s=time.perf_counter() - t0,
-                command="PYTHONPATH=. python benchmarks/laplace_predict_memory.py"
-                + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip())
+    meta = dict(
+        rows=rows,
+        n_train=N_TRAIN,
+        batch_size=BATCH,
+        torch=torch.__version__,
+        python=platform.python_version(),
+        total_s=time.perf_counter() - t0,
+        command="PYTHONPATH=. python benchmarks/laplace_predict_memory.py"
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+    )
     write(results, meta)
 
 
@@ -125,15 +160,19 @@ def write(results: list[dict], meta: dict) -> None:
         f"{meta['batch_size']} rows. *Peak MB*: the resident-set high-water mark (VmHWM) "
         "during prediction above the resident set before it, in a fresh process per cell; "
         "*out MB*: the returned probabilities themselves (part of the peak).\n",
-        "| subset / structure | " + " | ".join(f"{n:,} rows: peak MB (s)" for n in rows)
+        "| subset / structure | "
+        + " | ".join(f"{n:,} rows: peak MB (s)" for n in rows)
         + " | out MB at the most rows |",
         "|---|" + "---|" * (len(rows) + 1),
     ]
     for subset, structure in CONFIGS:
         cells, out_mb = [], ""
         for n in rows:
-            r = next(x for x in results if (x["subset"], x["structure"], x["rows"])
-                     == (subset, structure, n))
+            r = next(
+                x
+                for x in results
+                if (x["subset"], x["structure"], x["rows"]) == (subset, structure, n)
+            )
             if "error" in r:
                 cells.append("error: " + r["error"].replace("|", "/"))
                 continue
@@ -142,8 +181,9 @@ def write(results: list[dict], meta: dict) -> None:
         lines.append(f"| {subset} / {structure} | " + " | ".join(cells) + f" | {out_mb} |")
     text = "\n".join(lines) + "\n"
     print(text)
-    write_results(RESULTS, "laplace_predict_memory", text, dict(meta=meta, results=results),
-                  json_end="\n")
+    write_results(
+        RESULTS, "laplace_predict_memory", text, dict(meta=meta, results=results), json_end="\n"
+    )
 
 
 if __name__ == "__main__":

@@ -77,17 +77,21 @@ def sweep(task: str, seed: int, cfg: dict, grid: np.ndarray, log) -> dict:
     bare = MAPClassifier(clone(data.net), random_state=seed).fit(data.X_train, data.y_train)
     labels = bare.classes_
     base = {
-        "nll": negative_log_likelihood(data.y_test, bare.predict_proba(data.X_test),
-                                       labels=labels),
-        "auroc": ood_auroc(bare.predict_uncertainty(data.X_test),
-                           bare.predict_uncertainty(data.X_ood)),
+        "nll": negative_log_likelihood(data.y_test, bare.predict_proba(data.X_test), labels=labels),
+        "auroc": ood_auroc(
+            bare.predict_uncertainty(data.X_test), bare.predict_uncertainty(data.X_ood)
+        ),
     }
     out = {"bare": base, "structures": {}}
     for subset, structure in STRUCTURES:
         t = time.perf_counter()
-        est = LaplaceClassifier(FrozenEstimator(bare.net_), subset_of_weights=subset,
-                                hessian_structure=structure, prior_precision=1.0,
-                                random_state=seed).fit(data.X_train, data.y_train)
+        est = LaplaceClassifier(
+            FrozenEstimator(bare.net_),
+            subset_of_weights=subset,
+            hessian_structure=structure,
+            prior_precision=1.0,
+            random_state=seed,
+        ).fit(data.X_train, data.y_train)
         rows = []
         for delta in grid:
             est.posterior_.set_hyperparameters(prior_precision=float(delta))
@@ -118,38 +122,53 @@ def summarize(runs: dict) -> dict:
                     base, rows = run["bare"], run["structures"][key]
                     held = min(rows, key=lambda r: r["centered"]["val_nll"])
                     best = min(rows, key=lambda r: r[link]["nll"])
-                    both = [r["delta"] for r in rows
-                            if r[link]["nll"] < base["nll"] and r[link]["auroc"] > base["auroc"]]
-                    cells.append(dict(
-                        bare_nll=base["nll"], bare_auroc=base["auroc"],
-                        heldout_delta=held["delta"], best_nll=best[link]["nll"],
-                        best_nll_delta=best["delta"], auroc_at_best=best[link]["auroc"],
-                        max_auroc=max(r[link]["auroc"] for r in rows),
-                        n_both=len(both),
-                        # distance to the ground truth (MC), averaged over the grid
-                        nll_gap_to_mc=float(np.mean([abs(r[link]["nll"] - r["mc"]["nll"])
-                                                     for r in rows])),
-                        auroc_gap_to_mc=float(np.mean([abs(r[link]["auroc"] - r["mc"]["auroc"])
-                                                       for r in rows])),
-                    ))
+                    both = [
+                        r["delta"]
+                        for r in rows
+                        if r[link]["nll"] < base["nll"] and r[link]["auroc"] > base["auroc"]
+                    ]
+                    cells.append(
+                        dict(
+                            bare_nll=base["nll"],
+                            bare_auroc=base["auroc"],
+                            heldout_delta=held["delta"],
+                            best_nll=best[link]["nll"],
+                            best_nll_delta=best["delta"],
+                            auroc_at_best=best[link]["auroc"],
+                            max_auroc=max(r[link]["auroc"] for r in rows),
+                            n_both=len(both),
+                            # distance to the ground truth (MC), averaged over the grid
+                            nll_gap_to_mc=float(
+                                np.mean([abs(r[link]["nll"] - r["mc"]["nll"]) for r in rows])
+                            ),
+                            auroc_gap_to_mc=float(
+                                np.mean([abs(r[link]["auroc"] - r["mc"]["auroc"]) for r in rows])
+                            ),
+                        )
+                    )
                 summary[(task, key, link)] = cells
     return summary
 
 
 def markdown(summary: dict, grid: np.ndarray, header: str) -> str:
-    lines = [header, "",
-             f"Grid: {len(grid)} values of delta from {grid[0]:.0e} to {grid[-1]:.0e}. "
-             "Cells are means over seeds; 'seeds with a delta beating both' counts the seeds "
-             "where at least one grid value has test NLL below and OOD AUROC above the bare "
-             "net's; 'gap to MC' is the mean over the grid of |metric(link) - metric(MC)|.",
-             "",
-             "| task | structure | link | bare NLL | bare AUROC | held-out delta | best NLL "
-             "(delta) | AUROC there | max AUROC | seeds with a delta beating both "
-             "| NLL gap to MC | AUROC gap to MC |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        header,
+        "",
+        f"Grid: {len(grid)} values of delta from {grid[0]:.0e} to {grid[-1]:.0e}. "
+        "Cells are means over seeds; 'seeds with a delta beating both' counts the seeds "
+        "where at least one grid value has test NLL below and OOD AUROC above the bare "
+        "net's; 'gap to MC' is the mean over the grid of |metric(link) - metric(MC)|.",
+        "",
+        "| task | structure | link | bare NLL | bare AUROC | held-out delta | best NLL "
+        "(delta) | AUROC there | max AUROC | seeds with a delta beating both "
+        "| NLL gap to MC | AUROC gap to MC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for (task, key, link), cells in summary.items():
+
         def mean(name, cells=cells):
             return float(np.mean([c[name] for c in cells]))
+
         held = float(np.exp(np.mean([np.log(c["heldout_delta"]) for c in cells])))
         best_delta = float(np.exp(np.mean([np.log(c["best_nll_delta"]) for c in cells])))
         n_both = sum(c["n_both"] > 0 for c in cells)
@@ -163,8 +182,9 @@ def markdown(summary: dict, grid: np.ndarray, header: str) -> str:
 
 
 PROFILES = {
-    "full": dict(tasks={"digits": 3, "breast_cancer": 3, "wine": 3, "images": 2},
-                 grid=np.logspace(-3, 4, 15)),
+    "full": dict(
+        tasks={"digits": 3, "breast_cancer": 3, "wine": 3, "images": 2}, grid=np.logspace(-3, 4, 15)
+    ),
     "quick": dict(tasks={"digits": 1}, grid=np.logspace(-1, 3, 3)),
 }
 
@@ -180,10 +200,13 @@ def main(argv=None) -> dict:
     cfgs = compare.PROFILES["quick" if args.quick else "cpu"]
     grid = profile["grid"]
     t0 = time.perf_counter()
-    runs = {task: [sweep(task, seed, cfgs[task], grid, print) for seed in range(n_seeds)]
-            for task, n_seeds in profile["tasks"].items()}
+    runs = {
+        task: [sweep(task, seed, cfgs[task], grid, print) for seed in range(n_seeds)]
+        for task, n_seeds in profile["tasks"].items()
+    }
     cmd = "PYTHONPATH=. python benchmarks/laplace_prior_sweep.py" + (
-        " --quick" if args.quick else "")
+        " --quick" if args.quick else ""
+    )
     header = (
         "# Laplace over a grid of prior precisions: NLL and OOD AUROC against the bare net\n\n"
         f"`{cmd}`: the comparison's tasks and nets (cpu profile), torch 1 thread; "

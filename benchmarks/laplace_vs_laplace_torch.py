@@ -82,17 +82,25 @@ from _common import RESULTS, hwm_bytes, reset_hwm, rss_bytes, write_results  # n
 
 ROOT = Path(__file__).resolve().parents[1]
 LIBS = ("skuq", "laplace-torch")
-CONFIGS = [("all", "diag"), ("all", "kron"), ("all", "full"),
-           ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full")]
+CONFIGS = [
+    ("all", "diag"),
+    ("all", "kron"),
+    ("all", "full"),
+    ("last_layer", "diag"),
+    ("last_layer", "kron"),
+    ("last_layer", "full"),
+]
 #: laplace-torch forms a dense P x P GGN for "full" and factorizes it at every marglik step
 LT_FULL_MAX_PARAMS = 20_000
 PROFILES = {
     # the images task's rows, training epochs and batch size (both libraries); the seconds
     # of laplace-torch fit and of prediction before they stop and the rest is extrapolated
-    "full": dict(n_train=12_000, n_test=2_000, epochs=4, batch_size=32, fit_budget_s=120,
-                 predict_budget_s=30),
-    "quick": dict(n_train=1_000, n_test=100, epochs=6, batch_size=8, fit_budget_s=15,
-                  predict_budget_s=10),
+    "full": dict(
+        n_train=12_000, n_test=2_000, epochs=4, batch_size=32, fit_budget_s=120, predict_budget_s=30
+    ),
+    "quick": dict(
+        n_train=1_000, n_test=100, epochs=6, batch_size=8, fit_budget_s=15, predict_budget_s=10
+    ),
 }
 DIGITS_BATCH = 128
 #: the ``mlp`` task: training and test rows, batch size and epochs
@@ -112,15 +120,26 @@ NOISE = 2.0
 # --------------------------------------------------------------------- tasks
 def make_net(task: str) -> nn.Module:
     if task == "mlp":
-        return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
-                             nn.Linear(256, 10))
+        return nn.Sequential(
+            nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        )
     if task == "digits":
-        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                             nn.Linear(128, 5))
+        return nn.Sequential(
+            nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 5)
+        )
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-        nn.Linear(1568, 640), nn.ReLU(), nn.Linear(640, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(16, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(1568, 640),
+        nn.ReLU(),
+        nn.Linear(640, 128),
+        nn.ReLU(),
+        nn.Linear(128, 10),
     )
 
 
@@ -178,14 +197,21 @@ def train(task: str, data: str, epochs: int, path: str, device: torch.device) ->
     train_s = time.perf_counter() - t
     model.eval()
     with torch.no_grad():
-        proba = torch.cat([torch.softmax(model(torch.as_tensor(X_test[i : i + 256]).to(device)),
-                                         -1).cpu() for i in range(0, len(X_test), 256)])
+        proba = torch.cat(
+            [
+                torch.softmax(model(torch.as_tensor(X_test[i : i + 256]).to(device)), -1).cpu()
+                for i in range(0, len(X_test), 256)
+            ]
+        )
     proba = proba.double().numpy()
     torch.save(model.cpu().state_dict(), path)
     labels = np.unique(y)
     return dict(
-        n_params=sum(p.numel() for p in model.parameters()), n_train=len(X),
-        n_test=len(X_test), epochs=epochs, train_s=train_s,
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_train=len(X),
+        n_test=len(X_test),
+        epochs=epochs,
+        train_s=train_s,
         map_accuracy=float((proba.argmax(1) == y_test).mean()),
         map_nll=negative_log_likelihood(y_test, proba, labels=labels),
         map_ece=expected_calibration_error(y_test, proba, labels=labels),
@@ -238,8 +264,10 @@ class PeakMemory:
             rss = rss_bytes()
             self.peak = max(self.peak, rss)
             if rss > self.cap:
-                sys.stderr.write(f"MEMORY CAP: RSS {rss / 2**30:.1f} GB above the cap of "
-                                 f"{self.cap / 2**30:.1f} GB\n")
+                sys.stderr.write(
+                    f"MEMORY CAP: RSS {rss / 2**30:.1f} GB above the cap of "
+                    f"{self.cap / 2**30:.1f} GB\n"
+                )
                 sys.stderr.flush()
                 os._exit(3)
 
@@ -316,9 +344,13 @@ def child(spec: dict) -> dict:
     if spec["lib"] == "laplace-torch":
         from laplace import Laplace
 
-        loader = BudgetLoader(torch.utils.data.DataLoader(
-            torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y).long()),
-            batch_size=bs), spec["fit_budget_s"])
+        loader = BudgetLoader(
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(torch.as_tensor(X), torch.as_tensor(y).long()),
+                batch_size=bs,
+            ),
+            spec["fit_budget_s"],
+        )
         Xs = torch.as_tensor(X_test)
     else:
         from skuq import LaplaceClassifier
@@ -333,24 +365,39 @@ def child(spec: dict) -> dict:
     mem.start()
     t = time.perf_counter()
     if spec["lib"] == "skuq":
-        est = LaplaceClassifier(model, subset_of_weights=subset, hessian_structure=structure,
-                                prior_precision=1.0, pred_type="glm", link_approx="probit",
-                                batch_size=bs, device=str(device))
+        est = LaplaceClassifier(
+            model,
+            subset_of_weights=subset,
+            hessian_structure=structure,
+            prior_precision=1.0,
+            pred_type="glm",
+            link_approx="probit",
+            batch_size=bs,
+            device=str(device),
+        )
         est.fit(X, y)
         post = est.posterior_
     else:
-        la = Laplace(model, "classification", subset_of_weights=subset,
-                     hessian_structure=structure, prior_precision=1.0)
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights=subset,
+            hessian_structure=structure,
+            prior_precision=1.0,
+        )
         try:
             la.fit(loader)
         except FitBudgetExceeded as stop:
             done, elapsed = stop.args
-            return dict(error=f"fit stopped at the {spec['fit_budget_s']:.0f} s budget after "
-                              f"{done:,} of {len(X):,} rows ({elapsed:.0f} s): ~"
-                              f"{elapsed * len(X) / done / 60:.0f} min for all rows",
-                        fit_rows_done=done, fit_s_measured=elapsed,
-                        fit_s_extrapolated=elapsed * len(X) / done,
-                        peak_mb_fit=mem.stop())
+            return dict(
+                error=f"fit stopped at the {spec['fit_budget_s']:.0f} s budget after "
+                f"{done:,} of {len(X):,} rows ({elapsed:.0f} s): ~"
+                f"{elapsed * len(X) / done / 60:.0f} min for all rows",
+                fit_rows_done=done,
+                fit_s_measured=elapsed,
+                fit_s_extrapolated=elapsed * len(X) / done,
+                peak_mb_fit=mem.stop(),
+            )
     _sync(device)
     out["fit_s"] = time.perf_counter() - t
     mem.phase("fit")
@@ -507,11 +554,28 @@ def forward_floor(task: str, data: str, weights: str, bs: int, device: torch.dev
 
 def _git_state() -> str:
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
-                                "skuq", "benchmarks", ":(exclude)benchmarks/results"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                "skuq",
+                "benchmarks",
+                ":(exclude)benchmarks/results",
+            ],
+            cwd=ROOT,
+            text=True,
+            capture_output=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + (" (with uncommitted changes)" if dirty else "")
@@ -522,8 +586,10 @@ def skip_reason(lib: str, subset: str, structure: str, n_params: int, n_last: in
     p = n_params if subset == "all" else n_last
     if lib == "laplace-torch" and structure == "full" and p > LT_FULL_MAX_PARAMS:
         gb = p * p * 4 / 2**30
-        return (f"not run: a dense {p:,} x {p:,} GGN ({gb:,.1f} GB in float32), "
-                "factorized at each of its 100 marglik steps")
+        return (
+            f"not run: a dense {p:,} x {p:,} GGN ({gb:,.1f} GB in float32), "
+            "factorized at each of its 100 marglik steps"
+        )
     return None
 
 
@@ -539,24 +605,39 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch threads, both libraries")
     parser.add_argument("--tasks", default="digits,images")
-    parser.add_argument("--configs", default=None,
-                        help="subset:structure,... (default: all six)")
+    parser.add_argument("--configs", default=None, help="subset:structure,... (default: all six)")
     parser.add_argument("--n-train", type=int, help="images: training rows")
     parser.add_argument("--n-test", type=int, help="images: test rows")
     parser.add_argument("--batch-size", type=int, help="images: batch size of both libraries")
     parser.add_argument("--timeout", type=float, default=400, help="seconds per child")
-    parser.add_argument("--predict-budget", type=float, default=None,
-                        help="seconds of prediction per child; beyond, the time for all "
-                             "test rows is extrapolated from the rows done")
-    parser.add_argument("--fit-budget", type=float, default=None,
-                        help="seconds of laplace-torch fit per child; beyond, the fit stops "
-                             "and its time for all rows is extrapolated")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of a (library, config) whose run is shorter than "
-                             "--repeat-below seconds; the fastest is kept")
+    parser.add_argument(
+        "--predict-budget",
+        type=float,
+        default=None,
+        help="seconds of prediction per child; beyond, the time for all "
+        "test rows is extrapolated from the rows done",
+    )
+    parser.add_argument(
+        "--fit-budget",
+        type=float,
+        default=None,
+        help="seconds of laplace-torch fit per child; beyond, the fit stops "
+        "and its time for all rows is extrapolated",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs of a (library, config) whose run is shorter than "
+        "--repeat-below seconds; the fastest is kept",
+    )
     parser.add_argument("--repeat-below", type=float, default=20.0)
-    parser.add_argument("--mem-cap-gb", type=float, default=8.0,
-                        help="a child whose RSS passes this ends itself (CPU)")
+    parser.add_argument(
+        "--mem-cap-gb",
+        type=float,
+        default=8.0,
+        help="a child whose RSS passes this ends itself (CPU)",
+    )
     parser.add_argument("--out-name", default=None, help="results file stem")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -570,14 +651,19 @@ def main(argv=None) -> list[dict]:
     torch.set_num_threads(args.threads)
     profile_name = "quick" if args.quick else "full"
     profile = dict(PROFILES[profile_name])
-    for key, value in (("n_train", args.n_train), ("n_test", args.n_test),
-                       ("batch_size", args.batch_size), ("fit_budget_s", args.fit_budget),
-                       ("predict_budget_s", args.predict_budget)):
+    for key, value in (
+        ("n_train", args.n_train),
+        ("n_test", args.n_test),
+        ("batch_size", args.batch_size),
+        ("fit_budget_s", args.fit_budget),
+        ("predict_budget_s", args.predict_budget),
+    ):
         if value is not None:
             profile[key] = value
             profile_name += "+custom"
-    configs = CONFIGS if args.configs is None else [
-        tuple(c.split(":")) for c in args.configs.split(",")]
+    configs = (
+        CONFIGS if args.configs is None else [tuple(c.split(":")) for c in args.configs.split(",")]
+    )
     t_all = time.perf_counter()
     rows, tasks = [], {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -598,21 +684,31 @@ def main(argv=None) -> list[dict]:
                 row = dict(task=task, subset=subset, structure=structure)
                 specs, probas = {}, {}
                 for lib in LIBS:
-                    reason = skip_reason(lib, subset, structure, info["n_params"],
-                                         info["n_last_layer"])
+                    reason = skip_reason(
+                        lib, subset, structure, info["n_params"], info["n_last_layer"]
+                    )
                     if reason:
                         row[lib] = {"error": reason}
                         continue
-                    specs[lib] = dict(lib=lib, task=task, subset=subset, structure=structure,
-                                      data=data, weights=path,
-                                      proba=os.path.join(tmp, f"proba-{lib}.npy"),
-                                      batch_size=info["batch_size"], device=args.device,
-                                      threads=args.threads, delta=None,
-                                      mem_cap_gb=args.mem_cap_gb,
-                                      predict_budget_s=profile["predict_budget_s"],
-                                      fit_budget_s=profile["fit_budget_s"])
-                for lib, res in run_config(specs, args.timeout, args.repeats,
-                                           args.repeat_below).items():
+                    specs[lib] = dict(
+                        lib=lib,
+                        task=task,
+                        subset=subset,
+                        structure=structure,
+                        data=data,
+                        weights=path,
+                        proba=os.path.join(tmp, f"proba-{lib}.npy"),
+                        batch_size=info["batch_size"],
+                        device=args.device,
+                        threads=args.threads,
+                        delta=None,
+                        mem_cap_gb=args.mem_cap_gb,
+                        predict_budget_s=profile["predict_budget_s"],
+                        fit_budget_s=profile["fit_budget_s"],
+                    )
+                for lib, res in run_config(
+                    specs, args.timeout, args.repeats, args.repeat_below
+                ).items():
                     row[lib] = res
                     if "error" not in res:
                         probas[lib] = np.load(specs[lib]["proba"])
@@ -622,18 +718,29 @@ def main(argv=None) -> list[dict]:
                     print(task, subset, structure, lib, row[lib], flush=True)
                 rows.append(row)
     meta = dict(
-        device=args.device, threads=args.threads, profile=profile_name,
-        images=dict(profile, noise=NOISE), mem_cap_gb=args.mem_cap_gb, timeout_s=args.timeout,
-        repeats=args.repeats, repeat_below_s=args.repeat_below,
-        torch=torch.__version__, laplace_torch=_version("laplace-torch"),
-        cpu=_cpu_name(), python=platform.python_version(), tasks=tasks, git=_git_state(),
+        device=args.device,
+        threads=args.threads,
+        profile=profile_name,
+        images=dict(profile, noise=NOISE),
+        mem_cap_gb=args.mem_cap_gb,
+        timeout_s=args.timeout,
+        repeats=args.repeats,
+        repeat_below_s=args.repeat_below,
+        torch=torch.__version__,
+        laplace_torch=_version("laplace-torch"),
+        cpu=_cpu_name(),
+        python=platform.python_version(),
+        tasks=tasks,
+        git=_git_state(),
         total_s=time.perf_counter() - t_all,
         command="PYTHONPATH=. python benchmarks/laplace_vs_laplace_torch.py"
-                + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
+        + (" " + " ".join(argv if argv is not None else sys.argv[1:])).rstrip(),
     )
-    name = args.out_name or ("laplace_vs_laplace_torch"
-                             + ("_quick" if args.quick else "")
-                             + ("_cuda" if device.type == "cuda" else ""))
+    name = args.out_name or (
+        "laplace_vs_laplace_torch"
+        + ("_quick" if args.quick else "")
+        + ("_cuda" if device.type == "cuda" else "")
+    )
     write(rows, meta, name)
     return rows
 
@@ -666,12 +773,14 @@ def summarize(row: dict) -> dict:
     a = s["fit_s"] + s["predict_s"]
     b = lt["fit_s"] + lt["predict_s"]
     out = dict(
-        fit_predict_s=[a, b], speedup=b / a,
+        fit_predict_s=[a, b],
+        speedup=b / a,
         memory_ratio=s["peak_mb"] / max(lt["peak_mb"], 1e-9),
         nll_rel_diff=abs(s["nll"] - lt["nll"]) / max(lt["nll"], 1e-12),
     )
-    out["target_met"] = bool(out["speedup"] >= 2 and s["peak_mb"] <= lt["peak_mb"]
-                             and out["nll_rel_diff"] <= 0.01)
+    out["target_met"] = bool(
+        out["speedup"] >= 2 and s["peak_mb"] <= lt["peak_mb"] and out["nll_rel_diff"] <= 0.01
+    )
     return out
 
 
@@ -701,17 +810,21 @@ def table(rows: list[dict], task: str, n_test: int) -> str:
         if "error" not in s and "fit_s_extrapolated" in lt:
             a = s["fit_s"] + s["predict_s"]
             bound = lt["fit_s_extrapolated"] / a
-            r["summary"] = dict(speedup_at_least=bound, laplace_torch_fit_s_extrapolated=(
-                lt["fit_s_extrapolated"]))
+            r["summary"] = dict(
+                speedup_at_least=bound, laplace_torch_fit_s_extrapolated=(lt["fit_s_extrapolated"])
+            )
             met = bound >= 2 and s["peak_mb"] <= lt["peak_mb_fit"]
             lines.append(
                 f"| {name} | {s['fit_s']:.2f} / ~{lt['fit_s_extrapolated']:,.0f}§ | "
                 f"{_predict_cell(s)} / – | **≥ {bound:,.0f}×** | {s['marglik_s']:.2f} / – | "
                 f"{s['peak_mb']:.0f} / ≥ {lt['peak_mb_fit']:.0f} | {s['nll']:.4f} / – | "
                 f"{s['ece']:.4f} / – | {s['marglik_delta']:.3g} / – | "
-                f"{'met on time and memory; NLL not comparable' if met else 'missed'} |")
-            notes.append(f"§ {name}, l-t: {lt['error']}; the speed-up counts its fit alone, "
-                         "its peak memory is that of the rows done.")
+                f"{'met on time and memory; NLL not comparable' if met else 'missed'} |"
+            )
+            notes.append(
+                f"§ {name}, l-t: {lt['error']}; the speed-up counts its fit alone, "
+                "its peak memory is that of the rows done."
+            )
             continue
         if "error" in s or "error" in lt:
             cells = []
@@ -720,9 +833,11 @@ def table(rows: list[dict], task: str, n_test: int) -> str:
                 if "error" in res:
                     cells.append(f"{short}: {_error_cell(res['error'])}")
                 else:
-                    cells.append(f"{short}: fit {res['fit_s']:.2f} s, predict "
-                                 f"{_predict_cell(res)} s, {res['peak_mb']:.0f} MB, NLL "
-                                 f"{res['nll']:.4f}, marglik δ {res['marglik_delta']:.3g}")
+                    cells.append(
+                        f"{short}: fit {res['fit_s']:.2f} s, predict "
+                        f"{_predict_cell(res)} s, {res['peak_mb']:.0f} MB, NLL "
+                        f"{res['nll']:.4f}, marglik δ {res['marglik_delta']:.3g}"
+                    )
             lines.append(f"| {name} | {'; '.join(cells)} | | | | | | | | not comparable |")
             continue
         m = summarize(r)
@@ -736,16 +851,20 @@ def table(rows: list[dict], task: str, n_test: int) -> str:
             f"{lt['marglik_s']:.2f} | {s['peak_mb']:.0f} / {lt['peak_mb']:.0f} | "
             f"{nll} | {s['ece']:.4f} / {lt['ece']:.4f} | "
             f"{s['marglik_delta']:.3g} / {lt['marglik_delta']:.3g} | "
-            f"{'met' if m['target_met'] else 'missed'} |")
+            f"{'met' if m['target_met'] else 'missed'} |"
+        )
         for lib, short in (("skuq", "skuq"), ("laplace-torch", "l-t")):
             if "predict_s_measured" in r[lib]:
                 notes.append(
                     f"† {name}, {short}: {r[lib]['predict_rows']:,} of {n_test:,} test rows "
                     f"predicted in {r[lib]['predict_s_measured']:.1f} s (the time budget); "
-                    "the time shown is for all rows at that rate.")
+                    "the time shown is for all rows at that rate."
+                )
         if r["scored_rows"] < n_test:
-            notes.append(f"‡ {name}: NLL and ECE on the {r['scored_rows']:,} test rows both "
-                         "libraries predicted.")
+            notes.append(
+                f"‡ {name}: NLL and ECE on the {r['scored_rows']:,} test rows both "
+                "libraries predicted."
+            )
     return "\n".join(lines) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -774,9 +893,12 @@ def write(rows: list[dict], meta: dict, name: str) -> None:
     ]
     for task, info in meta["tasks"].items():
         title = TITLES[task]
-        data = ("the digits 0-4 of `load_digits_ood`" if task == "digits" else
-                f"`make_synthetic_images` (28x28, noise {meta['images']['noise']}"
-                + (", flattened)" if task == "mlp" else ")"))
+        data = (
+            "the digits 0-4 of `load_digits_ood`"
+            if task == "digits"
+            else f"`make_synthetic_images` (28x28, noise {meta['images']['noise']}"
+            + (", flattened)" if task == "mlp" else ")")
+        )
         parts.append(
             f"## {title}: {info['n_params']:,} weights, last layer {info['n_last_layer']:,}\n\n"
             f"{data}: {info['n_train']:,} training rows, {info['n_test']:,} test rows, batch "
@@ -786,8 +908,8 @@ def write(rows: list[dict], meta: dict, name: str) -> None:
             f"gradients takes {info['forward_train_s']:.3f} s over the training rows and "
             f"{info['forward_test_s']:.3f} s over the test rows: "
             f"{info['forward_train_s'] + info['forward_test_s']:.3f} s, the floor of any "
-            "last-layer fit + predict.\n\n"
-            + table(rows, task, info["n_test"]) + "\n")
+            "last-layer fit + predict.\n\n" + table(rows, task, info["n_test"]) + "\n"
+        )
     text = "\n".join(parts)
     print(text)
     write_results(RESULTS, name, text, dict(meta=meta, rows=rows), json_end="\n")

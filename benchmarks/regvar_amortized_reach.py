@@ -34,10 +34,14 @@ N, WD, LAM, BATCH = 200, 1e-2, 1e-2, 32
 
 def main() -> None:
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(N, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.3],
-                                                                            dtype=torch.float64)
-    y = X @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.5 + 0.3 * torch.randn(
-        N, generator=g, dtype=torch.float64)
+    X = torch.randn(N, 2, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.3], dtype=torch.float64
+    )
+    y = (
+        X @ torch.tensor([1.0, -2.0], dtype=torch.float64)
+        + 0.5
+        + 0.3 * torch.randn(N, generator=g, dtype=torch.float64)
+    )
     A = torch.cat([X, torch.ones(N, 1, dtype=torch.float64)], 1)
     H = 2 * A.T @ A + N * WD * torch.eye(3, dtype=torch.float64)
     theta = torch.linalg.solve(H, 2 * A.T @ y)  # the minimizer of R (mean loss: / N)
@@ -54,18 +58,41 @@ def main() -> None:
     rows = []
     for lr in (1e-3, 1e-2):
         for epochs in (1, 5, 20, 100):
+
             def adam(ps, lr=lr):
                 return torch.optim.Adam(ps, lr=lr, weight_decay=WD)
 
-            m_lam, m_0 = finetune_pair(model, X, y, mse, lam=LAM, optimizer=adam,
-                                       n_epochs=epochs, batch_size=BATCH, n_average=100,
-                                       generator=torch.Generator().manual_seed(0))
-            d = torch.cat([(a - b).reshape(-1) for a, b in
-                           zip(m_lam.parameters(), m_0.parameters(), strict=True)]) / LAM
+            m_lam, m_0 = finetune_pair(
+                model,
+                X,
+                y,
+                mse,
+                lam=LAM,
+                optimizer=adam,
+                n_epochs=epochs,
+                batch_size=BATCH,
+                n_average=100,
+                generator=torch.Generator().manual_seed(0),
+            )
+            d = (
+                torch.cat(
+                    [
+                        (a - b).reshape(-1)
+                        for a, b in zip(m_lam.parameters(), m_0.parameters(), strict=True)
+                    ]
+                )
+                / LAM
+            )
             drift = torch.cat([(p.reshape(-1)) for p in m_0.parameters()]) - theta
-            rows.append((lr, epochs, float(d.norm() / target.norm()),
-                         float(d @ target / (d.norm() * target.norm())),
-                         float(drift.norm() / (LAM * target.norm()))))
+            rows.append(
+                (
+                    lr,
+                    epochs,
+                    float(d.norm() / target.norm()),
+                    float(d @ target / (d.norm() * target.norm())),
+                    float(drift.norm() / (LAM * target.norm())),
+                )
+            )
     lines = [
         "# Amortized RegVar: how far a few Adam epochs get toward the perturbed optimum",
         "",

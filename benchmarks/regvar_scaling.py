@@ -53,17 +53,30 @@ SCALE_GRID = np.logspace(-4, 6, 41)
 SCALING = {
     "RegVar amortized": lambda net, p: RegVarClassifier(net, random_state=0),
     "K-FAC Laplace, all weights": lambda net, p: LaplaceClassifier(
-        net, subset_of_weights="all", hessian_structure="kron", prior_precision="marglik",
-        random_state=0),
-    "full Laplace, all weights": lambda net, p: None if p > FULL_MAX_PARAMS else LaplaceClassifier(
-        net, subset_of_weights="all", hessian_structure="full", prior_precision="marglik",
-        random_state=0),
+        net,
+        subset_of_weights="all",
+        hessian_structure="kron",
+        prior_precision="marglik",
+        random_state=0,
+    ),
+    "full Laplace, all weights": lambda net, p: (
+        None
+        if p > FULL_MAX_PARAMS
+        else LaplaceClassifier(
+            net,
+            subset_of_weights="all",
+            hessian_structure="full",
+            prior_precision="marglik",
+            random_state=0,
+        )
+    ),
 }
 
 
 def _net(hidden, epochs, weight_decay=1e-4):
-    return classifier_net(MLP, dict(lr=1e-3, epochs=epochs, weight_decay=weight_decay),
-                          hidden=hidden)
+    return classifier_net(
+        MLP, dict(lr=1e-3, epochs=epochs, weight_decay=weight_decay), hidden=hidden
+    )
 
 
 def scaling(widths, epochs, device) -> list[dict]:
@@ -71,8 +84,11 @@ def scaling(widths, epochs, device) -> list[dict]:
     X_pred = np.concatenate([d.X_test, d.X_ood])
     rows = []
     for w in widths:
-        bare, train_s = timed(lambda w=w: MAPClassifier(_net((w, w), epochs), random_state=0,
-                                                        device=device).fit(d.X_train, d.y_train))
+        bare, train_s = timed(
+            lambda w=w: MAPClassifier(_net((w, w), epochs), random_state=0, device=device).fit(
+                d.X_train, d.y_train
+            )
+        )
         n_params = sum(p.numel() for p in bare.model_.parameters())
         row = {"width": w, "n_params": n_params, "train_s": train_s}
         for label, make in SCALING.items():
@@ -84,9 +100,15 @@ def scaling(widths, epochs, device) -> list[dict]:
             _, fit_s = timed(lambda est=est: est.fit(d.X_train, d.y_train))
             _, pred_s = timed(lambda est=est: est.predict_proba(X_pred))
             row[label] = {"fit_s": fit_s, "predict_s": pred_s}
-        print(f"  width {w:5d}  P {n_params:9d}  train {train_s:6.2f}s  " + "  ".join(
-            f"{k.split(',')[0]}: fit {v['fit_s']:.2f}s pred {v['predict_s']:.2f}s"
-            for k, v in row.items() if isinstance(v, dict)), flush=True)
+        print(
+            f"  width {w:5d}  P {n_params:9d}  train {train_s:6.2f}s  "
+            + "  ".join(
+                f"{k.split(',')[0]}: fit {v['fit_s']:.2f}s pred {v['predict_s']:.2f}s"
+                for k, v in row.items()
+                if isinstance(v, dict)
+            ),
+            flush=True,
+        )
         rows.append(row)
     return rows
 
@@ -108,8 +130,10 @@ def _metrics(est, d) -> dict:
         "nll": negative_log_likelihood(d.y_test, p),
         "ece": expected_calibration_error(d.y_test, p),
         "auroc": ood_auroc(est.predict_uncertainty(d.X_test), est.predict_uncertainty(d.X_ood)),
-        "auroc_var": ood_auroc(est.predict_uncertainty(d.X_test, "variance"),
-                               est.predict_uncertainty(d.X_ood, "variance")),
+        "auroc_var": ood_auroc(
+            est.predict_uncertainty(d.X_test, "variance"),
+            est.predict_uncertainty(d.X_ood, "variance"),
+        ),
     }
 
 
@@ -127,49 +151,70 @@ def _heldout_scale(est, X_val, y_val) -> float:
 
 def quality(seed, epochs, device) -> dict:
     d = load_digits_ood()
-    X_tr, X_val, y_tr, y_val = train_test_split(d.X_train, d.y_train, test_size=0.2,
-                                                random_state=seed, stratify=d.y_train)
+    X_tr, X_val, y_tr, y_val = train_test_split(
+        d.X_train, d.y_train, test_size=0.2, random_state=seed, stratify=d.y_train
+    )
     bare = MAPClassifier(_net((64, 64), epochs), random_state=seed, device=device).fit(X_tr, y_tr)
     frozen = FrozenEstimator(bare.net_)
     out = {"MAP (bare net)": {**_metrics(bare, d), "fit_s": 0.0}}
-    rv, fit_s = timed(lambda: RegVarClassifier(frozen, random_state=seed, device=device)
-                      .fit(X_tr, y_tr))
+    rv, fit_s = timed(
+        lambda: RegVarClassifier(frozen, random_state=seed, device=device).fit(X_tr, y_tr)
+    )
     out["RegVar amortized (defaults)"] = {**_metrics(rv, d), "fit_s": fit_s}
     scale = _heldout_scale(rv, X_val, y_val)
-    out["RegVar amortized, held-out variance_scale"] = {**_metrics(rv, d), "fit_s": fit_s,
-                                                        "variance_scale": scale}
+    out["RegVar amortized, held-out variance_scale"] = {
+        **_metrics(rv, d),
+        "fit_s": fit_s,
+        "variance_scale": scale,
+    }
     for label, kw in {
         "Laplace (defaults: last layer, K-FAC, held-out prior)": {},
-        "K-FAC Laplace, all weights, marglik": dict(subset_of_weights="all",
-                                                    prior_precision="marglik"),
+        "K-FAC Laplace, all weights, marglik": dict(
+            subset_of_weights="all", prior_precision="marglik"
+        ),
     }.items():
-        est, fit_s = timed(lambda kw=kw: LaplaceClassifier(frozen, random_state=seed,
-                                                           device=device, **kw)
-                           .fit(X_tr, y_tr, **({} if kw else {"X_cal": X_val, "y_cal": y_val})))
+        est, fit_s = timed(
+            lambda kw=kw: LaplaceClassifier(frozen, random_state=seed, device=device, **kw).fit(
+                X_tr, y_tr, **({} if kw else {"X_cal": X_val, "y_cal": y_val})
+            )
+        )
         out[label] = {**_metrics(est, d), "fit_s": fit_s}
     return out
 
 
 def markdown(scal, runs, header) -> str:
-    lines = [header, "", "## Cost as the network grows", "",
-             "| width | weights P | train s | " + " | ".join(
-                 f"{k} fit s | {k} predict s" for k in SCALING) + " |",
-             "|---|---|---|" + "---|---|" * len(SCALING)]
+    lines = [
+        header,
+        "",
+        "## Cost as the network grows",
+        "",
+        "| width | weights P | train s | "
+        + " | ".join(f"{k} fit s | {k} predict s" for k in SCALING)
+        + " |",
+        "|---|---|---|" + "---|---|" * len(SCALING),
+    ]
     for r in scal:
         cells = []
         for k in SCALING:
             v = r[k]
             cells += ["n/a", "n/a"] if v is None else [f"{v['fit_s']:.2f}", f"{v['predict_s']:.2f}"]
-        lines.append(f"| {r['width']} | {r['n_params']:,} | {r['train_s']:.2f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r['width']} | {r['n_params']:,} | {r['train_s']:.2f} | " + " | ".join(cells) + " |"
+        )
     lines += ["", "Slope of log(fit time) on log(P) (1 = linear):", ""]
     for k in SCALING:
-        lines.append(f"- {k}: {slope(scal, k):.2f} over all sizes, "
-                     f"{slope(scal, k, largest=3):.2f} over the three largest")
+        lines.append(
+            f"- {k}: {slope(scal, k):.2f} over all sizes, "
+            f"{slope(scal, k, largest=3):.2f} over the three largest"
+        )
     lines.append(f"- training the net (reference): {_train_slope(scal):.2f} over all sizes")
-    lines += ["", "## Quality on the digits OOD split", "",
-              "| method | acc | NLL | ECE | OOD AUROC (entropy) | OOD AUROC (logit variance) "
-              "| fit s |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Quality on the digits OOD split",
+        "",
+        "| method | acc | NLL | ECE | OOD AUROC (entropy) | OOD AUROC (logit variance) | fit s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label in runs[0]:
         rows = [r[label] for r in runs]
 
@@ -177,9 +222,11 @@ def markdown(scal, runs, header) -> str:
             v = np.array([r[key] for r in rows])
             return f"{v.mean():{fmt}} ± {v.std():{fmt}}"
 
-        lines.append(f"| {label} | {cell('acc', '.3f')} | {cell('nll', '.3f')} | "
-                     f"{cell('ece', '.3f')} | {cell('auroc', '.3f')} | "
-                     f"{cell('auroc_var', '.3f')} | {cell('fit_s', '.2f')} |")
+        lines.append(
+            f"| {label} | {cell('acc', '.3f')} | {cell('nll', '.3f')} | "
+            f"{cell('ece', '.3f')} | {cell('auroc', '.3f')} | "
+            f"{cell('auroc_var', '.3f')} | {cell('fit_s', '.2f')} |"
+        )
     scales = [r["RegVar amortized, held-out variance_scale"]["variance_scale"] for r in runs]
     lines += ["", "Held-out variance_scale per seed: " + ", ".join(f"{s:.3g}" for s in scales)]
     return "\n".join(lines) + "\n"
@@ -197,22 +244,30 @@ def plot(scal, path) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, key, title in zip(axes, ("fit_s", "predict_s"), ("fit (post-hoc)", "predict_proba"),
-                              strict=True):
+    for ax, key, title in zip(
+        axes, ("fit_s", "predict_s"), ("fit (post-hoc)", "predict_proba"), strict=True
+    ):
         for k in SCALING:
             pts = [(r["n_params"], r[k][key]) for r in scal if r[k] is not None]
             if pts:
                 p, t = np.array(pts).T
-                lab = (f"{k} (slope {slope(scal, k, key):.2f} all, "
-                       f"{slope(scal, k, key, largest=3):.2f} largest 3)")
+                lab = (
+                    f"{k} (slope {slope(scal, k, key):.2f} all, "
+                    f"{slope(scal, k, key, largest=3):.2f} largest 3)"
+                )
                 ax.loglog(p, t, "o-", label=lab)
         p_all = np.array([r["n_params"] for r in scal], dtype=float)
         last = scal[-1]["RegVar amortized"][key]
         ax.loglog(p_all, last * p_all / p_all[-1], ":", color="grey", label="linear in P")
         if key == "fit_s":
             p = [r["n_params"] for r in scal]
-            ax.loglog(p, [r["train_s"] for r in scal], "k--", alpha=0.5,
-                      label=f"training the net (slope {_train_slope(scal):.2f})")
+            ax.loglog(
+                p,
+                [r["train_s"] for r in scal],
+                "k--",
+                alpha=0.5,
+                label=f"training the net (slope {_train_slope(scal):.2f})",
+            )
         ax.set_xlabel("weights P")
         ax.set_ylabel("seconds")
         ax.set_title(title)
@@ -225,16 +280,18 @@ def plot(scal, path) -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="4 small widths, 1 seed, 3 epochs (smoke run)")
+    parser.add_argument(
+        "--quick", action="store_true", help="4 small widths, 1 seed, 3 epochs (smoke run)"
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    widths, seeds, epochs = ((QUICK_WIDTHS, 1, 3) if args.quick
-                             else (WIDTHS, args.seeds, args.epochs))
+    widths, seeds, epochs = (
+        (QUICK_WIDTHS, 1, 3) if args.quick else (WIDTHS, args.seeds, args.epochs)
+    )
     scaling_epochs = 3 if args.quick else 10
     scaling((8,), 1, args.device)  # warm-up: first calls (imports, autograd) are not timed
     print("scaling:", flush=True)
@@ -242,19 +299,31 @@ def main(argv=None) -> dict:
     print("quality:", flush=True)
     runs = [quality(seed, epochs, args.device) for seed in range(seeds)]
     cmd = "PYTHONPATH=. python benchmarks/regvar_scaling.py" + (" --quick" if args.quick else "")
-    header = (f"# Amortized RegVar: scaling and quality\n\n`{cmd}`: device {args.device}, torch "
-              f"1 thread ({platform.processor() or platform.machine()}). Scaling: MLP 64-w-w-5, "
-              f"{scaling_epochs} training epochs per width, digits 0-4 training split "
-              f"({len(load_digits_ood().X_train)} rows), predict on test + OOD rows. Quality: "
-              f"{seeds} seed(s), MLP 64-64-64-5, {epochs} epochs, mean ± std over seeds.")
+    header = (
+        f"# Amortized RegVar: scaling and quality\n\n`{cmd}`: device {args.device}, torch "
+        f"1 thread ({platform.processor() or platform.machine()}). Scaling: MLP 64-w-w-5, "
+        f"{scaling_epochs} training epochs per width, digits 0-4 training split "
+        f"({len(load_digits_ood().X_train)} rows), predict on test + OOD rows. Quality: "
+        f"{seeds} seed(s), MLP 64-64-64-5, {epochs} epochs, mean ± std over seeds."
+    )
     table = markdown(scal, runs, header)
     print(table)
     stem = "regvar_scaling_quick" if args.quick else "regvar_scaling"
-    slopes = {k: {"all": slope(scal, k), "three_largest": slope(scal, k, largest=3)}
-              for k in SCALING}
-    write_results(args.out_dir, stem, table, {
-        "command": cmd, "device": args.device, "scaling": scal, "fit_time_slopes": slopes,
-        "quality": runs})
+    slopes = {
+        k: {"all": slope(scal, k), "three_largest": slope(scal, k, largest=3)} for k in SCALING
+    }
+    write_results(
+        args.out_dir,
+        stem,
+        table,
+        {
+            "command": cmd,
+            "device": args.device,
+            "scaling": scal,
+            "fit_time_slopes": slopes,
+            "quality": runs,
+        },
+    )
     png = args.out_dir / f"{stem}.png"
     try:
         plot(scal, png)

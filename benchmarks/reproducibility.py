@@ -49,12 +49,15 @@ def make_net(epochs: int):
 
 
 def run_estimators(d, epochs: int) -> dict[str, np.ndarray]:
-    ensemble = DeepEnsembleClassifier(make_net(epochs), n_estimators=4, n_jobs=2,
-                                      random_state=0).fit(d.X_train, d.y_train)
+    ensemble = DeepEnsembleClassifier(
+        make_net(epochs), n_estimators=4, n_jobs=2, random_state=0
+    ).fit(d.X_train, d.y_train)
     grid = GridSearchCV(
         LaplaceClassifier(make_net(epochs), random_state=0),
         {"estimator__lr": [1e-2, 3e-2], "prior_precision": ["heldout", "marglik"]},
-        cv=3, n_jobs=2, scoring="neg_log_loss",
+        cv=3,
+        n_jobs=2,
+        scoring="neg_log_loss",
     ).fit(d.X_train, d.y_train)
     return {
         "ensemble proba": ensemble.predict_proba(d.X_test),
@@ -78,9 +81,16 @@ def backend(name: str):
         from distributed import Client, LocalCluster
 
         threads = name == "dask threads"
-        with LocalCluster(n_workers=1 if threads else 2, threads_per_worker=2 if threads else 1,
-                          processes=True, dashboard_address=None) as cluster, \
-                Client(cluster), parallel_config(backend="dask"):
+        with (
+            LocalCluster(
+                n_workers=1 if threads else 2,
+                threads_per_worker=2 if threads else 1,
+                processes=True,
+                dashboard_address=None,
+            ) as cluster,
+            Client(cluster),
+            parallel_config(backend="dask"),
+        ):
             yield
     elif name == "ray":
         import ray
@@ -88,8 +98,12 @@ def backend(name: str):
 
         register_ray()
         path = os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")])
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": path}})
+        ray.init(
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"PYTHONPATH": path}},
+        )
         try:
             with parallel_config(backend="ray"):
                 yield
@@ -113,10 +127,19 @@ def available(name: str) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 epochs per net")
-    parser.add_argument("--backends", nargs="*", default=[
-        "serial", "loky", "threading", "threads preference", "dask processes",
-        "dask threads", "ray",
-    ])
+    parser.add_argument(
+        "--backends",
+        nargs="*",
+        default=[
+            "serial",
+            "loky",
+            "threading",
+            "threads preference",
+            "dask processes",
+            "dask threads",
+            "ray",
+        ],
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)  # workers of every backend run one torch thread each
     epochs = 2 if args.quick else 20
@@ -134,14 +157,18 @@ def main() -> None:
         with backend(name):
             out = run_estimators(d, epochs)
         seconds = time.perf_counter() - start
+        numpy_state = np.random.get_state()[1]  # noqa: NPY002
         untouched = torch.equal(torch.get_rng_state(), before[0]) and np.array_equal(
-            np.random.get_state()[1], before[1]  # noqa: NPY002
+            numpy_state, before[1]
         )
         if serial is None:
             serial = out
         diffs = [float(np.abs(out[k] - serial[k]).max()) for k in serial]
-        rows.append(f"| {name} | " + " | ".join(f"{v:.3g}" for v in diffs)
-                    + f" | {'yes' if untouched else 'no'} | {seconds:.0f} |")
+        rows.append(
+            f"| {name} | "
+            + " | ".join(f"{v:.3g}" for v in diffs)
+            + f" | {'yes' if untouched else 'no'} | {seconds:.0f} |"
+        )
         print(rows[-1], flush=True)
     header = (
         "| backend | ensemble max abs diff proba | grid search max abs diff mean CV score "

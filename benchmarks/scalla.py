@@ -102,8 +102,11 @@ class LiveTensorBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {id(t.untyped_storage()) for t in tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
+        inputs = {
+            id(t.untyped_storage())
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -129,16 +132,26 @@ def make_data(seed: int):
     rng = np.random.RandomState(seed)
     proxy = np.stack([row[rng.permutation(row.size)] for row in d.X_train]).astype(np.float32)
     return dict(
-        X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val, X_test=d.X_test,
-        y_test=d.y_test, X_ood_eval=d.X_ood[1::2], X_ood_context=d.X_ood[0::2], proxy=proxy,
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=d.X_test,
+        y_test=d.y_test,
+        X_ood_eval=d.X_ood[1::2],
+        X_ood_context=d.X_ood[0::2],
+        proxy=proxy,
     )
 
 
 def train_net(data, hidden, epochs, seed):
     torch.manual_seed(seed)
     net = classifier_net(MLP, dict(lr=1e-3, epochs=epochs), hidden=hidden)
-    return timed(lambda: MAPClassifier(net, random_state=seed, device="cpu")
-                 .fit(data["X_train"], data["y_train"]))
+    return timed(
+        lambda: MAPClassifier(net, random_state=seed, device="cpu").fit(
+            data["X_train"], data["y_train"]
+        )
+    )
 
 
 # ------------------------------------------------------------------- methods
@@ -155,12 +168,19 @@ class ELLAWrapper:
         from torch.utils.data import DataLoader, TensorDataset
 
         self.la = Laplace(
-            self.module, "classification", subset_of_weights="all", hessian_structure="gp",
-            functional_approximation="nystrom", subsample_size=self.m,
-            n_eigenvalues=self.k, prior_precision=self.prior_precision_, seed=self.seed,
+            self.module,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure="gp",
+            functional_approximation="nystrom",
+            subsample_size=self.m,
+            n_eigenvalues=self.k,
+            prior_precision=self.prior_precision_,
+            seed=self.seed,
         )
-        data_set = TensorDataset(torch.as_tensor(data["X_train"]),
-                                 torch.as_tensor(data["y_train"]).long())
+        data_set = TensorDataset(
+            torch.as_tensor(data["X_train"]), torch.as_tensor(data["y_train"]).long()
+        )
         # small batches: ELLA forms full Jacobians (batch x C x P) for the Nystrom basis
         self.la.fit(DataLoader(data_set, batch_size=16))
         return self
@@ -190,8 +210,12 @@ def methods(size: str, cfg: dict) -> dict:
     ``tau`` is the shared prior precision: the K-FAC (all weights) marginal
     likelihood value, fitted first.
     """
-    sc = dict(n_features=cfg["m"], surrogate__epochs=cfg["surrogate_epochs"],
-              n_probes=cfg["n_probes"], device="cpu")
+    sc = dict(
+        n_features=cfg["m"],
+        surrogate__epochs=cfg["surrogate_epochs"],
+        n_probes=cfg["n_probes"],
+        device="cpu",
+    )
 
     def laplace(**kw):
         return lambda net, s, tau: LaplaceClassifier(net, random_state=s, device="cpu", **kw)
@@ -200,19 +224,29 @@ def methods(size: str, cfg: dict) -> dict:
         def build(net, s, tau):
             pp = tau if prior == "shared" else prior
             return ScaLLAClassifier(net, prior_precision=pp, random_state=s, **sc)
+
         return build
 
     out = {
         "MAP (bare net)": (None, ""),
         "K-FAC Laplace, all weights (marglik)": (
-            laplace(subset_of_weights="all", prior_precision="marglik"), "tau"),
+            laplace(subset_of_weights="all", prior_precision="marglik"),
+            "tau",
+        ),
         "last-layer Laplace, K-FAC (marglik)": (laplace(prior_precision="marglik"), ""),
     }
     if size == "small":
         out["full Laplace, all weights (shared tau)"] = (
-            lambda net, s, tau: LaplaceClassifier(net, subset_of_weights="all",
-                                                  hessian_structure="full", prior_precision=tau,
-                                                  random_state=s, device="cpu"), "")
+            lambda net, s, tau: LaplaceClassifier(
+                net,
+                subset_of_weights="all",
+                hessian_structure="full",
+                prior_precision=tau,
+                random_state=s,
+                device="cpu",
+            ),
+            "",
+        )
     out["ELLA, laplace-torch (shared tau)"] = ("ella", "")
     out["ScaLLA (shared tau)"] = (scalla("shared"), "")
     out["ScaLLA + proxy context (shared tau)"] = (scalla("shared"), "proxy")
@@ -230,9 +264,12 @@ def evaluate(est, data, fit_s, mem, predict_s):
         "acc": float((pred == data["y_test"]).mean()),
         "nll": negative_log_likelihood(data["y_test"], p, labels=np.arange(5)),
         "ece": expected_calibration_error(data["y_test"], p, labels=np.arange(5)),
-        "auroc": ood_auroc(est.predict_uncertainty(data["X_test"]),
-                           est.predict_uncertainty(data["X_ood_eval"])),
-        "fit_s": fit_s, "predict_s": predict_s, "peak_mb": mem / 2**20,
+        "auroc": ood_auroc(
+            est.predict_uncertainty(data["X_test"]), est.predict_uncertainty(data["X_ood_eval"])
+        ),
+        "fit_s": fit_s,
+        "predict_s": predict_s,
+        "peak_mb": mem / 2**20,
         "prior_precision": float(np.mean(getattr(est, "prior_precision_", np.nan))),
     }
 
@@ -252,8 +289,9 @@ def run_size(size: str, cfg: dict, seed: int, log) -> dict:
             if build is None:
                 est = bare
             elif build == "ella":
-                est = ELLAWrapper(bare.net_.module_, cfg["ella_k"], cfg["ella_subsample"], tau,
-                                  seed).fit(data)
+                est = ELLAWrapper(
+                    bare.net_.module_, cfg["ella_k"], cfg["ella_subsample"], tau, seed
+                ).fit(data)
             else:
                 est = build(FrozenEstimator(bare.net_), seed, tau)
                 kw = {}
@@ -272,29 +310,67 @@ def run_size(size: str, cfg: dict, seed: int, log) -> dict:
             tau = float(est.prior_precision_)
         rows[label] = evaluate(est, data, fit_s, mem.peak, predict_s)
         r = rows[label]
-        log(f"[{size}] {label:42s} nll {r['nll']:.3f} ece {r['ece']:.3f} auroc {r['auroc']:.3f} "
-            f"fit {fit_s:.1f}s peak {r['peak_mb']:.1f}MB tau {r['prior_precision']:.3g}")
+        log(
+            f"[{size}] {label:42s} nll {r['nll']:.3f} ece {r['ece']:.3f} auroc {r['auroc']:.3f} "
+            f"fit {fit_s:.1f}s peak {r['peak_mb']:.1f}MB tau {r['prior_precision']:.3g}"
+        )
     return {"n_params": n_params, "train_s": train_s, "shared_tau": tau, "rows": rows}
 
 
 PROFILES = {
     "full": {
-        "small": dict(hidden=(32, 32), epochs=60, m=128, surrogate_epochs=50, n_probes=16,
-                      ella_k=64, ella_subsample=256),
-        "large": dict(hidden=(1024, 1024), epochs=20, m=128, surrogate_epochs=10, n_probes=8,
-                      ella_k=32, ella_subsample=128),
+        "small": dict(
+            hidden=(32, 32),
+            epochs=60,
+            m=128,
+            surrogate_epochs=50,
+            n_probes=16,
+            ella_k=64,
+            ella_subsample=256,
+        ),
+        "large": dict(
+            hidden=(1024, 1024),
+            epochs=20,
+            m=128,
+            surrogate_epochs=10,
+            n_probes=8,
+            ella_k=32,
+            ella_subsample=128,
+        ),
     },
     "quick": {
-        "small": dict(hidden=(32,), epochs=5, m=16, surrogate_epochs=2, n_probes=4, ella_k=16,
-                      ella_subsample=32),
-        "large": dict(hidden=(256, 256), epochs=2, m=16, surrogate_epochs=1, n_probes=4,
-                      ella_k=8, ella_subsample=16),
+        "small": dict(
+            hidden=(32,),
+            epochs=5,
+            m=16,
+            surrogate_epochs=2,
+            n_probes=4,
+            ella_k=16,
+            ella_subsample=32,
+        ),
+        "large": dict(
+            hidden=(256, 256),
+            epochs=2,
+            m=16,
+            surrogate_epochs=1,
+            n_probes=4,
+            ella_k=8,
+            ella_subsample=16,
+        ),
     },
 }
 
 
-COLUMNS = (("acc", 3), ("nll", 3), ("ece", 3), ("auroc", 3), ("prior_precision", 3),
-           ("fit_s", 1), ("predict_s", 2), ("peak_mb", 1))
+COLUMNS = (
+    ("acc", 3),
+    ("nll", 3),
+    ("ece", 3),
+    ("auroc", 3),
+    ("prior_precision", 3),
+    ("fit_s", 1),
+    ("predict_s", 2),
+    ("peak_mb", 1),
+)
 
 
 def _cell(values: list[float], digits: int) -> str:
@@ -302,8 +378,11 @@ def _cell(values: list[float], digits: int) -> str:
     v = np.asarray(values, dtype=float)
     if np.isnan(v).all():
         return "—"
-    fmt = (lambda x: f"{x:.3g}") if digits == 3 and np.nanmax(np.abs(v)) >= 100 else (
-        lambda x: f"{x:.{digits}f}")
+    fmt = (
+        (lambda x: f"{x:.3g}")
+        if digits == 3 and np.nanmax(np.abs(v)) >= 100
+        else (lambda x: f"{x:.{digits}f}")
+    )
     return fmt(v.mean()) if len(v) == 1 else f"{fmt(v.mean())} ± {fmt(v.std())}"
 
 
@@ -315,14 +394,18 @@ def markdown(results: dict, header: str) -> str:
         per_seed = [results[s][size] for s in seeds]
         taus = ", ".join(f"{r['shared_tau']:.3g}" for r in per_seed)
         train = np.mean([r["train_s"] for r in per_seed])
-        lines += ["", f"## {size} net: {per_seed[0]['n_params']:,} weights "
-                      f"(training {train:.1f} s; shared tau per seed {taus})",
-                  "",
-                  "| method | acc | NLL | ECE | OOD AUROC | prior prec. | fit s | predict s "
-                  "| peak MB |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {size} net: {per_seed[0]['n_params']:,} weights "
+            f"(training {train:.1f} s; shared tau per seed {taus})",
+            "",
+            "| method | acc | NLL | ECE | OOD AUROC | prior prec. | fit s | predict s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for label in per_seed[0]["rows"]:
-            cells = [_cell([r["rows"][label][key] for r in per_seed], digits)
-                     for key, digits in COLUMNS]
+            cells = [
+                _cell([r["rows"][label][key] for r in per_seed], digits) for key, digits in COLUMNS
+            ]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -349,14 +432,21 @@ def header_text(cmd: str, seeds: list[int], profile: dict) -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny nets and loops (smoke run)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="one split, net and surrogate per seed (default: 0 1 2)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="one split, net and surrogate per seed (default: 0 1 2)",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     profile = PROFILES["quick" if args.quick else "full"]
-    results = {seed: {size: run_size(size, cfg, seed, print) for size, cfg in profile.items()}
-               for seed in args.seeds}
+    results = {
+        seed: {size: run_size(size, cfg, seed, print) for size, cfg in profile.items()}
+        for seed in args.seeds
+    }
     cmd = "PYTHONPATH=. python benchmarks/scalla.py" + (" --quick" if args.quick else "")
     if args.seeds != [0, 1, 2]:
         cmd += " --seeds " + " ".join(map(str, args.seeds))
@@ -364,11 +454,20 @@ def main(argv=None) -> dict:
     table = markdown(results, header)
     print(table)
     stem = "scalla_quick" if args.quick else "scalla"
-    write_results(args.out_dir, stem, table, {
-        "command": cmd, "seeds": args.seeds,
-        "profile": {k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()}
-                    for k, c in profile.items()},
-        "results": results})
+    write_results(
+        args.out_dir,
+        stem,
+        table,
+        {
+            "command": cmd,
+            "seeds": args.seeds,
+            "profile": {
+                k: {kk: list(v) if isinstance(v, tuple) else v for kk, v in c.items()}
+                for k, c in profile.items()
+            },
+            "results": results,
+        },
+    )
     return results
 
 

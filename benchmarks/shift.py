@@ -121,8 +121,12 @@ SEVERITIES = (1, 2, 3, 4, 5)
 SHIFT_ROWS = 200
 #: the methods whose defaults the targets apply to (the ensemble is the reference)
 TARGET_METHODS = (
-    "LaplaceClassifier", "SubnetworkLaplaceClassifier", "L2MClassifier", "RegVarClassifier",
-    "CVPClassifier", "ScaLLAClassifier",
+    "LaplaceClassifier",
+    "SubnetworkLaplaceClassifier",
+    "L2MClassifier",
+    "RegVarClassifier",
+    "CVPClassifier",
+    "ScaLLAClassifier",
 )
 IMAGE_TASKS = ("digits_cnn", "images")
 
@@ -169,24 +173,29 @@ def corrupt_images(X: np.ndarray, name: str, severity: int, rng, *, pixel_std: f
     if name == "rotate":
         angle = (10, 20, 30, 40, 50)[s]
         signs = rng.choice([-1, 1], n)
-        return np.stack([
-            ndimage.rotate(x[0], a * angle, reshape=False, order=1, mode="constant")[None]
-            for x, a in zip(X, signs, strict=True)
-        ])
+        return np.stack(
+            [
+                ndimage.rotate(x[0], a * angle, reshape=False, order=1, mode="constant")[None]
+                for x, a in zip(X, signs, strict=True)
+            ]
+        )
     if name == "translate":
         dist = (1, 2, 3, 4, 5)[s] * size / 16
         phi = rng.uniform(0, 2 * np.pi, n)
-        return np.stack([
-            ndimage.shift(x[0], (dist * np.sin(p), dist * np.cos(p)), order=1,
-                          mode="constant")[None]
-            for x, p in zip(X, phi, strict=True)
-        ])
+        return np.stack(
+            [
+                ndimage.shift(x[0], (dist * np.sin(p), dist * np.cos(p)), order=1, mode="constant")[
+                    None
+                ]
+                for x, p in zip(X, phi, strict=True)
+            ]
+        )
     if name == "occlude":
         side = max(1, int(round((0.25, 0.35, 0.45, 0.55, 0.65)[s] * size)))
         out = X.copy()
         r0, c0 = rng.randint(0, h - side + 1, n), rng.randint(0, w - side + 1, n)
         for i in range(n):
-            out[i, :, r0[i]:r0[i] + side, c0[i]:c0[i] + side] = 0.0
+            out[i, :, r0[i] : r0[i] + side, c0[i] : c0[i] + side] = 0.0
         return out
     if name == "contrast":
         m = X.mean(axis=(1, 2, 3), keepdims=True)
@@ -202,8 +211,7 @@ def corrupt_signals(X: np.ndarray, name: str, severity: int, rng, *, signal_std:
     if name == "noise":
         return X + signal_std * (0.2, 0.4, 0.6, 0.8, 1.0)[s] * rng.randn(*X.shape)
     if name == "blur":
-        return ndimage.gaussian_filter1d(X, (0.5, 1.0, 1.5, 2.0, 2.5)[s], axis=-1,
-                                         mode="nearest")
+        return ndimage.gaussian_filter1d(X, (0.5, 1.0, 1.5, 2.0, 2.5)[s], axis=-1, mode="nearest")
     if name == "translate":
         k = (2, 4, 6, 8, 10)[s] * rng.choice([-1, 1], n)
         return np.stack([np.roll(x, int(ki), axis=-1) for x, ki in zip(X, k, strict=True)])
@@ -212,7 +220,7 @@ def corrupt_signals(X: np.ndarray, name: str, severity: int, rng, *, signal_std:
         out = X.copy()
         start = rng.randint(0, length - width + 1, n)
         for i in range(n):
-            out[i, :, start[i]:start[i] + width] = 0.0
+            out[i, :, start[i] : start[i] + width] = 0.0
         return out
     if name == "contrast":
         m = X.mean(axis=-1, keepdims=True)
@@ -245,8 +253,7 @@ def _shifted_sets(X_test, corruptions, fn, seed, reshape=None):
     """``{(corruption, severity): X}`` in ``X_test``'s dtype and shape, and the rows used."""
     rows = np.arange(len(X_test))
     if len(rows) > SHIFT_ROWS:
-        rows = np.sort(np.random.RandomState(seed).choice(len(X_test), SHIFT_ROWS,
-                                                          replace=False))
+        rows = np.sort(np.random.RandomState(seed).choice(len(X_test), SHIFT_ROWS, replace=False))
     X_test = X_test[rows]
     out = {}
     for name in corruptions:
@@ -261,8 +268,13 @@ def _shifted_sets(X_test, corruptions, fn, seed, reshape=None):
 class CNN1D(nn.Sequential):
     """Two 1-D conv blocks and a linear head, for signals of shape (N, 1, L)."""
 
-    def __init__(self, n_outputs: int = 10, channels: tuple[int, int] = (16, 32),
-                 hidden: int = 64, dropout: float = 0.0):
+    def __init__(
+        self,
+        n_outputs: int = 10,
+        channels: tuple[int, int] = (16, 32),
+        hidden: int = 64,
+        dropout: float = 0.0,
+    ):
         layers: list[nn.Module] = []
         for c in channels:
             layers += [nn.LazyConv1d(c, kernel_size=5, padding=2), nn.ReLU(), nn.MaxPool1d(2)]
@@ -279,8 +291,11 @@ def _digits(seed, cfg, as_image):
     X_tr, y_tr, X_val, y_val = _split_val(d.X_train, d.y_train, seed, True)
     std = float(X_tr.std())
     shifted, rows = _shifted_sets(
-        d.X_test, IMAGE_CORRUPTIONS,
-        lambda X, n, s, r: corrupt_images(X, n, s, r, pixel_std=std), seed, (-1, 1, 8, 8),
+        d.X_test,
+        IMAGE_CORRUPTIONS,
+        lambda X, n, s, r: corrupt_images(X, n, s, r, pixel_std=std),
+        seed,
+        (-1, 1, 8, 8),
     )
     shape = (-1, 1, 8, 8) if as_image else (-1, 64)
     if as_image:
@@ -289,9 +304,17 @@ def _digits(seed, cfg, as_image):
         net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     r = lambda a: np.ascontiguousarray(a.reshape(shape))  # noqa: E731
     return Bunch(
-        kind="classifier", X_train=r(X_tr), y_train=y_tr, X_val=r(X_val), y_val=y_val,
-        X_test=r(d.X_test), y_test=d.y_test, X_ood=r(d.X_ood),
-        shifted={k: r(v) for k, v in shifted.items()}, y_shifted=d.y_test[rows], net=net,
+        kind="classifier",
+        X_train=r(X_tr),
+        y_train=y_tr,
+        X_val=r(X_val),
+        y_val=y_val,
+        X_test=r(d.X_test),
+        y_test=d.y_test,
+        X_ood=r(d.X_ood),
+        shifted={k: r(v) for k, v in shifted.items()},
+        y_shifted=d.y_test[rows],
+        net=net,
     )
 
 
@@ -334,8 +357,11 @@ def _mnist1d(seed, cfg, as_cnn):
     std = float(X_tr.std())
     length = X.shape[1]
     shifted, rows = _shifted_sets(
-        X_te, SIGNAL_CORRUPTIONS,
-        lambda A, n, s, r: corrupt_signals(A, n, s, r, signal_std=std), seed, (-1, 1, length),
+        X_te,
+        SIGNAL_CORRUPTIONS,
+        lambda A, n, s, r: corrupt_signals(A, n, s, r, signal_std=std),
+        seed,
+        (-1, 1, length),
     )
     shape = (-1, 1, length) if as_cnn else (-1, length)
     if as_cnn:
@@ -344,9 +370,17 @@ def _mnist1d(seed, cfg, as_cnn):
         net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     r = lambda a: np.ascontiguousarray(a.reshape(shape))  # noqa: E731
     return Bunch(
-        kind="classifier", X_train=r(X_tr), y_train=y_tr, X_val=r(X_val), y_val=y_val,
-        X_test=r(X_te), y_test=y_te, X_ood=r(X_ood),
-        shifted={k: r(v) for k, v in shifted.items()}, y_shifted=y_te[rows], net=net,
+        kind="classifier",
+        X_train=r(X_tr),
+        y_train=y_tr,
+        X_val=r(X_val),
+        y_val=y_val,
+        X_test=r(X_te),
+        y_test=y_te,
+        X_ood=r(X_ood),
+        shifted={k: r(v) for k, v in shifted.items()},
+        y_shifted=y_te[rows],
+        net=net,
     )
 
 
@@ -371,12 +405,23 @@ def task_images(seed, cfg):
     std = float(X_tr.std())
     corruptions = tuple(c for c in IMAGE_CORRUPTIONS if c != "rotate")
     shifted, rows = _shifted_sets(
-        X_te, corruptions, lambda X, n, s, r: corrupt_images(X, n, s, r, pixel_std=std), seed,
+        X_te,
+        corruptions,
+        lambda X, n, s, r: corrupt_images(X, n, s, r, pixel_std=std),
+        seed,
     )
     net = classifier_net(SmallCNN, cfg, channels=cfg["channels"], hidden=cfg["hidden"])
     return Bunch(
-        kind="classifier", X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val,
-        X_test=X_te, y_test=y_te, X_ood=d.X_ood, shifted=shifted, y_shifted=y_te[rows],
+        kind="classifier",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=X_te,
+        y_test=y_te,
+        X_ood=d.X_ood,
+        shifted=shifted,
+        y_shifted=y_te[rows],
         net=net,
     )
 
@@ -428,6 +473,7 @@ def evaluate_classifier(est, data):
     labels = est.classes_
     bounds = np.cumsum([0] + [len(p) for p in parts])
     chunks = [proba[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
     def scores(p, y):
         return dict(
             accuracy=float(np.mean(labels[p.argmax(1)] == y)),
@@ -496,10 +542,15 @@ def run_task(task, data, methods, seed, device, log):
             row, per_set = evaluate(est, data)
             row.update(fit_s=fit_s, fit_cpu_s=fit_cpu_s, peak_mb=mem.peak_mb)
             runs.append(Run(task, name, seed, row, per_set))
-            extra = (f"shifted nll {row['shift_nll']:.4f} " if "shift_nll" in row else
-                     f"cov95 {row['cov95']:.3f} ")
-            log(f"  {task:14s} seed {seed} {name:30s} nll {row['nll']:.4f} {extra}"
-                f"auroc {row['ood_auroc']:.3f} fit {fit_s:.1f}s pred {row['predict_s']:.2f}s")
+            extra = (
+                f"shifted nll {row['shift_nll']:.4f} "
+                if "shift_nll" in row
+                else f"cov95 {row['cov95']:.3f} "
+            )
+            log(
+                f"  {task:14s} seed {seed} {name:30s} nll {row['nll']:.4f} {extra}"
+                f"auroc {row['ood_auroc']:.3f} fit {fit_s:.1f}s pred {row['predict_s']:.2f}s"
+            )
         except Exception as exc:  # one method's failure must not sink the table
             log(f"  {task:14s} seed {seed} {name:30s} FAILED: {exc!r}")
             traceback.print_exc(file=sys.stderr)
@@ -569,16 +620,33 @@ def markdown(agg, task_kinds, methods_by_kind, header):
         lines += [f"### {task}", "", f"{TASKS[task][1]}.", ""]
         names = methods_by_kind[kind]
         if kind == "classifier":
-            head = ["method", "acc", "NLL", "ECE"] + [f"NLL s{s}" for s in SEVERITIES] + [
-                "shifted NLL", "shifted ECE", "shifted acc", "OOD AUROC", "fit s", "pred s"]
-            cols = [("accuracy", 3, True), ("nll", 3, True), ("ece", 3, True)] + [
-                (f"nll_s{s}", 3, False) for s in SEVERITIES] + [
-                ("shift_nll", 3, True), ("shift_ece", 3, True), ("shift_accuracy", 3, False),
-                ("ood_auroc", 3, True), ("fit_s", 1, False), ("predict_s", 2, False)]
+            head = (
+                ["method", "acc", "NLL", "ECE"]
+                + [f"NLL s{s}" for s in SEVERITIES]
+                + ["shifted NLL", "shifted ECE", "shifted acc", "OOD AUROC", "fit s", "pred s"]
+            )
+            cols = (
+                [("accuracy", 3, True), ("nll", 3, True), ("ece", 3, True)]
+                + [(f"nll_s{s}", 3, False) for s in SEVERITIES]
+                + [
+                    ("shift_nll", 3, True),
+                    ("shift_ece", 3, True),
+                    ("shift_accuracy", 3, False),
+                    ("ood_auroc", 3, True),
+                    ("fit_s", 1, False),
+                    ("predict_s", 2, False),
+                ]
+            )
         else:
             head = ["method", "RMSE", "NLL", "cov 95%", "OOD AUROC", "fit s", "pred s"]
-            cols = [("rmse", 3, True), ("nll", 3, True), ("cov95", 3, True),
-                    ("ood_auroc", 3, True), ("fit_s", 1, False), ("predict_s", 2, False)]
+            cols = [
+                ("rmse", 3, True),
+                ("nll", 3, True),
+                ("cov95", 3, True),
+                ("ood_auroc", 3, True),
+                ("fit_s", 1, False),
+                ("predict_s", 2, False),
+            ]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for name in names:
             a = agg.get((task, name))
@@ -587,18 +655,19 @@ def markdown(agg, task_kinds, methods_by_kind, header):
             if a["n"] == 0:
                 lines.append(f"| {name} | failed: {a['error'][:120]} |" + " |" * (len(head) - 2))
                 continue
-            lines.append("| " + " | ".join(
-                [name] + [_fmt(a, k, d, s) for k, d, s in cols]) + " |")
+            lines.append("| " + " | ".join([name] + [_fmt(a, k, d, s) for k, d, s in cols]) + " |")
         lines.append("")
     cls_tasks = [t for t, k in task_kinds.items() if k == "classifier"]
     if cls_tasks:
         lines += [
-            "### Targets: does each default beat the bare net?", "",
+            "### Targets: does each default beat the bare net?",
+            "",
             "Per task: accuracy ≥ MAP − 0.005 / in-distribution NLL ≤ 1.10 × MAP / shifted "
             "NLL ≤ MAP / OOD AUROC ≥ MAP − 0.01 (means over seeds); ✓ met, ✗ missed. "
             "LaplaceClassifier on the image tasks (" + ", ".join(IMAGE_TASKS) + ") must "
             "also have shifted NLL ≥ 10 % below MAP's and OOD AUROC ≥ MAP's (a fifth mark, "
-            "and the AUROC mark is the strict one there).", "",
+            "and the AUROC mark is the strict one there).",
+            "",
             "| method | " + " | ".join(cls_tasks) + " | targets met |",
             "|" + "---|" * (len(cls_tasks) + 2),
         ]
@@ -608,33 +677,45 @@ def markdown(agg, task_kinds, methods_by_kind, header):
             cells, met, total = [], 0, 0
             for t in cls_tasks:
                 checks = target_checks(agg, t, name)
-                marks = "".join("?" if v is None else ("✓" if v else "✗")
-                                for v in checks.values())
+                marks = "".join("?" if v is None else ("✓" if v else "✗") for v in checks.values())
                 cells.append(marks)
                 met += sum(bool(v) for v in checks.values())
                 total += len(checks)
-            ref = "" if name in TARGET_METHODS else (
-                " (reference)" if "Ensemble" in name else " (baseline)")
+            ref = (
+                ""
+                if name in TARGET_METHODS
+                else (" (reference)" if "Ensemble" in name else " (baseline)")
+            )
             lines.append(f"| {name}{ref} | " + " | ".join(cells) + f" | {met}/{total} |")
-        lines += ["", "Marks in the order acc, NLL, shifted NLL, AUROC (then shifted NLL −10 % "
-                  "for Laplace on images).", ""]
         lines += [
-            "### In-distribution NLL / shifted NLL / OOD AUROC (means over seeds)", "",
-            "| method | " + " | ".join(cls_tasks) + " |", "|" + "---|" * (len(cls_tasks) + 1),
+            "",
+            "Marks in the order acc, NLL, shifted NLL, AUROC (then shifted NLL −10 % "
+            "for Laplace on images).",
+            "",
+        ]
+        lines += [
+            "### In-distribution NLL / shifted NLL / OOD AUROC (means over seeds)",
+            "",
+            "| method | " + " | ".join(cls_tasks) + " |",
+            "|" + "---|" * (len(cls_tasks) + 1),
         ]
         for name in methods_by_kind.get("classifier", []):
             cells = []
             for t in cls_tasks:
                 a = agg.get((t, name), {})
-                cells.append(" / ".join(_fmt(a, k, 3, False)
-                                        for k in ("nll", "shift_nll", "ood_auroc")))
+                cells.append(
+                    " / ".join(_fmt(a, k, 3, False) for k in ("nll", "shift_nll", "ood_auroc"))
+                )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     reg_tasks = [t for t, k in task_kinds.items() if k == "regressor"]
     if reg_tasks:
-        lines += ["### Regression targets: 95 % interval covers 90-97 % in-distribution; "
-                  "OOD AUROC ≥ 0.9", "", "| method | " + " | ".join(reg_tasks) + " |",
-                  "|" + "---|" * (len(reg_tasks) + 1)]
+        lines += [
+            "### Regression targets: 95 % interval covers 90-97 % in-distribution; OOD AUROC ≥ 0.9",
+            "",
+            "| method | " + " | ".join(reg_tasks) + " |",
+            "|" + "---|" * (len(reg_tasks) + 1),
+        ]
         for name in methods_by_kind.get("regressor", []):
             cells = []
             for t in reg_tasks:
@@ -644,28 +725,51 @@ def markdown(agg, task_kinds, methods_by_kind, header):
                     continue
                 cov, auc = a["cov95"][0], a["ood_auroc"][0]
                 ok_cov, ok_auc = 0.90 <= cov <= 0.97, auc >= 0.9
-                cells.append(f"cov {cov:.3f} {'✓' if ok_cov else '✗'} / "
-                             f"AUROC {auc:.3f} {'✓' if ok_auc else '✗'}")
+                cells.append(
+                    f"cov {cov:.3f} {'✓' if ok_cov else '✗'} / "
+                    f"AUROC {auc:.3f} {'✓' if ok_auc else '✗'}"
+                )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-SUMMARY_KEYS = ["accuracy", "nll", "ece", "shift_nll", "shift_ece", "shift_accuracy",
-                "ood_auroc", "rmse", "cov95", "fit_s", "fit_cpu_s", "predict_s", "peak_mb"] + [
-    f"{m}_s{s}" for m in ("nll", "ece", "accuracy") for s in SEVERITIES]
+SUMMARY_KEYS = [
+    "accuracy",
+    "nll",
+    "ece",
+    "shift_nll",
+    "shift_ece",
+    "shift_accuracy",
+    "ood_auroc",
+    "rmse",
+    "cov95",
+    "fit_s",
+    "fit_cpu_s",
+    "predict_s",
+    "peak_mb",
+] + [f"{m}_s{s}" for m in ("nll", "ece", "accuracy") for s in SEVERITIES]
 
 
 def write_csvs(out_dir, stem, runs):
     write_runs_csv(os.path.join(out_dir, f"{stem}.csv"), runs, SUMMARY_KEYS)
     with open(os.path.join(out_dir, f"{stem}_by_corruption.csv"), "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["task", "method", "seed", "corruption", "severity", "accuracy", "nll",
-                    "ece"])
+        w.writerow(["task", "method", "seed", "corruption", "severity", "accuracy", "nll", "ece"])
         for r in runs:
             for (corr, sev), v in r.per_set.items():
-                w.writerow([r.task, r.method, r.seed, corr, sev, f"{v['accuracy']:.6g}",
-                            f"{v['nll']:.6g}", f"{v['ece']:.6g}"])
+                w.writerow(
+                    [
+                        r.task,
+                        r.method,
+                        r.seed,
+                        corr,
+                        sev,
+                        f"{v['accuracy']:.6g}",
+                        f"{v['nll']:.6g}",
+                        f"{v['ece']:.6g}",
+                    ]
+                )
 
 
 def plot_nll_vs_severity(agg, task_kinds, names, path):
@@ -680,8 +784,7 @@ def plot_nll_vs_severity(agg, task_kinds, names, path):
         return None
     ncol = min(len(tasks), 4)
     nrow = -(-len(tasks) // ncol)
-    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.3 * nrow + 0.8),
-                             squeeze=False)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.8 * ncol, 3.3 * nrow + 0.8), squeeze=False)
     cmap = plt.get_cmap("tab10")
     handles = {}
     for ax, task in zip(axes.flat, tasks, strict=False):
@@ -690,8 +793,11 @@ def plot_nll_vs_severity(agg, task_kinds, names, path):
             keys = ["nll"] + [f"nll_s{s}" for s in SEVERITIES]
             if not all(k in a for k in keys):
                 continue
-            style = dict(color="k", lw=2.2) if name == BASELINE["classifier"] else \
-                dict(color=cmap(i % 10), lw=1.2, ls="--" if "Ensemble" in name else "-")
+            style = (
+                dict(color="k", lw=2.2)
+                if name == BASELINE["classifier"]
+                else dict(color=cmap(i % 10), lw=1.2, ls="--" if "Ensemble" in name else "-")
+            )
             (h,) = ax.plot(range(6), [a[k][0] for k in keys], marker="o", ms=3, **style)
             handles[name.replace("Classifier", "")] = h
         ax.set_title(task, fontsize=10)
@@ -699,12 +805,20 @@ def plot_nll_vs_severity(agg, task_kinds, names, path):
         ax.set_xlabel("severity (0 = clean)")
         ax.set_ylabel("NLL")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(tasks):]:
+    for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
-    fig.legend(handles.values(), handles.keys(), loc="lower center",
-               ncol=min(len(handles), 5), fontsize=8, frameon=False)
-    fig.suptitle("NLL against corruption severity (mean over corruption types and seeds; "
-                 "MAP in black)", fontsize=10)
+    fig.legend(
+        handles.values(),
+        handles.keys(),
+        loc="lower center",
+        ncol=min(len(handles), 5),
+        fontsize=8,
+        frameon=False,
+    )
+    fig.suptitle(
+        "NLL against corruption severity (mean over corruption types and seeds; MAP in black)",
+        fontsize=10,
+    )
     fig.tight_layout(rect=(0, 0.09 if nrow == 1 else 0.06, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -717,8 +831,9 @@ def read_runs(path) -> list[Run]:
     with open(path, newline="") as f:
         for row in csv.DictReader(f):
             metrics = {k: float(row[k]) for k in SUMMARY_KEYS if row.get(k) not in (None, "")}
-            runs.append(Run(row["task"], row["method"], int(row["seed"]), metrics,
-                            error=row["error"]))
+            runs.append(
+                Run(row["task"], row["method"], int(row["seed"]), metrics, error=row["error"])
+            )
     return runs
 
 
@@ -738,8 +853,12 @@ def render(runs, out_dir, stem, header, plot=True):
     write_results(out_dir, stem, md + "\n")
     png = None
     if plot:
-        png = plot_nll_vs_severity(agg, task_kinds, names["classifier"],
-                                   os.path.join(out_dir, f"{stem}_nll_vs_severity.png"))
+        png = plot_nll_vs_severity(
+            agg,
+            task_kinds,
+            names["classifier"],
+            os.path.join(out_dir, f"{stem}_nll_vs_severity.png"),
+        )
     return md, png, agg
 
 
@@ -750,7 +869,8 @@ def _header(profile, command, n_seeds, minutes, dev, own, stem):
         f"{n_seeds} seed(s), mean ± std over seeds; total wall time {minutes:.1f} min.\n"
         "Every estimator at its default options; the net is trained once per task and seed "
         "and shared as FrozenEstimator (fit s includes that training), except: "
-        + ("; ".join(own) or "none") + ". Held-out calibrators get the 20 % validation "
+        + ("; ".join(own) or "none")
+        + ". Held-out calibrators get the 20 % validation "
         "split. NLL sN: mean NLL over the corruption types at severity N; shifted NLL / ECE "
         f"/ acc: mean over all corruptions and severities (on {SHIFT_ROWS} test rows per "
         "task and seed). OOD AUROC: predictive entropy, in-distribution test rows vs OOD "
@@ -764,26 +884,31 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="1 seed, tiny tasks, few epochs")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seeds", type=int, default=None, help="seeds (default 3, quick 1)")
-    parser.add_argument("--tasks", default=None, help="comma-separated subset of " +
-                        ",".join(TASKS))
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated estimator names (MAP always runs)")
+    parser.add_argument(
+        "--tasks", default=None, help="comma-separated subset of " + ",".join(TASKS)
+    )
+    parser.add_argument(
+        "--methods", default=None, help="comma-separated estimator names (MAP always runs)"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out-dir", default=RESULTS)
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--from-csv", default=None,
-                        help="comma-separated summary CSVs of earlier runs (e.g. tasks run "
-                             "in parts): re-render their table and plot, run nothing")
+    parser.add_argument(
+        "--from-csv",
+        default=None,
+        help="comma-separated summary CSVs of earlier runs (e.g. tasks run "
+        "in parts): re-render their table and plot, run nothing",
+    )
     args = parser.parse_args(argv)
     command = " ".join(["PYTHONPATH=. python benchmarks/shift.py", *(argv or sys.argv[1:])])
     if args.from_csv:
         runs = [r for p in args.from_csv.split(",") for r in read_runs(p)]
-        meta = [p[:-len(".csv")] + "_meta.txt" for p in args.from_csv.split(",")]
+        meta = [p[: -len(".csv")] + "_meta.txt" for p in args.from_csv.split(",")]
         lines = [open(m).read().strip() for m in meta if os.path.exists(m)]
         header = "\n\n".join(lines) if lines else f"`{command}`"
         os.makedirs(args.out_dir, exist_ok=True)
         for suffix in (".csv", "_by_corruption.csv"):  # the parts' rows, one file each
-            parts = [p[:-len(".csv")] + suffix for p in args.from_csv.split(",")]
+            parts = [p[: -len(".csv")] + suffix for p in args.from_csv.split(",")]
             parts = [p for p in parts if os.path.exists(p)]
             target = os.path.join(args.out_dir, "shift" + suffix)
             if parts and all(os.path.abspath(p) != os.path.abspath(target) for p in parts):
@@ -811,8 +936,11 @@ def main(argv=None) -> dict:
     wanted = None if args.methods is None else set(args.methods.split(","))
     methods_by_kind = {}
     for kind in ("classifier", "regressor"):
-        found = [method_rows(n, c)[0] for n, c in all_estimators(kind)
-                 if wanted is None or n in wanted or n == BASELINE[kind]]
+        found = [
+            method_rows(n, c)[0]
+            for n, c in all_estimators(kind)
+            if wanted is None or n in wanted or n == BASELINE[kind]
+        ]
         found.sort(key=lambda row: (row[0] != BASELINE[kind], row[0]))  # MAP first
         methods_by_kind[kind] = found
     if wanted:
@@ -822,12 +950,20 @@ def main(argv=None) -> dict:
     os.makedirs(args.out_dir, exist_ok=True)
     stem = "shift_quick" if args.quick else ("shift" if device.type == "cpu" else "shift_cuda")
 
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else \
-        f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, " \
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"torch threads {args.threads})"
-    own = [f"{n} trains its own net with {h['net_params']}" if h.get("net_params") else
-           f"{n} trains its own nets" for ms in methods_by_kind.values() for n, _, h in ms
-           if h.get("net_params") or not h.get("shared_net", True)]
+    )
+    own = [
+        f"{n} trains its own net with {h['net_params']}"
+        if h.get("net_params")
+        else f"{n} trains its own nets"
+        for ms in methods_by_kind.values()
+        for n, _, h in ms
+        if h.get("net_params") or not h.get("shared_net", True)
+    ]
 
     log = print
     _warm_up(device)

@@ -71,19 +71,32 @@ from _common import RESULTS, PeakMemory, classifier_net, write_results  # noqa: 
 #: pixel noise of the synthetic images; at 1.25-2.5 the CNN is still far from converged
 #: after 4-6 epochs (accuracy 0.1-0.5), at 1.0 it reaches 0.97 in 6
 NOISE = 1.0
-RULES = ("largest_variance", "largest_variance_swag", "largest_magnitude", "random",
-         "last_layer")
+RULES = ("largest_variance", "largest_variance_swag", "largest_magnitude", "random", "last_layer")
 
 PROFILES = {
     "cpu": dict(
         digits=dict(hidden=(128, 128), epochs=50, lr=1e-3, priors=("heldout", "marglik")),
-        images=dict(n=2000, epochs=6, lr=1e-3, noise=NOISE, priors=("heldout", "marglik"),
-                    diag_grid=True, swag=dict(n_epochs=2, batch_size=64)),
+        images=dict(
+            n=2000,
+            epochs=6,
+            lr=1e-3,
+            noise=NOISE,
+            priors=("heldout", "marglik"),
+            diag_grid=True,
+            swag=dict(n_epochs=2, batch_size=64),
+        ),
     ),
     "quick": dict(
         digits=dict(hidden=(32, 32), epochs=5, lr=1e-2, priors=("heldout",)),
-        images=dict(n=400, epochs=1, lr=1e-3, noise=NOISE, priors=("heldout",),
-                    diag_grid=True, swag=dict(n_epochs=1, batch_size=64)),
+        images=dict(
+            n=400,
+            epochs=1,
+            lr=1e-3,
+            noise=NOISE,
+            priors=("heldout",),
+            diag_grid=True,
+            swag=dict(n_epochs=1, batch_size=64),
+        ),
     ),
 }
 #: the diagonal posterior over 1M weights has no cheap 33-value held-out grid (each value
@@ -98,9 +111,17 @@ class WideCNN(nn.Sequential):
 
     def __init__(self, n_outputs: int = 10):
         super().__init__(
-            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 7 * 7, 320), nn.ReLU(), nn.Linear(320, 128), nn.ReLU(),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 7 * 7, 320),
+            nn.ReLU(),
+            nn.Linear(320, 128),
+            nn.ReLU(),
             nn.Linear(128, n_outputs),
         )
 
@@ -111,16 +132,25 @@ def task(name: str, cfg: dict, seed: int) -> dict:
         X, y, X_test, y_test, X_ood = d.X_train, d.y_train, d.X_test, d.y_test, d.X_ood
         net = classifier_net(MLP, cfg, hidden=cfg["hidden"])
     else:
-        d = make_synthetic_images(n_samples=cfg["n"], size=28, noise=cfg["noise"],
-                                  random_state=seed)
-        X, X_test, y, y_test = train_test_split(d.X, d.y, test_size=0.25, random_state=seed,
-                                                stratify=d.y)
+        d = make_synthetic_images(
+            n_samples=cfg["n"], size=28, noise=cfg["noise"], random_state=seed
+        )
+        X, X_test, y, y_test = train_test_split(
+            d.X, d.y, test_size=0.25, random_state=seed, stratify=d.y
+        )
         X_test, y_test, X_ood = X_test[:N_EVAL], y_test[:N_EVAL], d.X_ood[:N_EVAL]
         net = classifier_net(WideCNN, cfg)
-    X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=0.2, random_state=seed,
-                                                stratify=y)
-    return dict(X_train=X_tr, y_train=y_tr, X_val=X_val, y_val=y_val, X_test=X_test,
-                y_test=y_test, X_ood=X_ood, net=net)
+    X_tr, X_val, y_tr, y_val = train_test_split(X, y, test_size=0.2, random_state=seed, stratify=y)
+    return dict(
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=X_test,
+        y_test=y_test,
+        X_ood=X_ood,
+        net=net,
+    )
 
 
 def _entropy(p: np.ndarray) -> np.ndarray:
@@ -142,7 +172,9 @@ def evaluate(est, data, device, fit_kwargs=None) -> dict:
         "nll": negative_log_likelihood(y, p, labels=est.classes_),
         "ece": expected_calibration_error(y, p, labels=est.classes_),
         "auroc": ood_auroc(_entropy(p), _entropy(p_ood)),
-        "fit_s": t1 - t0, "predict_s": t2 - t1, "peak_mb": mem.peak_mb,
+        "fit_s": t1 - t0,
+        "predict_s": t2 - t1,
+        "peak_mb": mem.peak_mb,
     }
     for attr in ("n_params_", "prior_precision_"):
         if hasattr(est, attr):
@@ -164,16 +196,26 @@ class GridDiagLaplace:
 
     def __init__(self, frozen, grid, X_val, y_val, **common):
         self.frozen, self.grid, self.X_val, self.y_val, self.common = (
-            frozen, grid, X_val, y_val, common)
+            frozen,
+            grid,
+            X_val,
+            y_val,
+            common,
+        )
 
     def fit(self, X, y):
         best = None
         for delta in self.grid:
-            est = LaplaceClassifier(self.frozen, subset_of_weights="all",
-                                    hessian_structure="diag", prior_precision=delta,
-                                    **self.common).fit(X, y)
-            nll = negative_log_likelihood(self.y_val, est.predict_proba(self.X_val),
-                                          labels=est.classes_)
+            est = LaplaceClassifier(
+                self.frozen,
+                subset_of_weights="all",
+                hessian_structure="diag",
+                prior_precision=delta,
+                **self.common,
+            ).fit(X, y)
+            nll = negative_log_likelihood(
+                self.y_val, est.predict_proba(self.X_val), labels=est.classes_
+            )
             if best is None or nll < best[0]:
                 best = (nll, est)
         self.est_ = best[1]
@@ -195,34 +237,65 @@ def run_task(name: str, cfg: dict, seed: int, device: torch.device) -> dict:
     n_total = sum(p.numel() for p in model.parameters())
     k = int(sum(p.numel() for p in list(model.children())[-1].parameters()))
     frozen = FrozenEstimator(bare.net_)
-    out = {"task": name, "n_params": n_total, "k": k, "train_s": train_s,
-           "n_train": len(data["X_train"]), "rows": {}}
+    out = {
+        "task": name,
+        "n_params": n_total,
+        "k": k,
+        "train_s": train_s,
+        "n_train": len(data["X_train"]),
+        "rows": {},
+    }
     print(f"[{name}] {n_total} weights, k = {k}, net trained in {train_s:.1f} s", flush=True)
     out["rows"]["MAP (bare net)"] = evaluate(bare, data, device)
     common = dict(random_state=seed, device=str(device))
     for prior in cfg["priors"]:
-        cal = ({"X_cal": data["X_val"], "y_cal": data["y_val"]}
-               if prior == "heldout" else {})
+        cal = {"X_cal": data["X_val"], "y_cal": data["y_val"]} if prior == "heldout" else {}
         diag_label = f"diag Laplace, all {n_total} weights"
         if prior == "heldout" and cfg.get("diag_grid"):
-            ests = {diag_label: (GridDiagLaplace(frozen, DIAG_GRID, data["X_val"], data["y_val"],
-                                                 **common), {})}
+            ests = {
+                diag_label: (
+                    GridDiagLaplace(frozen, DIAG_GRID, data["X_val"], data["y_val"], **common),
+                    {},
+                )
+            }
         else:
-            ests = {diag_label: (LaplaceClassifier(
-                frozen, subset_of_weights="all", hessian_structure="diag",
-                prior_precision=prior, **common), cal)}
+            ests = {
+                diag_label: (
+                    LaplaceClassifier(
+                        frozen,
+                        subset_of_weights="all",
+                        hessian_structure="diag",
+                        prior_precision=prior,
+                        **common,
+                    ),
+                    cal,
+                )
+            }
         for rule in RULES:
-            sel = LargestVarianceSWAG(**cfg["swag"]) if rule.endswith("swag") and cfg.get(
-                "swag") else rule
-            ests[f"subnetwork {rule}"] = (SubnetworkLaplaceClassifier(
-                frozen, subnetwork_size=k, subnetwork_selection=sel, prior_precision=prior,
-                **common), cal)
+            sel = (
+                LargestVarianceSWAG(**cfg["swag"])
+                if rule.endswith("swag") and cfg.get("swag")
+                else rule
+            )
+            ests[f"subnetwork {rule}"] = (
+                SubnetworkLaplaceClassifier(
+                    frozen,
+                    subnetwork_size=k,
+                    subnetwork_selection=sel,
+                    prior_precision=prior,
+                    **common,
+                ),
+                cal,
+            )
         for label, (est, fit_kwargs) in ests.items():
             row = evaluate(est, data, device, fit_kwargs)
             row["prior_rule"] = prior
             out["rows"][f"{label} [{prior}]"] = row
-            print(f"  {label} [{prior}]: nll {row['nll']:.3f} auroc {row['auroc']:.3f} "
-                  f"fit {row['fit_s']:.1f} s", flush=True)
+            print(
+                f"  {label} [{prior}]: nll {row['nll']:.3f} auroc {row['auroc']:.3f} "
+                f"fit {row['fit_s']:.1f} s",
+                flush=True,
+            )
     return out
 
 
@@ -243,16 +316,26 @@ def jacobian_routes(device: torch.device, n_rows: int) -> list[dict]:
         return vmap(jacrev(single), in_dims=(None, 0))(theta, x)
 
     rows = []
-    for label, fn in (("skuq: layer outputs, selected columns only",
-                       lambda: subnetwork_jacobians(w, x)[0]),
-                      ("jacrev through a scatter into all weights", scatter_route)):
+    for label, fn in (
+        ("skuq: layer outputs, selected columns only", lambda: subnetwork_jacobians(w, x)[0]),
+        ("jacrev through a scatter into all weights", scatter_route),
+    ):
         fn()  # warm-up
         with PeakMemory(device) as mem:
             t0 = time.perf_counter()
             J = fn()
             dt = time.perf_counter() - t0
-        rows.append({"route": label, "rows": n_rows, "k": 1290, "n_params": P,
-                     "seconds": dt, "peak_mb": mem.peak_mb, "shape": list(J.shape)})
+        rows.append(
+            {
+                "route": label,
+                "rows": n_rows,
+                "k": 1290,
+                "n_params": P,
+                "seconds": dt,
+                "peak_mb": mem.peak_mb,
+                "shape": list(J.shape),
+            }
+        )
         del J
     return rows
 
@@ -260,10 +343,15 @@ def jacobian_routes(device: torch.device, n_rows: int) -> list[dict]:
 def markdown(results: list[dict], routes: list[dict], header: str) -> str:
     lines = [header]
     for res in results:
-        lines += ["", f"## {res['task']}: {res['n_params']} weights, k = {res['k']}, "
-                  f"{res['n_train']} training rows (net trained in {res['train_s']:.1f} s)", "",
-                  "| method [prior] | acc | NLL | ECE | OOD AUROC | delta | h = 0 in S | fit s "
-                  "| predict s | peak MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {res['task']}: {res['n_params']} weights, k = {res['k']}, "
+            f"{res['n_train']} training rows (net trained in {res['train_s']:.1f} s)",
+            "",
+            "| method [prior] | acc | NLL | ECE | OOD AUROC | delta | h = 0 in S | fit s "
+            "| predict s | peak MB |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for label, r in res["rows"].items():
             delta = r.get("prior_precision", float("nan"))
             delta = f"{delta:.3g}" if isinstance(delta, float) else "per layer"
@@ -274,8 +362,13 @@ def markdown(results: list[dict], routes: list[dict], header: str) -> str:
                 f"{r['auroc']:.3f} | {delta} | {dead} | {r['fit_s']:.2f} | "
                 f"{r['predict_s']:.2f} | {r['peak_mb']:.0f} |"
             )
-    lines += ["", "## One chunk of J[:, S] on the 1.07M-weight CNN (k = 1290)", "",
-              "| route | rows | seconds | peak MB |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## One chunk of J[:, S] on the 1.07M-weight CNN (k = 1290)",
+        "",
+        "| route | rows | seconds | peak MB |",
+        "|---|---|---|---|",
+    ]
     for r in routes:
         lines.append(f"| {r['route']} | {r['rows']} | {r['seconds']:.3f} | {r['peak_mb']:.0f} |")
     return "\n".join(lines) + "\n"
@@ -298,18 +391,33 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - t0
     cmd = "PYTHONPATH=. python benchmarks/subnetwork.py" + (" --quick" if args.quick else "")
     cpu = platform.processor() or platform.machine()
-    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
-             else f"CPU, {args.threads} torch threads ({cpu})")
-    header = (f"# Subnetwork inference vs diagonal Laplace over all weights\n\n`{cmd}`: seed "
-              f"{args.seed}, {where}, total {total:.0f} s. Subnetworks: full-covariance GGN "
-              "Laplace over k weights, GLM predictive with the centered-probit link (the "
-              "default); the diagonal Laplace uses the same predictive.")
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU, {args.threads} torch threads ({cpu})"
+    )
+    header = (
+        f"# Subnetwork inference vs diagonal Laplace over all weights\n\n`{cmd}`: seed "
+        f"{args.seed}, {where}, total {total:.0f} s. Subnetworks: full-covariance GGN "
+        "Laplace over k weights, GLM predictive with the centered-probit link (the "
+        "default); the diagonal Laplace uses the same predictive."
+    )
     table = markdown(results, routes, header)
     print(table)
     stem = "subnetwork_quick" if args.quick else "subnetwork"
-    write_results(args.out_dir, stem, table, {
-        "command": cmd, "seed": args.seed, "device": str(device), "total_s": total,
-        "tasks": results, "jacobian_routes": routes})
+    write_results(
+        args.out_dir,
+        stem,
+        table,
+        {
+            "command": cmd,
+            "seed": args.seed,
+            "device": str(device),
+            "total_s": total,
+            "tasks": results,
+            "jacobian_routes": routes,
+        },
+    )
     return {"tasks": results, "jacobian_routes": routes}
 
 

@@ -113,8 +113,11 @@ def _cnn(seed=0):
     """Two Conv2d layers and a Linear head over 2x4x4 images, 3 outputs."""
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1, stride=1), nn.Tanh(), nn.Conv2d(3, 2, 2, stride=2),
-        nn.Flatten(), nn.Linear(8, 3),
+        nn.Conv2d(2, 3, 3, padding=1, stride=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 2, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(8, 3),
     )
 
 
@@ -194,8 +197,13 @@ def brute_layerwise_marglik_optimum(H, theta, group_sizes):
         hess = 0.5 * (np.diag(d * (tr + t2)) - np.outer(d, d) * G)
         return grad, np.linalg.solve(hess, grad)
 
-    res = scipy.optimize.minimize(objective, np.zeros(len(sizes)), jac=True, method="L-BFGS-B",
-                                  options=dict(ftol=1e-15, gtol=1e-12, maxiter=1000))
+    res = scipy.optimize.minimize(
+        objective,
+        np.zeros(len(sizes)),
+        jac=True,
+        method="L-BFGS-B",
+        options=dict(ftol=1e-15, gtol=1e-12, maxiter=1000),
+    )
     z = res.x
     for _ in range(5):  # polished by Newton: quadratic convergence to the float64 floor
         grad, step = newton_step(z)

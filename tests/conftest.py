@@ -15,7 +15,9 @@ torch.set_num_threads(1)  # the suite runs under xdist on 2 cores
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--torch-threads", type=int, default=None,
+        "--torch-threads",
+        type=int,
+        default=None,
         help="torch intra-op threads for the run (default 1); other thread counts "
         "change the blocking of float32 reductions, which the numerics tests must survive",
     )

@@ -36,7 +36,6 @@ def brute_ef(model, x, y):
     return G.T @ G
 
 
-
 @pytest.mark.parametrize("make", [_mlp, _cnn])
 def test_jacobians_match_brute_force(make):
     model = make()
@@ -68,8 +67,9 @@ def test_full_ggn_and_ef_equal_brute_force(make):
     ef = compute_curvature(w, batches(x, y), structure="full", curvature="ef").full
     torch.testing.assert_close(ef, brute_ef(model, x, y), rtol=1e-10, atol=1e-13)
     ef_diag = compute_curvature(w, batches(x, y), structure="diag", curvature="ef").diag
-    torch.testing.assert_close(ef_diag, torch.diagonal(brute_ef(model, x, y)), rtol=1e-10,
-                               atol=1e-13)
+    torch.testing.assert_close(
+        ef_diag, torch.diagonal(brute_ef(model, x, y)), rtol=1e-10, atol=1e-13
+    )
 
 
 @pytest.mark.parametrize("make", [_mlp, _cnn])
@@ -79,10 +79,17 @@ def test_full_by_layer_hooks_equals_jacobian_route(make, curvature):
     model = make()
     x, y = _data(model)
     w = select_weights(model)
-    hooks = compute_curvature(w, batches(x, y), structure="full", curvature=curvature,
-                              route="layers", max_elements=3 * w.n_params)  # 3-row chunks
-    jac = compute_curvature(w, batches(x, y), structure="full", curvature=curvature,
-                            route="jacobians")
+    hooks = compute_curvature(
+        w,
+        batches(x, y),
+        structure="full",
+        curvature=curvature,
+        route="layers",
+        max_elements=3 * w.n_params,
+    )  # 3-row chunks
+    jac = compute_curvature(
+        w, batches(x, y), structure="full", curvature=curvature, route="jacobians"
+    )
     torch.testing.assert_close(hooks.full, jac.full, rtol=1e-10, atol=1e-13)
     assert hooks.loss == pytest.approx(jac.loss) and hooks.n_data == jac.n_data
 
@@ -97,9 +104,12 @@ def test_last_layer_without_backward_passes_equals_brute_force(likelihood, monke
     J = brute_jacobian(model, x)[:, :, -18:]
     with torch.no_grad():
         f = model(x)
-    lam = (torch.diag_embed(torch.softmax(f, -1)) - torch.einsum(
-        "nc,nd->ncd", torch.softmax(f, -1), torch.softmax(f, -1))
-        if likelihood == "classification" else torch.eye(3).expand(len(x), 3, 3))
+    lam = (
+        torch.diag_embed(torch.softmax(f, -1))
+        - torch.einsum("nc,nd->ncd", torch.softmax(f, -1), torch.softmax(f, -1))
+        if likelihood == "classification"
+        else torch.eye(3).expand(len(x), 3, 3)
+    )
     H = torch.einsum("ncp,ncd,ndq->pq", J, lam, J)
     last = select_weights(model, "last_layer", example_input=x)
 
@@ -114,8 +124,7 @@ def test_last_layer_without_backward_passes_equals_brute_force(likelihood, monke
     kron = compute_curvature(last, batches(x, y), likelihood=likelihood, structure="kron").kron
     phi = model[:4](x).detach()
     torch.testing.assert_close(kron[0].factors[0], lam.sum(0), rtol=1e-10, atol=1e-13)
-    torch.testing.assert_close(kron[0].factors[1], phi.T @ phi / len(x), rtol=1e-10,
-                               atol=1e-13)
+    torch.testing.assert_close(kron[0].factors[1], phi.T @ phi / len(x), rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(kron[1].factors[0], lam.sum(0), rtol=1e-10, atol=1e-13)
     assert full.loss == pytest.approx(diag.loss)
 
@@ -128,10 +137,12 @@ def test_last_layer_dense_block_from_features_equals_jacobian_route(bias, curvat
     x, y = torch.randn(11, 4), torch.randint(0, 3, (11,))
     last = select_weights(model, "last_layer", example_input=x)
     for structure in ("full", "diag"):
-        ours = compute_curvature(last, batches(x, y, size=4), structure=structure,
-                                 curvature=curvature, max_elements=100)  # chunks of rows
-        jac = compute_curvature(last, batches(x, y, size=4), structure=structure,
-                                curvature=curvature, route="jacobians")
+        ours = compute_curvature(
+            last, batches(x, y, size=4), structure=structure, curvature=curvature, max_elements=100
+        )  # chunks of rows
+        jac = compute_curvature(
+            last, batches(x, y, size=4), structure=structure, curvature=curvature, route="jacobians"
+        )
         torch.testing.assert_close(ours.dense(), jac.dense(), rtol=1e-10, atol=1e-13)
 
 
@@ -235,8 +246,12 @@ def test_kron_factors_equal_hand_computed_conv():
     conv = model[0]
     # patches by explicit loops: 3x3 windows of the zero-padded input, stride 1
     xp = F.pad(x, (1, 1, 1, 1))
-    patches = [xp[n, :, i : i + 3, j : j + 3].reshape(-1)
-               for n in range(len(x)) for i in range(4) for j in range(4)]
+    patches = [
+        xp[n, :, i : i + 3, j : j + 3].reshape(-1)
+        for n in range(len(x))
+        for i in range(4)
+        for j in range(4)
+    ]
     P = torch.stack(patches)
     A = P.T @ P / len(P)  # 1 / (N T) sum over positions and rows
     # G: sum over rows, positions and classes of output gradients after Lambda
@@ -263,8 +278,7 @@ def test_lowrank_recovers_top_eigenpairs():
     V = torch.randn(w.n_params, 4)
     torch.testing.assert_close(ggn_matmul(w, batches(x, y), V), H @ V, rtol=1e-10, atol=1e-12)
     gen = torch.Generator().manual_seed(0)
-    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params,
-                             generator=gen)
+    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params, generator=gen)
     torch.testing.assert_close(curv.dense(), H, rtol=1e-8, atol=1e-9)
     top = torch.linalg.eigvalsh(H).flip(0)[:5]
     curv5 = compute_curvature(w, batches(x, y), structure="lowrank", rank=5, generator=gen)
@@ -279,11 +293,11 @@ def test_lowrank_with_a_cuda_generator():
     x, y = x.cuda(), y.cuda()
     w = select_weights(model)
     gen = torch.Generator(device="cuda").manual_seed(0)
-    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params,
-                             generator=gen)
+    curv = compute_curvature(w, batches(x, y), structure="lowrank", rank=w.n_params, generator=gen)
     assert curv.eigvecs.device.type == "cuda"
-    torch.testing.assert_close(curv.dense().cpu(), brute_ggn(model.cpu(), x.cpu()),
-                               rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        curv.dense().cpu(), brute_ggn(model.cpu(), x.cpu()), rtol=1e-8, atol=1e-9
+    )
 
 
 def test_last_layer_and_subnetwork_subsets_are_submatrices():

@@ -40,16 +40,18 @@ def test_matches_inverse_of_the_precision(work):
     tol = 1e-10 if work == "float64 work" else 1e-4  # float64 work: the float64 posterior
     for dtype, (Hd, m) in ((torch.float64, (H, mean)), (torch.float32, (H32, mean32))):
         for delta, sizes in ((0.7, None), (torch.tensor([0.3, 2.0]), [15, 25])):
-            post = CholeskyFullPosterior(m, Hd, prior_precision=delta, group_sizes=sizes,
-                                         sigma_noise=0.5)
+            post = CholeskyFullPosterior(
+                m, Hd, prior_precision=delta, group_sizes=sizes, sigma_noise=0.5
+            )
             dv = post._delta_vector(post.prior_precision).double()
             prec = 4.0 * Hd.double() + torch.diag(dv)  # s = 1 / sigma^2; H as given
             cov = torch.linalg.inv(prec)
             t = tol if dtype == torch.float64 else max(tol, 2e-5)
             scale = float(cov.abs().max())
             assert float((post.covariance().double() - cov).abs().max()) < t * scale
-            assert float((post.marginal_variance().double() - cov.diagonal()).abs().max()) \
-                < t * scale
+            assert (
+                float((post.marginal_variance().double() - cov.diagonal()).abs().max()) < t * scale
+            )
             J = torch.randn(5, 3, 40, dtype=torch.float64)
             ref = J @ cov @ J.transpose(1, 2)
             got = post.functional_variance(J.to(dtype)).double()
@@ -59,7 +61,8 @@ def test_matches_inverse_of_the_precision(work):
             # eigenvalues or pivots off by ~eps32 |H| each
             exact = work == "float64 work" and dtype == torch.float64
             assert float(post.log_det_posterior_precision()) == pytest.approx(
-                logdet, rel=1e-10 if exact else 2e-5)
+                logdet, rel=1e-10 if exact else 2e-5
+            )
 
 
 def test_same_numbers_as_the_eigendecomposition(work):
@@ -71,13 +74,13 @@ def test_same_numbers_as_the_eigendecomposition(work):
     y[:20] = torch.randint(0, 4, (20,))
     w = select_weights(model, "last_layer", example_input=x)
     curv = compute_curvature(w, [(x, y)], structure="full")
-    kw = dict(prior_precision=0.5, loss=curv.loss, n_data=curv.n_data,
-              n_outputs=curv.n_outputs)
+    kw = dict(prior_precision=0.5, loss=curv.loss, n_data=curv.n_data, n_outputs=curv.n_outputs)
     ref = FullPosterior(w.vector(), curv.full, **kw)
     post = posterior_from_curvature(curv, w.vector(), prior_precision=0.5)
     assert isinstance(post, CholeskyFullPosterior)
     assert float(post.log_marginal_likelihood()) == pytest.approx(
-        float(ref.log_marginal_likelihood()), rel=1e-6)
+        float(ref.log_marginal_likelihood()), rel=1e-6
+    )
     for center in (False, True):
         a = glm_predictive(w, ref, x[:30], center=center)
         b = glm_predictive(w, post, x[:30], center=center)
@@ -99,8 +102,9 @@ def test_same_numbers_as_the_eigendecomposition(work):
         d = np.exp(z)
         return 0.5 * (np.log(lam + d).sum() - lam.size * z + d * theta2)
 
-    best = scipy.optimize.minimize_scalar(neg_evidence, bounds=(-10, 10), method="bounded",
-                                          options={"xatol": 1e-9}).x
+    best = scipy.optimize.minimize_scalar(
+        neg_evidence, bounds=(-10, 10), method="bounded", options={"xatol": 1e-9}
+    ).x
     post.optimize_prior_precision()
     assert float(post.prior_precision) == pytest.approx(np.exp(best), rel=1e-3)
 
@@ -120,7 +124,7 @@ def test_centered_covariance_keeps_float32_precision(work):
     dist = glm_predictive(w, post, x[:20], center=True)
     H = curv.full.double()
     cov = torch.linalg.inv(H + delta * torch.eye(H.shape[0], dtype=torch.float64))
-    J = brute_jacobian(copy.deepcopy(model).double(), x[:20].double())[:, :, -w.n_params:]
+    J = brute_jacobian(copy.deepcopy(model).double(), x[:20].double())[:, :, -w.n_params :]
     P = torch.eye(C, dtype=torch.float64) - 1.0 / C
     reference = P @ (J @ cov @ J.transpose(1, 2)) @ P
     scale = float(reference.diagonal(dim1=1, dim2=2).mean())
@@ -149,9 +153,9 @@ def test_eigvecs_on_demand_agree_with_eigvals():
     assert float((rebuilt - H).abs().max()) < 1e-10 * float(H.abs().max())
 
 
-@pytest.mark.parametrize("bias,likelihood", [(True, "classification"),
-                                             (False, "classification"),
-                                             (True, "regression")])
+@pytest.mark.parametrize(
+    "bias,likelihood", [(True, "classification"), (False, "classification"), (True, "regression")]
+)
 def test_last_layer_class_pair_blocks_match_jacobians(bias, likelihood):
     """The last-layer dense block assembled from the class pairs c <= c' equals the
     per-sample Jacobian route."""
@@ -161,10 +165,10 @@ def test_last_layer_class_pair_blocks_match_jacobians(bias, likelihood):
     model = model.double()
     y = model(x).argmax(1) if likelihood == "classification" else torch.randn(50, 3).double()
     w = select_weights(model, "last_layer", example_input=x)
-    a = compute_curvature(w, [(x[:20], y[:20]), (x[20:], y[20:])], structure="full",
-                          likelihood=likelihood)
-    b = compute_curvature(w, [(x, y)], structure="full", likelihood=likelihood,
-                          route="jacobians")
+    a = compute_curvature(
+        w, [(x[:20], y[:20]), (x[20:], y[20:])], structure="full", likelihood=likelihood
+    )
+    b = compute_curvature(w, [(x, y)], structure="full", likelihood=likelihood, route="jacobians")
     torch.testing.assert_close(a.full, b.full, rtol=1e-12, atol=1e-12)
 
 
@@ -175,8 +179,11 @@ def test_memory_error_before_allocating(monkeypatch):
     x, y = torch.randn(8, 30), torch.randint(0, 10, (8,))
     need = full_memory_bytes(1650)
     assert need == 1650**2 * (4 + 8)
-    with pytest.raises(MemoryError, match=rf"needs 0.03 GiB \({need:,} bytes.*0.01 GiB are "
-                                          "available.*subset_of_weights='last_layer'"):
+    with pytest.raises(
+        MemoryError,
+        match=rf"needs 0.03 GiB \({need:,} bytes.*0.01 GiB are "
+        "available.*subset_of_weights='last_layer'",
+    ):
         compute_curvature(select_weights(model), [(x, y)], structure="full")
     w = select_weights(model, "last_layer", example_input=x)
     compute_curvature(w, [(x, y)], structure="full")  # 410 weights: 2 MB, fits

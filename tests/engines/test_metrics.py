@@ -55,8 +55,12 @@ def test_string_labels_use_sorted_order():
 def test_a_batch_lacking_a_class_needs_labels_and_is_never_guessed():
     # labels 1 and 2 with three columns: columns 0..2 or classes 1..3? Refuse to guess.
     p = [[0.9, 0.05, 0.05], [0.05, 0.9, 0.05]]
-    for metric in (metrics.negative_log_likelihood, metrics.expected_calibration_error,
-                   metrics.brier_score, metrics.aurc):
+    for metric in (
+        metrics.negative_log_likelihood,
+        metrics.expected_calibration_error,
+        metrics.brier_score,
+        metrics.aurc,
+    ):
         with pytest.raises(ValueError, match="pass labels="):
             metric([1, 2], p)
     with pytest.raises(ValueError, match="pass labels="):
@@ -92,8 +96,12 @@ def test_integer_labels_all_present_map_to_columns_in_sorted_order():
     ],
 )
 def test_inputs_that_are_not_probabilities_are_refused(y_proba):
-    for metric in (metrics.negative_log_likelihood, metrics.expected_calibration_error,
-                   metrics.brier_score, metrics.coverage_at_risk):
+    for metric in (
+        metrics.negative_log_likelihood,
+        metrics.expected_calibration_error,
+        metrics.brier_score,
+        metrics.coverage_at_risk,
+    ):
         with pytest.raises(ValueError, match="pass predict_proba output, not logits"):
             metric([0, 1], y_proba)
 

@@ -75,10 +75,13 @@ def test_centered_probit_is_the_probit_of_the_centered_logits():
     torch.testing.assert_close(centered_probit_probabilities(mean, cov), expected)
     # marginal variances only: the same as the diagonal covariance
     var = torch.diagonal(cov, dim1=1, dim2=2)
-    torch.testing.assert_close(centered_probit_probabilities(mean, var),
-                               centered_probit_probabilities(mean, torch.diag_embed(var)))
-    torch.testing.assert_close(OutputDistribution.gaussian(mean, cov).probabilities(
-        "centered_probit"), expected)
+    torch.testing.assert_close(
+        centered_probit_probabilities(mean, var),
+        centered_probit_probabilities(mean, torch.diag_embed(var)),
+    )
+    torch.testing.assert_close(
+        OutputDistribution.gaussian(mean, cov).probabilities("centered_probit"), expected
+    )
 
 
 def test_two_class_centered_probit_is_the_probit_of_the_logit_difference():
@@ -92,11 +95,13 @@ def test_two_class_centered_probit_is_the_probit_of_the_logit_difference():
     torch.testing.assert_close(p[:, 1], expected)
     gen = torch.Generator().manual_seed(0)
     truth = OutputDistribution.gaussian(mean, cov).probabilities(
-        "mc", n_samples=400_000, generator=gen)
+        "mc", n_samples=400_000, generator=gen
+    )
     gap = (p - truth).abs().max()
     assert gap < 0.02
-    assert (probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2))
-            - truth).abs().max() > 2 * gap
+    assert (
+        probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2)) - truth
+    ).abs().max() > 2 * gap
 
 
 def test_centered_probit_ignores_a_shared_shift_like_softmax_does():
@@ -107,15 +112,19 @@ def test_centered_probit_ignores_a_shared_shift_like_softmax_does():
     """
     mean, cov = random_gaussian(n=3, c=4, scale=0.5)
     shifted = cov + 25.0 * torch.ones(4, 4, dtype=cov.dtype)
-    torch.testing.assert_close(centered_probit_probabilities(mean, shifted),
-                               centered_probit_probabilities(mean, cov))
-    torch.testing.assert_close(centered_probit_probabilities(mean + 7.0, cov),
-                               centered_probit_probabilities(mean, cov))
+    torch.testing.assert_close(
+        centered_probit_probabilities(mean, shifted), centered_probit_probabilities(mean, cov)
+    )
+    torch.testing.assert_close(
+        centered_probit_probabilities(mean + 7.0, cov), centered_probit_probabilities(mean, cov)
+    )
     gen = torch.Generator().manual_seed(0)
     truth = OutputDistribution.gaussian(mean, cov).probabilities(
-        "mc", n_samples=400_000, generator=gen)
+        "mc", n_samples=400_000, generator=gen
+    )
     truth_shifted = OutputDistribution.gaussian(mean, shifted).probabilities(
-        "mc", n_samples=400_000, generator=gen)
+        "mc", n_samples=400_000, generator=gen
+    )
     torch.testing.assert_close(truth_shifted, truth, atol=4e-3, rtol=0)
     plain = probit_probabilities(mean, torch.diagonal(shifted, dim1=1, dim2=2))
     centered = centered_probit_probabilities(mean, shifted)
@@ -175,8 +184,9 @@ def test_bridge_for_two_classes_has_no_constant_term():
 @pytest.mark.parametrize("diagonal", [True, False])
 def test_sampling_from_an_overflowed_covariance_says_what_to_do(diagonal):
     cov = torch.tensor([[float("inf"), 0.0], [0.0, 1.0]])
-    d = OutputDistribution.gaussian(torch.zeros(1, 2), cov.diagonal()[None] if diagonal
-                                    else cov[None])
+    d = OutputDistribution.gaussian(
+        torch.zeros(1, 2), cov.diagonal()[None] if diagonal else cov[None]
+    )
     with pytest.raises(FloatingPointError, match="scale the inputs"):
         d.probabilities("mc", n_samples=10)
 
@@ -232,11 +242,15 @@ def test_gaussian_mutual_information_grows_with_variance():
     gen = torch.Generator().manual_seed(0)
     small = classification_uncertainty(
         OutputDistribution.gaussian(mean, torch.full((1, 3), 0.01, dtype=torch.float64)),
-        "mutual_information", n_samples=2000, generator=gen,
+        "mutual_information",
+        n_samples=2000,
+        generator=gen,
     )
     large = classification_uncertainty(
         OutputDistribution.gaussian(mean, torch.full((1, 3), 25.0, dtype=torch.float64)),
-        "mutual_information", n_samples=2000, generator=gen,
+        "mutual_information",
+        n_samples=2000,
+        generator=gen,
     )
     assert float(small) < 0.01 < 0.3 < float(large)
 
@@ -263,10 +277,12 @@ def test_centered_covariance_is_what_the_centered_link_reads_and_travels_along()
     P = torch.eye(3, dtype=cov.dtype) - 1 / 3
     precise = P @ cov @ P + 1e-3 * torch.eye(3, dtype=cov.dtype)  # distinguishable
     d = OutputDistribution.gaussian(mean, cov, precise)
-    torch.testing.assert_close(d.probabilities("centered_probit"),
-                               centered_probit_probabilities(mean, precise))
-    torch.testing.assert_close(d.probabilities("probit"),
-                               probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2)))
+    torch.testing.assert_close(
+        d.probabilities("centered_probit"), centered_probit_probabilities(mean, precise)
+    )
+    torch.testing.assert_close(
+        d.probabilities("probit"), probit_probabilities(mean, torch.diagonal(cov, dim1=1, dim2=2))
+    )
     both = OutputDistribution.concatenate([d, d])
     assert both.centered_covariance.shape == (8, 3, 3)
     assert d.to(torch.float32).centered_covariance.dtype == torch.float32

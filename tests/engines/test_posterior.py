@@ -43,10 +43,19 @@ def _posteriors(model, x, y, delta=0.7, **kw):
     w = select_weights(model)
     out = {}
     for s in ("diag", "kron", "full", "lowrank"):
-        curv = compute_curvature(w, batches(x, y), structure=s, rank=w.n_params,
-                                 generator=torch.Generator().manual_seed(0))
-        out[s] = (curv, posterior_from_curvature(curv, w.vector(), prior_precision=delta,
-                                                 group_sizes=w.group_sizes(), **kw))
+        curv = compute_curvature(
+            w,
+            batches(x, y),
+            structure=s,
+            rank=w.n_params,
+            generator=torch.Generator().manual_seed(0),
+        )
+        out[s] = (
+            curv,
+            posterior_from_curvature(
+                curv, w.vector(), prior_precision=delta, group_sizes=w.group_sizes(), **kw
+            ),
+        )
     return w, out
 
 
@@ -65,8 +74,11 @@ def test_posterior_against_dense(structure):
     torch.testing.assert_close(post.functional_variance(J), J @ cov @ J.transpose(1, 2))
     # the evidence, term by term
     theta = w.vector()
-    direct = (-curv.loss / 0.5 - 0.5 * (torch.logdet(prec) - w.n_params * math.log(0.7))
-              - 0.5 * 0.7 * theta @ theta)
+    direct = (
+        -curv.loss / 0.5
+        - 0.5 * (torch.logdet(prec) - w.n_params * math.log(0.7))
+        - 0.5 * 0.7 * theta @ theta
+    )
     torch.testing.assert_close(post.log_marginal_likelihood(), direct)
     # samples: mean and covariance by Monte Carlo
     gen = torch.Generator().manual_seed(0)
@@ -98,12 +110,12 @@ def test_layerwise_prior_against_dense():
     dvec = torch.repeat_interleave(deltas, torch.tensor(w.group_sizes()))
     for s in ("diag", "kron", "full"):
         curv = compute_curvature(w, batches(x, y), structure=s)
-        post = posterior_from_curvature(curv, w.vector(), prior_precision=deltas,
-                                        group_sizes=w.group_sizes())
+        post = posterior_from_curvature(
+            curv, w.vector(), prior_precision=deltas, group_sizes=w.group_sizes()
+        )
         prec = curv.dense() + torch.diag(dvec)
         torch.testing.assert_close(post.log_det_posterior_precision(), torch.logdet(prec))
-        torch.testing.assert_close(post.marginal_variance(),
-                                   torch.diagonal(torch.linalg.inv(prec)))
+        torch.testing.assert_close(post.marginal_variance(), torch.diagonal(torch.linalg.inv(prec)))
 
 
 def test_marglik_gradient_and_optimum():
@@ -137,11 +149,11 @@ def test_layerwise_marglik_optimum_against_brute_force(structure):
     H = brute_ggn(model, x)
     # the same matrix the posterior approximates: exact for full, its diagonal for diag
     dense = {"full": H, "diag": torch.diag(torch.diagonal(H)), "kron": curv.dense()}[structure]
-    post = posterior_from_curvature(curv, w.vector(), prior_precision=1.0,
-                                    group_sizes=w.group_sizes())
+    post = posterior_from_curvature(
+        curv, w.vector(), prior_precision=1.0, group_sizes=w.group_sizes()
+    )
     post.optimize_prior_precision("layerwise")
-    expected = brute_layerwise_marglik_optimum(dense.numpy(), w.vector().numpy(),
-                                               w.group_sizes())
+    expected = brute_layerwise_marglik_optimum(dense.numpy(), w.vector().numpy(), w.group_sizes())
     assert post.prior_precision.shape == (6,)
     np.testing.assert_allclose(post.prior_precision.numpy(), expected, rtol=1e-6)
     assert np.ptp(np.log(expected)) > 0.5  # the groups do want different precisions
@@ -157,9 +169,12 @@ def test_regression_marglik_with_noise():
     H = brute_ggn(model, x, likelihood="regression") / 0.09
     theta, P = w.vector(), w.n_params
     sse = float(((model(x) - y) ** 2).sum())
-    direct = (-sse / (2 * 0.09) - 30 * math.log(0.3 * math.sqrt(2 * math.pi))
-              - 0.5 * (torch.logdet(H + 0.5 * torch.eye(P)) - P * math.log(0.5))
-              - 0.25 * theta @ theta)
+    direct = (
+        -sse / (2 * 0.09)
+        - 30 * math.log(0.3 * math.sqrt(2 * math.pi))
+        - 0.5 * (torch.logdet(H + 0.5 * torch.eye(P)) - P * math.log(0.5))
+        - 0.25 * theta @ theta
+    )
     torch.testing.assert_close(post.log_marginal_likelihood(), direct)
     post.optimize_prior_precision(fit_sigma_noise=True)
     s = torch.tensor(post.sigma_noise, requires_grad=True)
@@ -212,8 +227,7 @@ def test_glm_predictive_of_a_cnn_by_layers_against_brute_force(structure):
     torch.testing.assert_close(glm_predictive(w, post, x).covariance, expected)
     with patch("skuq.predictive.DEFAULT_MAX_ELEMENTS", 40):  # one row per chunk
         torch.testing.assert_close(glm_predictive(w, post, x).covariance, expected)
-    torch.testing.assert_close(glm_predictive(w, post, x, use_features=False).covariance,
-                               expected)
+    torch.testing.assert_close(glm_predictive(w, post, x, use_features=False).covariance, expected)
     for route in (True, False):
         _assert_centered_route(w, post, x, expected, route)
 
@@ -258,8 +272,9 @@ def test_nn_and_glm_agree_for_a_linear_model():
     curv = compute_curvature(w, [(x, y)], structure="full")
     post = posterior_from_curvature(curv, w.vector(), prior_precision=1.0)
     glm = glm_predictive(w, post, x[:5])
-    sampled = nn_predictive(w, post, x[:5], n_samples=20000,
-                            generator=torch.Generator().manual_seed(0))
+    sampled = nn_predictive(
+        w, post, x[:5], n_samples=20000, generator=torch.Generator().manual_seed(0)
+    )
     scale = glm.variance.sqrt()
     assert ((sampled.output_mean - glm.mean) / scale).abs().max() < 0.03
     emp = torch.einsum("sni,snj->nij", sampled.samples - glm.mean, sampled.samples - glm.mean)
@@ -274,8 +289,13 @@ def test_posterior_bad_input():
     with pytest.raises(ValueError, match="one value per layer"):
         DiagPosterior(torch.zeros(3), torch.ones(3), prior_precision=[1.0, 2.0])
     with pytest.raises(ValueError, match="scalar prior precision only"):
-        LowRankPosterior(torch.zeros(3), torch.ones(1), torch.eye(3)[:, :1],
-                         prior_precision=[1.0, 2.0], group_sizes=[1, 2])
+        LowRankPosterior(
+            torch.zeros(3),
+            torch.ones(1),
+            torch.eye(3)[:, :1],
+            prior_precision=[1.0, 2.0],
+            group_sizes=[1, 2],
+        )
     with pytest.raises(ValueError, match="P x P"):
         FullPosterior(torch.zeros(3), torch.eye(2))
     assert KronPosterior  # imported for the docs

@@ -25,16 +25,23 @@ def _load_compare():
 def test_compare_quick_runs_and_writes_table_csv_and_plots(tmp_path):
     pytest.importorskip("matplotlib")
     compare = _load_compare()
-    out = compare.main([
-        "--quick", "--methods", "MAPClassifier,TemperatureScalingClassifier,MAPRegressor",
-        "--out-dir", str(tmp_path),
-    ])
+    out = compare.main(
+        [
+            "--quick",
+            "--methods",
+            "MAPClassifier,TemperatureScalingClassifier,MAPRegressor",
+            "--out-dir",
+            str(tmp_path),
+        ]
+    )
     assert not [r.error for r in out["runs"] if r.error]
     md = (tmp_path / "compare_quick.md").read_text()
     for name in ("MAPClassifier", "TemperatureScalingClassifier", "MAPRegressor"):
         assert f"| {name} |" in md
-    assert "| TemperatureScalingClassifier | yes / " in md or \
-        "| TemperatureScalingClassifier | no / " in md
+    assert (
+        "| TemperatureScalingClassifier | yes / " in md
+        or "| TemperatureScalingClassifier | no / " in md
+    )
     with open(tmp_path / "compare_quick.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == {"digits", "gap_regression"}
@@ -69,11 +76,16 @@ def test_a_failing_method_becomes_a_failed_row_not_a_crash():
 
     data = compare.task_digits(0, compare.PROFILES["quick"]["digits"])
     methods = [("MAPClassifier", MAPClassifier), ("BrokenClassifier", BrokenClassifier)]
-    runs = compare.run_task("digits", data, methods, 0, compare.torch.device("cpu"),
-                            lambda *a: None)
+    runs = compare.run_task(
+        "digits", data, methods, 0, compare.torch.device("cpu"), lambda *a: None
+    )
     assert [r.error for r in runs] == ["", "RuntimeError: boom"]
-    md = compare.markdown(compare.aggregate(runs), {"digits": "classifier"},
-                          {"classifier": ["MAPClassifier", "BrokenClassifier"]}, "")
+    md = compare.markdown(
+        compare.aggregate(runs),
+        {"digits": "classifier"},
+        {"classifier": ["MAPClassifier", "BrokenClassifier"]},
+        "",
+    )
     assert "| BrokenClassifier | failed: RuntimeError: boom |" in md
 
 

@@ -29,8 +29,15 @@ def test_every_method_page_is_in_the_nav_and_has_the_same_sections():
         if page.name in ("index.md", "map.md"):
             continue  # the overview; MAP and temperature scaling share a page
         headings = re.findall(r"^## (.+)$", page.read_text(), flags=re.M)
-        for section in ("The idea", "The math", "Parameters", "When to use it", "Cost",
-                        "Benchmark numbers", "API"):
+        for section in (
+            "The idea",
+            "The math",
+            "Parameters",
+            "When to use it",
+            "Cost",
+            "Benchmark numbers",
+            "API",
+        ):
             assert section in headings, (page.name, section)
 
 
@@ -61,8 +68,10 @@ def test_every_public_name_has_a_runnable_example():
     import skuq
 
     missing = set()
-    modules = [skuq] + [importlib.import_module(info.name)
-                        for info in pkgutil.walk_packages(skuq.__path__, prefix="skuq.")]
+    modules = [skuq] + [
+        importlib.import_module(info.name)
+        for info in pkgutil.walk_packages(skuq.__path__, prefix="skuq.")
+    ]
     for module in modules:
         for name in getattr(module, "__all__", ()):
             obj = getattr(module, name)

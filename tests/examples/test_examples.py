@@ -103,8 +103,7 @@ def test_selective_prediction_reports_risk_coverage(tmp_path):
     out = tmp_path / "rc.png"
     results = sp.main(quick=True, out=str(out))
 
-    assert set(results) == {"MAP", "temperature scaling", "Laplace (last layer)",
-                            "deep ensemble"}
+    assert set(results) == {"MAP", "temperature scaling", "Laplace (last layer)", "deep ensemble"}
     for name, r in results.items():
         assert r["accuracy"] > 0.8, name
         assert 0 <= r["AURC"] < 1 - r["accuracy"], name  # abstaining lowers the risk

@@ -33,8 +33,7 @@ MU = torch.tensor([-2.0, -0.5, 0.0, 0.7, 3.0], dtype=torch.float64)
 VARS = (1e-4, 0.25, 1.0, 4.0)
 
 
-_Z = torch.randn(N_MC, len(MU), generator=torch.Generator().manual_seed(0),
-                 dtype=torch.float64)
+_Z = torch.randn(N_MC, len(MU), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
 
 
 def _mc(fn, mu, var, n=N_MC, seed=0, with_se=False):
@@ -62,8 +61,7 @@ def _rel(a, b, scale=None):
 # ----------------------------------------------------------------- elementwise
 ELEMENTWISE = {
     "relu": (mom.relu_moments, torch.relu),
-    "leaky_relu": (lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
-                   lambda x: F.leaky_relu(x, 0.2)),
+    "leaky_relu": (lambda m, v: mom.leaky_relu_moments(m, v, 0.2), lambda x: F.leaky_relu(x, 0.2)),
     "gelu": (mom.gelu_moments, F.gelu),
     "silu": (mom.silu_moments, F.silu),
     "sigmoid": (mom.sigmoid_moments, torch.sigmoid),
@@ -113,25 +111,47 @@ def _sig(x):
 #: relative to the output RMS, variance error relative.
 QUAD_RULES = {
     "relu": (mom.relu_moments, lambda x: max(x, 0.0), (0.0,), {(0, 1e9): (1e-10, 1e-9)}),
-    "leaky_relu": (lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
-                   lambda x: x if x > 0 else 0.2 * x, (0.0,), {(0, 1e9): (1e-10, 1e-9)}),
-    "clamp": (lambda m, v: mom.clamp_moments(m, v, -1.0, 0.5),
-              lambda x: min(max(x, -1.0), 0.5), (-1.0, 0.5), {(0, 1e9): (1e-10, 1e-7)}),
+    "leaky_relu": (
+        lambda m, v: mom.leaky_relu_moments(m, v, 0.2),
+        lambda x: x if x > 0 else 0.2 * x,
+        (0.0,),
+        {(0, 1e9): (1e-10, 1e-9)},
+    ),
+    "clamp": (
+        lambda m, v: mom.clamp_moments(m, v, -1.0, 0.5),
+        lambda x: min(max(x, -1.0), 0.5),
+        (-1.0, 0.5),
+        {(0, 1e9): (1e-10, 1e-7)},
+    ),
     # mean exact; variance: Hermite expansion (<= 0.5), closed form above
-    "gelu": (mom.gelu_moments, lambda x: x * 0.5 * math.erfc(-x / math.sqrt(2)), (),
-             {(0, 0.5): (1e-10, 1e-5), (0.5, 1e9): (1e-10, 1e-9)}),
+    "gelu": (
+        mom.gelu_moments,
+        lambda x: x * 0.5 * math.erfc(-x / math.sqrt(2)),
+        (),
+        {(0, 0.5): (1e-10, 1e-5), (0.5, 1e9): (1e-10, 1e-9)},
+    ),
     # input-dtype Gauss-Hermite (<= 0.5), closed-form proxy plus residual above
-    "silu": (mom.silu_moments, lambda x: x * _sig(x), (),
-             {(0, 0.5): (1e-6, 2e-5), (0.5, 1e9): (1e-10, 1e-9)}),
+    "silu": (
+        mom.silu_moments,
+        lambda x: x * _sig(x),
+        (),
+        {(0, 0.5): (1e-6, 2e-5), (0.5, 1e9): (1e-10, 1e-9)},
+    ),
     "sigmoid": (mom.sigmoid_moments, _sig, (), {(0, 1e9): (1e-10, 1e-9)}),
     "tanh": (mom.tanh_moments, math.tanh, (), {(0, 1e9): (1e-10, 1e-9)}),
     # generic 32-node Gauss-Hermite: approximate, accuracy by variance
-    "softplus": (lambda m, v: mom.quadrature_moments(F.softplus, m, v),
-                 lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))), (),
-                 {(0, 1.0): (1e-8, 1e-8), (1.0, 4.0): (1e-7, 1e-6), (4.0, 1e9): (2e-2, 3e-2)}),
-    "elu": (lambda m, v: mom.quadrature_moments(F.elu, m, v),
-            lambda x: x if x > 0 else math.expm1(x), (0.0,),
-            {(0, 1e-3): (1e-6, 2e-5), (1e-3, 1.0): (1e-3, 2e-3), (1.0, 1e9): (2e-2, 3e-2)}),
+    "softplus": (
+        lambda m, v: mom.quadrature_moments(F.softplus, m, v),
+        lambda x: max(x, 0.0) + math.log1p(math.exp(-abs(x))),
+        (),
+        {(0, 1.0): (1e-8, 1e-8), (1.0, 4.0): (1e-7, 1e-6), (4.0, 1e9): (2e-2, 3e-2)},
+    ),
+    "elu": (
+        lambda m, v: mom.quadrature_moments(F.elu, m, v),
+        lambda x: x if x > 0 else math.expm1(x),
+        (0.0,),
+        {(0, 1e-3): (1e-6, 2e-5), (1e-3, 1.0): (1e-3, 2e-3), (1.0, 1e9): (2e-2, 3e-2)},
+    ),
 }
 QUAD_MU = (-5.0, -1.0, -0.3, 0.0, 0.5, 3.0)
 QUAD_VARS = (1e-6, 1e-3, 0.1, 0.5, 0.6, 1.0, 4.0, 25.0, 100.0, 1e4)
@@ -163,15 +183,17 @@ def test_sigmoid_moments_exact_at_known_values():
     """E[sigmoid(x)] = 1/2 for a symmetric input, and tanh's variance at mu = 0
     against a 4000-point Gauss-Hermite sum (tanh is entire on the real line)."""
     for v in (1e-4, 1.0, 25.0, 1e4):
-        m, _ = mom.sigmoid_moments(torch.zeros(1, dtype=torch.float64),
-                                   torch.full((1,), v, dtype=torch.float64))
+        m, _ = mom.sigmoid_moments(
+            torch.zeros(1, dtype=torch.float64), torch.full((1,), v, dtype=torch.float64)
+        )
         assert abs(float(m) - 0.5) < 1e-14
     z, w = np.polynomial.hermite_e.hermegauss(150)
     w = w / math.sqrt(2 * math.pi)
     for v in (0.25, 1.0):  # 150 nodes resolve tanh at sd <= 1
         ref = float((np.tanh(math.sqrt(v) * z) ** 2 * w).sum())
-        _, out = mom.tanh_moments(torch.zeros(1, dtype=torch.float64),
-                                  torch.full((1,), v, dtype=torch.float64))
+        _, out = mom.tanh_moments(
+            torch.zeros(1, dtype=torch.float64), torch.full((1,), v, dtype=torch.float64)
+        )
         assert abs(float(out) - ref) < 1e-10 * ref
 
 
@@ -197,8 +219,9 @@ def test_layer_scales_reach_tuple_outputs():
     torch.manual_seed(0)
     model = _Encoder().eval()
     x = torch.randn(4, 64)
-    prop = MomentPropagator(model, {n: torch.full_like(p, 1e-3)
-                                    for n, p in model.named_parameters()})
+    prop = MomentPropagator(
+        model, {n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()}
+    )
     assert "attn" in prop.layer_names
     with torch.no_grad():
         base, rec = prop(x), {}
@@ -219,8 +242,9 @@ def test_weight_side_cache_follows_in_place_changes_and_conversions():
         torch.testing.assert_close(prop(x).var, 4.0 * before.var)
         net.double()  # new data for every parameter
         out = prop(x.double())
-        torch.testing.assert_close(out.var, MomentPropagator(net, {"0.weight": 0.01})(
-            x.double()).var)
+        torch.testing.assert_close(
+            out.var, MomentPropagator(net, {"0.weight": 0.01})(x.double()).var
+        )
 
 
 def test_sliced_evaluation_matches_whole_tensors(monkeypatch):
@@ -277,11 +301,16 @@ def _mc_module(model, x_mean, x_var, variances, n=N_MC, chunk=50_000, seed=0):
     total = mean_acc = sq_acc = 0
     with torch.no_grad():
         for _ in range(n // chunk):
-            p = {k: t + variances[k].sqrt() * torch.randn(chunk, *t.shape, generator=g,
-                                                          dtype=t.dtype)
-                 if k in variances else t.expand(chunk, *t.shape) for k, t in params.items()}
-            x = x_mean[0] + x_var[0].sqrt() * torch.randn(chunk, *x_mean.shape[1:],
-                                                          generator=g, dtype=x_mean.dtype)
+            p = {
+                k: t
+                + variances[k].sqrt() * torch.randn(chunk, *t.shape, generator=g, dtype=t.dtype)
+                if k in variances
+                else t.expand(chunk, *t.shape)
+                for k, t in params.items()
+            }
+            x = x_mean[0] + x_var[0].sqrt() * torch.randn(
+                chunk, *x_mean.shape[1:], generator=g, dtype=x_mean.dtype
+            )
             y = run(p, x).double()
             mean_acc = mean_acc + y.sum(0)
             sq_acc = sq_acc + (y * y).sum(0)
@@ -300,8 +329,10 @@ def _input(shape, seed=1, spread=(1e-3, 2.0)):
 
 def _variances(model, scale=0.05, seed=2):
     g = torch.Generator().manual_seed(seed)
-    return {n: scale * torch.rand(p.shape, generator=g, dtype=p.dtype)
-            for n, p in model.named_parameters()}
+    return {
+        n: scale * torch.rand(p.shape, generator=g, dtype=p.dtype)
+        for n, p in model.named_parameters()
+    }
 
 
 def _check_layer(model, shape, tol_mean=0.01, tol_var=0.01, n=N_MC, **kw):
@@ -332,16 +363,23 @@ def _conv_draws(m, x, w, b):
         return tuple(v) if two_d else (one, v[0])
 
     k = tuple(w.shape[-2:]) if two_d else (1, w.shape[-1])
-    patches = F.unfold(x4, k, dilation=pair(m.dilation, 1), padding=pair(m.padding, 0),
-                       stride=pair(m.stride, 1))  # (c, C_in * prod(k), positions)
+    patches = F.unfold(
+        x4, k, dilation=pair(m.dilation, 1), padding=pair(m.padding, 0), stride=pair(m.stride, 1)
+    )  # (c, C_in * prod(k), positions)
     c, c_out, c_in_g = w.shape[0], w.shape[1], w.shape[2]
     out_g = c_out // m.groups
     per = c_in_g * k[0] * k[1]
-    outs = [torch.bmm(w[:, g * out_g: (g + 1) * out_g].reshape(c, out_g, per),
-                      patches[:, g * per: (g + 1) * per]) for g in range(m.groups)]
+    outs = [
+        torch.bmm(
+            w[:, g * out_g : (g + 1) * out_g].reshape(c, out_g, per),
+            patches[:, g * per : (g + 1) * per],
+        )
+        for g in range(m.groups)
+    ]
     out = torch.cat(outs, dim=1) + b.unsqueeze(-1)
-    h_out = (x4.shape[2] + 2 * pair(m.padding, 0)[0] - pair(m.dilation, 1)[0] * (k[0] - 1)
-             - 1) // pair(m.stride, 1)[0] + 1
+    h_out = (
+        x4.shape[2] + 2 * pair(m.padding, 0)[0] - pair(m.dilation, 1)[0] * (k[0] - 1) - 1
+    ) // pair(m.stride, 1)[0] + 1
     return out.view(c, c_out, h_out, -1) if two_d else out
 
 
@@ -354,17 +392,21 @@ def _check_conv(m, shape, n=N_MC, chunk=50_000):
 
     def draw(c):
         x = x_mean[0] + x_var[0].sqrt() * torch.randn(c, *shape, generator=g, dtype=x_mean.dtype)
-        w = m.weight + variances["weight"].sqrt() * torch.randn(c, *m.weight.shape, generator=g,
-                                                                dtype=x_mean.dtype)
-        b = m.bias + variances["bias"].sqrt() * torch.randn(c, *m.bias.shape, generator=g,
-                                                            dtype=x_mean.dtype)
+        w = m.weight + variances["weight"].sqrt() * torch.randn(
+            c, *m.weight.shape, generator=g, dtype=x_mean.dtype
+        )
+        b = m.bias + variances["bias"].sqrt() * torch.randn(
+            c, *m.bias.shape, generator=g, dtype=x_mean.dtype
+        )
         return x, w, b
 
     with torch.no_grad():
         x, w, b = draw(2)  # the unfolded product is the module's convolution
         for i in range(2):
-            ref = functional_call(m, {"weight": w[i], "bias": b[i]}, (x[i: i + 1],))
-            torch.testing.assert_close(_conv_draws(m, x[i: i + 1], w[i: i + 1], b[i: i + 1]), ref)
+            ref = functional_call(m, {"weight": w[i], "bias": b[i]}, (x[i : i + 1],))
+            torch.testing.assert_close(
+                _conv_draws(m, x[i : i + 1], w[i : i + 1], b[i : i + 1]), ref
+            )
         acc = acc2 = 0
         for _ in range(n // chunk):
             y = _conv_draws(m, *draw(chunk))
@@ -452,8 +494,9 @@ def test_pooling_rules_are_exact_only_for_independent_inputs():
     conv = nn.Conv2d(2, 3, 3, padding=1).double()
     x = torch.rand(1, 2, 5, 5, dtype=torch.float64) + 0.5
     variances = {"weight": torch.full_like(conv.weight, 1e-2)}
-    pooled = MomentPropagator(nn.Sequential(conv, nn.AdaptiveAvgPool2d(1)), {
-        "0.weight": variances["weight"]})(x)
+    pooled = MomentPropagator(
+        nn.Sequential(conv, nn.AdaptiveAvgPool2d(1)), {"0.weight": variances["weight"]}
+    )(x)
     per_unit = MomentPropagator(conv, variances)(x)
     independent = nn.AdaptiveAvgPool2d(1)(per_unit.var) / 25  # what independence gives
     assert bool((pooled.var > 15 * independent).all())
@@ -465,8 +508,12 @@ class _Pool(nn.Module):
 
     def __init__(self, layer, chain=(), form="module", residual=False):
         super().__init__()
-        self.layer, self.chain, self.form, self.residual = layer, nn.Sequential(*chain), form, \
-            residual
+        self.layer, self.chain, self.form, self.residual = (
+            layer,
+            nn.Sequential(*chain),
+            form,
+            residual,
+        )
         two_d = isinstance(layer, (nn.Conv2d, nn.BatchNorm2d))
         self.pool = nn.AdaptiveAvgPool2d(1) if two_d else nn.AdaptiveAvgPool1d(1)
         self.dims = (2, 3) if two_d else (2,)
@@ -495,8 +542,11 @@ def _pooled_setup(model, shape, weight_var, seed=0):
     model = model.double().eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(1, *shape, generator=g, dtype=torch.float64) + 0.25
-    variances = {n: weight_var * torch.rand(p.shape, generator=g, dtype=p.dtype)
-                 for n, p in model.named_parameters() if n.startswith("layer.")}
+    variances = {
+        n: weight_var * torch.rand(p.shape, generator=g, dtype=p.dtype)
+        for n, p in model.named_parameters()
+        if n.startswith("layer.")
+    }
     return model, x, variances
 
 
@@ -509,10 +559,20 @@ def _pooled_ratio(model, shape, weight_var, n=50_000, seed=0):
     return (out.var[0] / mc_var), float(out.var[0].mean() / mc_var.mean())
 
 
-@pytest.mark.parametrize("kind", ["conv2d module", "conv2d function", "conv2d mean",
-                                  "conv1d strided", "conv2d groups=2 reflect",
-                                  "conv2d same", "linear over tokens", "batchnorm",
-                                  "layernorm over tokens"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "conv2d module",
+        "conv2d function",
+        "conv2d mean",
+        "conv1d strided",
+        "conv2d groups=2 reflect",
+        "conv2d same",
+        "linear over tokens",
+        "batchnorm",
+        "layernorm over tokens",
+    ],
+)
 def test_pooled_shared_layer_is_exact(kind):
     """A global average pool right after a convolution (or a per-token Linear): the
     pooled output is linear in the layer's weights (fixed input), so its variance is
@@ -526,8 +586,11 @@ def test_pooled_shared_layer_is_exact(kind):
         "conv2d function": (nn.Conv2d(2, 3, 3), (2, 5, 5), "function"),
         "conv2d mean": (nn.Conv2d(2, 3, 2, stride=2), (2, 6, 6), "mean"),
         "conv1d strided": (nn.Conv1d(2, 3, 3, stride=2, padding=1), (2, 9), "module"),
-        "conv2d groups=2 reflect": (nn.Conv2d(4, 4, 3, groups=2, padding=1,
-                                              padding_mode="reflect"), (4, 5, 5), "module"),
+        "conv2d groups=2 reflect": (
+            nn.Conv2d(4, 4, 3, groups=2, padding=1, padding_mode="reflect"),
+            (4, 5, 5),
+            "module",
+        ),
         "conv2d same": (nn.Conv2d(2, 3, 2, padding="same"), (2, 5, 5), "mean"),
         "linear over tokens": (nn.Linear(6, 4), (7, 6), "mean"),
         "batchnorm": (_eval_bn(3), (3, 4, 5), "module"),
@@ -540,8 +603,7 @@ def test_pooled_shared_layer_is_exact(kind):
     ref = torch.zeros_like(y)
     for c in range(len(y)):
         grads = torch.autograd.grad(y[c], [params[k] for k in variances], retain_graph=True)
-        ref[c] = sum((gr**2 * v).sum() for gr, v in zip(grads, variances.values(),
-                                                          strict=True))
+        ref[c] = sum((gr**2 * v).sum() for gr, v in zip(grads, variances.values(), strict=True))
     torch.testing.assert_close(out.var[0].detach(), ref.detach(), rtol=1e-10, atol=0)
     # a second input row, to catch rows mixed up in the batched products
     x2 = torch.cat([x, x.flip(-1) * 2.0])
@@ -550,8 +612,9 @@ def test_pooled_shared_layer_is_exact(kind):
     assert not torch.allclose(out2.var[1], out.var[0])
 
 
-@pytest.mark.parametrize("kind", ["bn relu", "gelu", "silu product", "residual relu",
-                                  "tokens relu"])
+@pytest.mark.parametrize(
+    "kind", ["bn relu", "gelu", "silu product", "residual relu", "tokens relu"]
+)
 @pytest.mark.parametrize("weight_var", [1e-3, 1e-2])
 def test_pooled_shared_layer_through_activations(kind, weight_var):
     """Through an activation the cross-position covariance is carried to first order by
@@ -566,13 +629,13 @@ def test_pooled_shared_layer_through_activations(kind, weight_var):
             return t * torch.sigmoid(t)
 
     model, shape = {
-        "bn relu": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (_eval_bn(4), nn.ReLU())),
-                    (3, 6, 6)),
+        "bn relu": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (_eval_bn(4), nn.ReLU())), (3, 6, 6)),
         "gelu": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (nn.GELU(),)), (3, 6, 6)),
-        "silu product": (_Pool(nn.Conv2d(3, 4, 3, padding=1), (SiLUByHand(),),
-                               form="mean"), (3, 6, 6)),
-        "residual relu": (_Pool(nn.Conv2d(3, 3, 3, padding=1), (), residual=True),
-                          (3, 6, 6)),
+        "silu product": (
+            _Pool(nn.Conv2d(3, 4, 3, padding=1), (SiLUByHand(),), form="mean"),
+            (3, 6, 6),
+        ),
+        "residual relu": (_Pool(nn.Conv2d(3, 3, 3, padding=1), (), residual=True), (3, 6, 6)),
         "tokens relu": (_Pool(nn.Linear(6, 5), (nn.ReLU(),)), (12, 6)),
     }[kind]
     model, x, variances = _pooled_setup(model, shape, weight_var)
@@ -581,8 +644,7 @@ def test_pooled_shared_layer_through_activations(kind, weight_var):
         out = prop(x).var[0]
         _, mc = _mc_module(model, x, torch.zeros_like(x), variances, n=50_000, chunk=25_000)
         assert abs(float(out.mean() / mc.mean()) - 1) < 0.03, (out, mc)
-        assert bool(((out - mc).abs() <= torch.maximum(0.1 * mc, 0.01 * mc.max())).all()), (
-            out, mc)
+        assert bool(((out - mc).abs() <= torch.maximum(0.1 * mc, 0.01 * mc.max())).all()), (out, mc)
         prop._pooled = {}  # per-unit propagation only
         assert float(prop(x).var[0].mean()) < 0.25 * float(out.mean())
 
@@ -608,9 +670,11 @@ def test_attention_rule_against_monte_carlo():
     x = torch.randn(1, 5, 8, dtype=torch.float64)
     e = 8
     wvar = torch.zeros_like(mha.in_proj_weight)
-    wvar[2 * e:] = 0.02
-    variances = {"in_proj_weight": wvar, "out_proj.weight": torch.full((8, 8), 0.02,
-                                                                       dtype=torch.float64)}
+    wvar[2 * e :] = 0.02
+    variances = {
+        "in_proj_weight": wvar,
+        "out_proj.weight": torch.full((8, 8), 0.02, dtype=torch.float64),
+    }
 
     class Wrap(nn.Module):
         def __init__(self):
@@ -634,8 +698,9 @@ def test_attention_rule_against_monte_carlo():
     def heads(t):
         return t.reshape(*t.shape[:-2], n_tok, h, hd).transpose(-3, -2)
 
-    a = torch.softmax(heads(x[0] @ wq.T + bq) @ heads(x[0] @ wk.T + bk).transpose(-1, -2)
-                      / hd**0.5, dim=-1)
+    a = torch.softmax(
+        heads(x[0] @ wq.T + bq) @ heads(x[0] @ wk.T + bk).transpose(-1, -2) / hd**0.5, dim=-1
+    )
 
     def draws(w_v, w_o):  # (c, e, e) each -> (c, tokens, e)
         vals = heads(x[0] @ w_v.transpose(1, 2) + bv)
@@ -645,15 +710,16 @@ def test_attention_rule_against_monte_carlo():
     g = torch.Generator().manual_seed(0)
 
     def sample(c):
-        return (wv + (0.02**0.5) * torch.randn(c, e, e, generator=g, dtype=wv.dtype),
-                wo + (0.02**0.5) * torch.randn(c, e, e, generator=g, dtype=wo.dtype))
+        return (
+            wv + (0.02**0.5) * torch.randn(c, e, e, generator=g, dtype=wv.dtype),
+            wo + (0.02**0.5) * torch.randn(c, e, e, generator=g, dtype=wo.dtype),
+        )
 
     w_v, w_o = sample(2)  # the batched formula is the module's forward
     for i in range(2):
         w_in = torch.cat([wq, wk, w_v[i]])
-        ref = functional_call(model, {"m.in_proj_weight": w_in, "m.out_proj.weight": w_o[i]},
-                              (x,))
-        torch.testing.assert_close(draws(w_v[i: i + 1], w_o[i: i + 1]), ref)
+        ref = functional_call(model, {"m.in_proj_weight": w_in, "m.out_proj.weight": w_o[i]}, (x,))
+        torch.testing.assert_close(draws(w_v[i : i + 1], w_o[i : i + 1]), ref)
     total = acc = acc2 = 0
     with torch.no_grad():
         while total < N_MC:
@@ -784,8 +850,7 @@ def test_softmax_with_variance_is_linearized_not_dropped(kind):
     g = torch.Generator().manual_seed(0)
     mu = 2.0 * torch.randn(4, 5, generator=g, dtype=torch.float64)
     var = 0.02 * torch.rand(4, 5, generator=g, dtype=torch.float64)
-    rule, fn = (_softmax, torch.softmax) if kind == "softmax" else (_log_softmax,
-                                                                    torch.log_softmax)
+    rule, fn = (_softmax, torch.softmax) if kind == "softmax" else (_log_softmax, torch.log_softmax)
     out = rule(None, fn, Moments(mu, var), dim=-1)
     z = mu + var.sqrt() * torch.randn(N_MC, 4, 5, generator=g, dtype=torch.float64)
     y = fn(z, -1)
@@ -817,8 +882,7 @@ def test_clamp_moments_match_monte_carlo():
         v = torch.full_like(MU, var)
         for lo, hi in ((0.0, None), (None, 0.5), (-1.0, 1.0), (0.2, 0.3)):
             mean, out_var = mom.clamp_moments(MU, v, lo, hi)
-            mc_mean, mc_var, se_var = _mc(lambda t, a=lo, b=hi: t.clamp(a, b), MU, v,
-                                          with_se=True)
+            mc_mean, mc_var, se_var = _mc(lambda t, a=lo, b=hi: t.clamp(a, b), MU, v, with_se=True)
             rms = (mc_mean**2 + mc_var).sqrt().clamp_min(1e-12)
             assert _rel(mean, mc_mean, rms) < 0.005, (var, lo, hi)
             # all 1e6 draws clamped: MC variance 0, the exact one ~5e-9 (from the
@@ -829,12 +893,16 @@ def test_clamp_moments_match_monte_carlo():
     from skuq.cvp.rules.activations import _clamp
 
     ref = mom.clamp_moments(MU, h.var, -1.0, 1.0)
-    for target, args, kwargs in ((torch.clamp, (-1.0, 1.0), {}), ("clamp", (), {"min": -1.0,
-                                 "max": 1.0}), (torch.clip, (-1.0,), {"max": 1.0})):
+    for target, args, kwargs in (
+        (torch.clamp, (-1.0, 1.0), {}),
+        ("clamp", (), {"min": -1.0, "max": 1.0}),
+        (torch.clip, (-1.0,), {"max": 1.0}),
+    ):
         out = _clamp(None, target, h, *args, **kwargs)
         torch.testing.assert_close((out.mean, out.var), ref)
-    torch.testing.assert_close(_clamp(None, "clamp_min", h, 0.0).mean,
-                               mom.relu_moments(MU, h.var)[0])
+    torch.testing.assert_close(
+        _clamp(None, "clamp_min", h, 0.0).mean, mom.relu_moments(MU, h.var)[0]
+    )
 
 
 class _SoftmaxNet(nn.Module):
@@ -859,12 +927,22 @@ def test_nll_loss_net_with_softmax_in_forward(digits):
 
     torch.fx.symbolic_trace(logit_model(_SoftmaxNet(), "probabilities"))  # used to fail
     torch.manual_seed(0)
-    net = NeuralNetClassifier(_SoftmaxNet, criterion=nn.NLLLoss, optimizer=torch.optim.Adam,
-                              lr=1e-2, max_epochs=15, train_split=None, verbose=0)
+    net = NeuralNetClassifier(
+        _SoftmaxNet,
+        criterion=nn.NLLLoss,
+        optimizer=torch.optim.Adam,
+        lr=1e-2,
+        max_epochs=15,
+        train_split=None,
+        verbose=0,
+    )
     net.fit(digits.X_train, digits.y_train)
     s2 = 1e-2
-    est = CVPClassifier(FrozenEstimator(net), posterior={
-        n: s2 for n, _ in net.module_.named_parameters()}, calibration=None)
+    est = CVPClassifier(
+        FrozenEstimator(net),
+        posterior={n: s2 for n, _ in net.module_.named_parameters()},
+        calibration=None,
+    )
     est.fit(digits.X_test, digits.y_test)
     code = est.propagator_.graph_module.code
     assert "log_softmax" in code and "torch.log(" not in code
@@ -883,8 +961,9 @@ def test_nll_loss_net_with_softmax_in_forward(digits):
     tv = 0.5 * np.abs(est.predict_proba(digits.X_test) - p_mc).sum(1).mean()
     tv_map = 0.5 * np.abs(net.predict_proba(digits.X_test) - p_mc).sum(1).mean()
     assert tv < 0.015 < tv_map, (tv, tv_map)  # measured 0.0097 and 0.024
-    est = CVPClassifier(FrozenEstimator(net), posterior={
-        n: s2 for n, _ in net.module_.named_parameters()}).fit(digits.X_test, digits.y_test)
+    est = CVPClassifier(
+        FrozenEstimator(net), posterior={n: s2 for n, _ in net.module_.named_parameters()}
+    ).fit(digits.X_test, digits.y_test)
     assert sorted(est.layer_scales_) == ["module.hidden", "module.out"]
 
 
@@ -949,8 +1028,12 @@ def _mc_predictive(model, variances, x, n=400, seed=0):
     outs = []
     with torch.no_grad():
         for _ in range(n):
-            p = {k: t + variances[k].sqrt() * torch.randn(t.shape, generator=g)
-                 if k in variances else t for k, t in params.items()}
+            p = {
+                k: t + variances[k].sqrt() * torch.randn(t.shape, generator=g)
+                if k in variances
+                else t
+                for k, t in params.items()
+            }
             outs.append(functional_call(model, p, (x,)))
     return torch.stack(outs)
 
@@ -961,8 +1044,10 @@ def test_end_to_end_against_weight_sampling(kind):
     if kind == "mlp":
         model, x = MLP(3, (32, 32)), torch.randn(64, 10)
     elif kind == "cnn":
-        model, x = SmallCNN(3, channels=(4, 8), hidden=16, batch_norm=True), torch.randn(
-            64, 1, 8, 8)
+        model, x = (
+            SmallCNN(3, channels=(4, 8), hidden=16, batch_norm=True),
+            torch.randn(64, 1, 8, 8),
+        )
     else:
         model, x = _Encoder(), torch.randn(64, 64)
     model(x)
@@ -986,8 +1071,12 @@ def test_end_to_end_against_weight_sampling(kind):
 
 def test_transformer_encoder_layer_is_supported():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.TransformerEncoderLayer(
-        16, 2, 32, dropout=0.0, batch_first=True), nn.Flatten(), nn.Linear(128, 3)).eval()
+    model = nn.Sequential(
+        nn.Linear(8, 16),
+        nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True),
+        nn.Flatten(),
+        nn.Linear(128, 3),
+    ).eval()
     x = torch.randn(32, 8, 8)
     variances = {n: torch.full_like(p, 1e-3) for n, p in model.named_parameters()}
     out = MomentPropagator(model, variances)(x)
@@ -1001,8 +1090,9 @@ def test_transformer_encoder_layer_is_supported():
 
 # ---------------------------------------------------------------- estimator
 def test_cvp_classifier_ivon_end_to_end(digits):
-    est = CVPClassifier(make_classifier_net(max_epochs=10, lr=1.0), posterior="ivon",
-                        random_state=0)
+    est = CVPClassifier(
+        make_classifier_net(max_epochs=10, lr=1.0), posterior="ivon", random_state=0
+    )
     est.fit(digits.X_train, digits.y_train)
     proba = est.predict_proba(digits.X_test)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-6)
@@ -1014,8 +1104,9 @@ def test_cvp_classifier_ivon_end_to_end(digits):
     # IVON's variance formula
     g = est.net_.optimizer_.param_groups[0]
     expect = 1.0 / (g["ess"] * (g["hess"] + g["weight_decay"]))
-    got = torch.cat([est.posterior_.variances[n].flatten() for n, _ in
-                     est.model_.named_parameters()])
+    got = torch.cat(
+        [est.posterior_.variances[n].flatten() for n, _ in est.model_.named_parameters()]
+    )
     torch.testing.assert_close(got, expect.float())
     # the scales are fitted on the held-out split (recomputed from the seed; refitting
     # on it reproduces them), not on the rows IVON trained on
@@ -1065,8 +1156,9 @@ def test_cvp_classifier_calibration_improves_a_held_out_split(digits):
     post = {n: 0.1 for n, _ in net.module_.named_parameters()}
     got = {}
     for cal in (None, "global", "per_layer"):
-        est = CVPClassifier(FrozenEstimator(net), posterior=post, calibration=cal,
-                            random_state=0).fit(X_cal, y_cal)
+        est = CVPClassifier(
+            FrozenEstimator(net), posterior=post, calibration=cal, random_state=0
+        ).fit(X_cal, y_cal)
         got[cal] = nll(est.predict_proba(X_ev))
         if cal == "global":
             assert len(set(est.layer_scales_.values())) == 1
@@ -1097,8 +1189,9 @@ def test_prefit_net_keeps_posterior_and_calibration_rows_apart(digits, monkeypat
     from skuq.cvp.sources import POSTERIOR_SOURCES, _Source
 
     seen = {}
-    monkeypatch.setitem(POSTERIOR_SOURCES, "recording",
-                        _Source(_recording_source(seen), None, uses_data))
+    monkeypatch.setitem(
+        POSTERIOR_SOURCES, "recording", _Source(_recording_source(seen), None, uses_data)
+    )
     real_fit = cvp_est.fit_layer_scales
 
     def recording_fit(prop, batches, mode):
@@ -1122,7 +1215,8 @@ def test_prefit_net_keeps_posterior_and_calibration_rows_apart(digits, monkeypat
         assert cal == rows
     # a given calibration split: all of X for the posterior, X_cal for the scales
     CVPClassifier(FrozenEstimator(net), posterior="recording", random_state=0).fit(
-        X, y, X_cal=digits.X_test, y_cal=digits.y_test)
+        X, y, X_cal=digits.X_test, y_cal=digits.y_test
+    )
     assert len(seen["posterior"]) == len(X)
     np.testing.assert_array_equal(seen["calibration"], digits.X_test)
 
@@ -1139,8 +1233,11 @@ def test_user_rule_registration():
     from skuq.cvp import elementwise_rule
     from skuq.cvp.moments import quadrature_moments
 
-    register_rule(Erfcx)(elementwise_rule(
-        lambda m, v: quadrature_moments(torch.special.erfcx, m, v), torch.special.erfcx))
+    register_rule(Erfcx)(
+        elementwise_rule(
+            lambda m, v: quadrature_moments(torch.special.erfcx, m, v), torch.special.erfcx
+        )
+    )
     out = MomentPropagator(model, {"0.weight": 0.1})(torch.ones(1, 3))
     assert out.var.shape == (1, 2) and bool((out.var > 0).all())
 
@@ -1159,10 +1256,12 @@ def test_unsupported_layer_error_names_it(digits):
     with pytest.raises(UnsupportedLayerError, match=r"erfcx.*register_rule"):
         est.fit(digits.X_train, digits.y_train)
 
-    with pytest.raises(UnsupportedLayerError,
-                       match=r"layer '1' of type Hardshrink\..*register_rule\(Hardshrink\)"):
-        MomentPropagator(nn.Sequential(nn.Linear(3, 3), nn.Hardshrink()),
-                         {"0.weight": 0.1})(torch.ones(1, 3))
+    with pytest.raises(
+        UnsupportedLayerError, match=r"layer '1' of type Hardshrink\..*register_rule\(Hardshrink\)"
+    ):
+        MomentPropagator(nn.Sequential(nn.Linear(3, 3), nn.Hardshrink()), {"0.weight": 0.1})(
+            torch.ones(1, 3)
+        )
 
 
 def test_missing_ivon_says_how_to_install(digits, monkeypatch):
@@ -1212,8 +1311,9 @@ def test_posterior_options_are_parameters_that_clone_and_grid_search_set(digits)
     from sklearn.base import clone
     from sklearn.model_selection import GridSearchCV
 
-    est = CVPClassifier(_prefit_digits_net(digits), posterior__prior_precision=2.0,
-                        calibration=None, random_state=0)
+    est = CVPClassifier(
+        _prefit_digits_net(digits), posterior__prior_precision=2.0, calibration=None, random_state=0
+    )
     assert est.get_params()["posterior__prior_precision"] == 2.0
     assert clone(est).get_params()["posterior__prior_precision"] == 2.0
     assert est.set_params(posterior__curvature="ef").posterior__curvature == "ef"
@@ -1225,18 +1325,22 @@ def test_posterior_options_are_parameters_that_clone_and_grid_search_set(digits)
     assert search.best_params_["posterior__prior_precision"] in (1e-2, 1e4)
     scores = search.cv_results_["mean_test_score"]
     assert scores[0] != scores[1]  # the option reached the posterior source
-    assert search.best_estimator_.posterior__prior_precision == (
-        search.best_params_["posterior__prior_precision"])
+    assert (
+        search.best_estimator_.posterior__prior_precision
+        == (search.best_params_["posterior__prior_precision"])
+    )
 
 
 def test_posterior_options_dict_still_works_with_a_future_warning(digits):
     X, y = digits.X_train, digits.y_train
     net = _prefit_digits_net(digits)
-    new = CVPClassifier(net, posterior__prior_precision=3.0, calibration=None,
-                        random_state=0).fit(X, y)
+    new = CVPClassifier(net, posterior__prior_precision=3.0, calibration=None, random_state=0).fit(
+        X, y
+    )
     with pytest.warns(FutureWarning, match="posterior__prior_precision="):
-        old = CVPClassifier(net, posterior_options={"prior_precision": 3.0}, calibration=None,
-                            random_state=0).fit(X, y)
+        old = CVPClassifier(
+            net, posterior_options={"prior_precision": 3.0}, calibration=None, random_state=0
+        ).fit(X, y)
     assert set(old.posterior_.variances) == set(new.posterior_.variances)
     for name, var in new.posterior_.variances.items():
         torch.testing.assert_close(old.posterior_.variances[name], var, rtol=0, atol=0)
@@ -1247,8 +1351,13 @@ def test_l2m_source_options_give_l2m_classifiers_posterior(digits):
 
     net = _prefit_digits_net(digits)
     X, y = digits.X_train, digits.y_train
-    cvp = CVPClassifier(net, posterior="l2m", posterior__prior_precision=2.0,
-                        posterior__scale="n_train", random_state=0).fit(X, y)
+    cvp = CVPClassifier(
+        net,
+        posterior="l2m",
+        posterior__prior_precision=2.0,
+        posterior__scale="n_train",
+        random_state=0,
+    ).fit(X, y)
     l2m = L2MClassifier(net, prior_precision=2.0, scale="n_train").fit(X, y)
     expected = l2m.weights_.unflatten(l2m.posterior_.marginal_variance())
     assert set(cvp.posterior_.variances) == set(expected)

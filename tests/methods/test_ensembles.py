@@ -240,9 +240,12 @@ def test_ensemble_regressor_is_the_mixture_of_members(gap_data):
         outs = torch.stack(
             [n.module_(torch.as_tensor(gap_data.X_test))[:, 0] for n in est.net_]
         ).double()
-        train_mean = torch.stack(
-            [n.module_(torch.as_tensor(gap_data.X))[:, 0] for n in est.net_]
-        ).double().mean(0).numpy()
+        train_mean = (
+            torch.stack([n.module_(torch.as_tensor(gap_data.X))[:, 0] for n in est.net_])
+            .double()
+            .mean(0)
+            .numpy()
+        )
     mean, std = est.predict(gap_data.X_test, return_std=True)
     mix_mean = outs.mean(0)
     mix_var = ((outs - mix_mean) ** 2).mean(0)

@@ -54,8 +54,10 @@ def _empirical_fisher(model, X, y):
     return torch.cat([(g[k] ** 2).sum(0).reshape(-1) for k in params])
 
 
-@pytest.mark.parametrize("opt_cls,lr", [(torch.optim.Adam, 1e-3), (torch.optim.RMSprop, 3e-4),
-                                        (torch.optim.Adagrad, 3e-2)])
+@pytest.mark.parametrize(
+    "opt_cls,lr",
+    [(torch.optim.Adam, 1e-3), (torch.optim.RMSprop, 3e-4), (torch.optim.Adagrad, 3e-2)],
+)
 def test_precision_tracks_the_empirical_fisher(opt_cls, lr):
     """Converged on a noisy problem, N * B * v_hat is the diagonal empirical Fisher.
 
@@ -71,15 +73,16 @@ def test_precision_tracks_the_empirical_fisher(opt_cls, lr):
     ef = _empirical_fisher(model, X, y)
 
     est = L2MClassifier(model, train_batch_size=32, prior_precision=1.0).fit(
-        X.numpy(), y.numpy(), optimizer=opt)
+        X.numpy(), y.numpy(), optimizer=opt
+    )
     ratio = est.posterior_.h / ef
     assert 0.85 < float(ratio.median()) < 1.15
     assert np.corrcoef(est.posterior_.h.numpy(), ef.numpy())[0, 1] > 0.97
 
     plain = L2MClassifier(model, scale="n_train", prior_precision=1.0).fit(
-        X.numpy(), y.numpy(), optimizer=opt)
-    np.testing.assert_allclose(plain.posterior_.h.numpy() * 32, est.posterior_.h.numpy(),
-                               rtol=1e-6)
+        X.numpy(), y.numpy(), optimizer=opt
+    )
+    np.testing.assert_allclose(plain.posterior_.h.numpy() * 32, est.posterior_.h.numpy(), rtol=1e-6)
 
 
 def _two_steps(opt_cls, **kw):
@@ -101,8 +104,9 @@ def test_bias_correction_matches_a_hand_computation():
 
     a = 0.8
     w, opt, (g1, g2) = _two_steps(torch.optim.RMSprop, lr=0.1, alpha=a)
-    torch.testing.assert_close(second_moments(opt, [w])[0],
-                               (1 - a) * (a * g1**2 + g2**2) / (1 - a**2))
+    torch.testing.assert_close(
+        second_moments(opt, [w])[0], (1 - a) * (a * g1**2 + g2**2) / (1 - a**2)
+    )
 
     w, opt, (g1, g2) = _two_steps(torch.optim.Adagrad, lr=0.1, initial_accumulator_value=0.3)
     torch.testing.assert_close(second_moments(opt, [w])[0], (g1**2 + g2**2) / 2)
@@ -131,10 +135,16 @@ def trained(digits):
 def test_glm_predictive_matches_laplace_torch_with_the_same_precision(trained):
     laplace = pytest.importorskip("laplace")
     model, opt, X, y, X_test = trained
-    est = L2MClassifier(model, train_batch_size=50, prior_precision=2.0,
-                        link_approx="probit").fit(X.numpy(), y.numpy(), optimizer=opt)
-    la = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights="all",
-                         hessian_structure="diag", prior_precision=2.0)
+    est = L2MClassifier(model, train_batch_size=50, prior_precision=2.0, link_approx="probit").fit(
+        X.numpy(), y.numpy(), optimizer=opt
+    )
+    la = laplace.Laplace(
+        copy.deepcopy(model),
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="diag",
+        prior_precision=2.0,
+    )
     la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=100))
     la.H = est.posterior_.h.clone()  # laplace-torch's own predictive, L2M's curvature
     expected = la(X_test, pred_type="glm", link_approx="probit").detach().numpy()
@@ -143,17 +153,22 @@ def test_glm_predictive_matches_laplace_torch_with_the_same_precision(trained):
 
 def test_nn_predictive_is_the_monte_carlo_average_over_the_same_gaussian(trained):
     model, opt, X, y, X_test = trained
-    est = L2MClassifier(model, train_batch_size=50, prior_precision=2.0, pred_type="nn",
-                        n_samples=4000, random_state=0).fit(X.numpy(), y.numpy(), optimizer=opt)
+    est = L2MClassifier(
+        model,
+        train_batch_size=50,
+        prior_precision=2.0,
+        pred_type="nn",
+        n_samples=4000,
+        random_state=0,
+    ).fit(X.numpy(), y.numpy(), optimizer=opt)
     std = est.posterior_.marginal_variance().sqrt()
     theta = est.weights_.vector()
     g = torch.Generator().manual_seed(123)
     draws = theta + torch.randn(4000, theta.numel(), generator=g) * std
-    expected = torch.stack([
-        torch.softmax(est.weights_.forward(t, X_test[:20]), -1) for t in draws
-    ]).mean(0)
-    np.testing.assert_allclose(est.predict_proba(X_test[:20].numpy()), expected.numpy(),
-                               atol=0.02)
+    expected = torch.stack(
+        [torch.softmax(est.weights_.forward(t, X_test[:20]), -1) for t in draws]
+    ).mean(0)
+    np.testing.assert_allclose(est.predict_proba(X_test[:20].numpy()), expected.numpy(), atol=0.02)
 
 
 def test_fitting_makes_no_pass_over_the_training_data(digits):
@@ -173,9 +188,11 @@ def test_skorch_route_reads_the_nets_own_optimizer_and_batch_size(digits):
     net = make_classifier_net(max_epochs=3, batch_size=40, module__n_outputs=5)
     net.fit(digits.X_train, digits.y_train)
     est = L2MClassifier(FrozenEstimator(net), prior_precision=1.0).fit(
-        digits.X_train, digits.y_train)
-    v = torch.cat([m.reshape(-1) for m in second_moments(
-        net.optimizer_, list(net.module_.parameters()))])
+        digits.X_train, digits.y_train
+    )
+    v = torch.cat(
+        [m.reshape(-1) for m in second_moments(net.optimizer_, list(net.module_.parameters()))]
+    )
     expected = len(digits.X_train) * 40 * v
     np.testing.assert_allclose(est.posterior_.h.numpy(), expected.numpy(), rtol=1e-6)
 
@@ -185,7 +202,8 @@ def test_default_gives_uncertainty_where_map_is_overconfident(digits):
     from skuq.metrics import ood_auroc
 
     est = L2MClassifier(make_classifier_net(max_epochs=20), random_state=0).fit(
-        digits.X_train, digits.y_train)
+        digits.X_train, digits.y_train
+    )
     u_in = est.predict_uncertainty(digits.X_test)
     u_out = est.predict_uncertainty(digits.X_ood)
     assert ood_auroc(u_in, u_out) > 0.85
@@ -194,12 +212,16 @@ def test_default_gives_uncertainty_where_map_is_overconfident(digits):
 
 def test_grid_search_over_scale_trains_once_per_fold(digits, tmp_path):
     X, y = digits.X_train[:300], digits.y_train[:300]
-    est = L2MClassifier(make_classifier_net(max_epochs=3, module=CountingMLP),
-                        random_state=0, memory=str(tmp_path))
+    est = L2MClassifier(
+        make_classifier_net(max_epochs=3, module=CountingMLP), random_state=0, memory=str(tmp_path)
+    )
     CountingMLP.n_built = 0
-    search = GridSearchCV(est, {"scale": ["fisher", "n_train", 10.0],
-                                "prior_precision": [1.0, "marglik"]},
-                          cv=3, scoring="neg_log_loss").fit(X, y)
+    search = GridSearchCV(
+        est,
+        {"scale": ["fisher", "n_train", 10.0], "prior_precision": [1.0, "marglik"]},
+        cv=3,
+        scoring="neg_log_loss",
+    ).fit(X, y)
     assert CountingMLP.n_built == 3 + 1  # one training per fold, plus the refit
     assert search.best_estimator_.posterior_.h.shape == (search.best_estimator_.n_params_,)
 
@@ -212,7 +234,8 @@ def test_regressor_gives_more_epistemic_variance_away_from_the_data(gap_data):
     the diagonal GGN Laplace shares.)
     """
     est = L2MRegressor(make_regressor_net(max_epochs=150), random_state=0).fit(
-        gap_data.X, gap_data.y)
+        gap_data.X, gap_data.y
+    )
     mean, std = est.predict(gap_data.X_test, return_std=True)
     assert np.isfinite(mean).all() and (std > 0).all()
     var = est.predict_uncertainty(gap_data.X_test, kind="epistemic_variance")
@@ -244,17 +267,18 @@ def test_regression_scaling_matches_the_gaussian_empirical_fisher(gap_data):
     gr = vmap(grad(half_sse), in_dims=(None, 0, 0))(params, X, y)
     ef = torch.cat([(gr[k] ** 2).sum(0).reshape(-1) for k in params])
     est = L2MRegressor(model, train_batch_size=25, prior_precision=1.0, sigma_noise=0.3).fit(
-        X.numpy(), y.numpy(), optimizer=opt)
+        X.numpy(), y.numpy(), optimizer=opt
+    )
     ratio = est.posterior_.h / ef
     assert 0.7 < float(ratio.median()) < 1.4
     assert np.corrcoef(est.posterior_.h.numpy(), ef.numpy())[0, 1] > 0.9
 
 
 def test_cvp_can_take_its_posterior_from_l2m(digits):
-    net = make_classifier_net(max_epochs=5, module__n_outputs=5).fit(
-        digits.X_train, digits.y_train)
+    net = make_classifier_net(max_epochs=5, module__n_outputs=5).fit(digits.X_train, digits.y_train)
     cvp = CVPClassifier(FrozenEstimator(net), posterior="l2m", random_state=0).fit(
-        digits.X_train, digits.y_train)
+        digits.X_train, digits.y_train
+    )
     l2m = L2MClassifier(FrozenEstimator(net)).fit(digits.X_train, digits.y_train)
     expected = l2m.weights_.unflatten(l2m.posterior_.marginal_variance())
     assert set(cvp.posterior_.variances) == set(expected)
@@ -265,7 +289,8 @@ def test_cvp_can_take_its_posterior_from_l2m(digits):
 # ------------------------------------------------------------------ bad input
 def test_an_optimizer_without_second_moments_is_refused(digits):
     net = make_classifier_net(max_epochs=2, optimizer=torch.optim.SGD, module__n_outputs=5).fit(
-        digits.X_train, digits.y_train)
+        digits.X_train, digits.y_train
+    )
     with pytest.raises(TypeError, match=r"SGD keeps none.*Adam"):
         L2MClassifier(FrozenEstimator(net)).fit(digits.X_train, digits.y_train)
 
@@ -281,13 +306,16 @@ def test_a_net_never_trained_is_refused(trained):
         L2MClassifier(model).fit(X.numpy(), y.numpy(), optimizer=trained[1])
 
 
-@pytest.mark.parametrize("params,message", [
-    ({"scale": 0.0}, "scale must be"),
-    ({"scale": -3.0}, "scale must be"),
-    ({"scale": "batch"}, "scale must be one of"),
-    ({"bias_correction": "yes"}, "bias_correction"),
-    ({"train_batch_size": 0}, "train_batch_size"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        ({"scale": 0.0}, "scale must be"),
+        ({"scale": -3.0}, "scale must be"),
+        ({"scale": "batch"}, "scale must be one of"),
+        ({"bias_correction": "yes"}, "bias_correction"),
+        ({"train_batch_size": 0}, "train_batch_size"),
+    ],
+)
 def test_bad_options(trained, params, message):
     model, opt, X, y, _ = trained
     with pytest.raises(ValueError, match=message):
@@ -331,9 +359,15 @@ def test_l2m_is_the_ggn_diagonal_where_the_moment_is_the_mean_squared_gradient(c
     X, y = _unit_residual_regression(model)
     _one_pass(model, opt, X, y, batch_size=1)
     l2m = L2MRegressor(model, train_batch_size=1, prior_precision=1.0, sigma_noise=1.0).fit(
-        X.numpy(), y.numpy()[:, 0], optimizer=opt)
-    ggn = LaplaceRegressor(model, subset_of_weights="all", hessian_structure="diag",
-                           prior_precision=1.0, sigma_noise=1.0).fit(X.numpy(), y.numpy()[:, 0])
+        X.numpy(), y.numpy()[:, 0], optimizer=opt
+    )
+    ggn = LaplaceRegressor(
+        model,
+        subset_of_weights="all",
+        hessian_structure="diag",
+        prior_precision=1.0,
+        sigma_noise=1.0,
+    ).fit(X.numpy(), y.numpy()[:, 0])
     torch.testing.assert_close(l2m.posterior_.h, ggn.posterior_.h, rtol=1e-5, atol=1e-6)
 
 
@@ -355,8 +389,7 @@ def test_mini_batch_moments_carry_the_cross_terms_of_each_batch(batch_size):
     g = torch.cat([g[k].reshape(len(X), -1) for k in params], 1).double()
     sums = g.reshape(-1, batch_size, g.shape[1]).sum(1)  # per batch
     expected = (sums**2).sum(0)  # = sum_n g_n^2 + the cross terms within each batch
-    est = L2MRegressor(model, train_batch_size=batch_size, prior_precision=1.0,
-                       sigma_noise=1.0)
+    est = L2MRegressor(model, train_batch_size=batch_size, prior_precision=1.0, sigma_noise=1.0)
     if batch_size == len(X):
         with pytest.warns(UserWarning, match="full-batch"):
             est.fit(X.numpy(), y.numpy()[:, 0], optimizer=opt)
@@ -379,9 +412,11 @@ def test_full_batch_training_leaves_no_curvature():
         _train(model, opt, X, y, epochs=epochs, batch_size=len(X))
         with pytest.warns(UserWarning, match="full-batch"):
             l2m = L2MClassifier(model, train_batch_size=len(X), prior_precision=1.0).fit(
-                X.numpy(), y.numpy(), optimizer=opt)
-        ggn = LaplaceClassifier(model, subset_of_weights="all", hessian_structure="diag",
-                                prior_precision=1.0).fit(X.numpy(), y.numpy())
+                X.numpy(), y.numpy(), optimizer=opt
+            )
+        ggn = LaplaceClassifier(
+            model, subset_of_weights="all", hessian_structure="diag", prior_precision=1.0
+        ).fit(X.numpy(), y.numpy())
         medians.append(float((l2m.posterior_.h / ggn.posterior_.h).median()))
     assert medians[1] < 0.01 and medians[1] < medians[0] / 10, medians
 
@@ -401,33 +436,46 @@ def test_a_probability_net_wrapped_for_logits_keeps_its_optimizer_state(digits):
     """The logit wrapper renames the parameters; their state is found all the same."""
     from skorch import NeuralNetClassifier
 
-    net = NeuralNetClassifier(_SoftmaxNet, optimizer=torch.optim.Adam, max_epochs=3,
-                              batch_size=50, train_split=None, verbose=0)
+    net = NeuralNetClassifier(
+        _SoftmaxNet,
+        optimizer=torch.optim.Adam,
+        max_epochs=3,
+        batch_size=50,
+        train_split=None,
+        verbose=0,
+    )
     net.fit(digits.X_train, digits.y_train)
     est = L2MClassifier(FrozenEstimator(net), prior_precision=1.0).fit(
-        digits.X_train, digits.y_train)
+        digits.X_train, digits.y_train
+    )
     assert est.weights_.names[0].startswith("module.")
-    v = torch.cat([m.reshape(-1) for m in second_moments(
-        net.optimizer_, list(net.module_.parameters()))])
-    np.testing.assert_allclose(est.posterior_.h.numpy(),
-                               (len(digits.X_train) * 50 * v).numpy(), rtol=1e-6)
+    v = torch.cat(
+        [m.reshape(-1) for m in second_moments(net.optimizer_, list(net.module_.parameters()))]
+    )
+    np.testing.assert_allclose(
+        est.posterior_.h.numpy(), (len(digits.X_train) * 50 * v).numpy(), rtol=1e-6
+    )
 
 
 def test_a_skorch_validation_split_counts_only_the_rows_trained_on(digits):
     """skorch's default train_split holds 20 % out: N is the rows the optimizer saw."""
     from skorch.dataset import ValidSplit
 
-    net = make_classifier_net(max_epochs=2, batch_size=32, module__n_outputs=5,
-                              train_split=ValidSplit(5))
+    net = make_classifier_net(
+        max_epochs=2, batch_size=32, module__n_outputs=5, train_split=ValidSplit(5)
+    )
     net.fit(digits.X_train, digits.y_train)
     train_part, _ = net.get_split_datasets(digits.X_train, digits.y_train)
     est = L2MClassifier(FrozenEstimator(net), prior_precision=1.0).fit(
-        digits.X_train, digits.y_train)
-    v = torch.cat([m.reshape(-1) for m in second_moments(
-        net.optimizer_, list(net.module_.parameters()))])
+        digits.X_train, digits.y_train
+    )
+    v = torch.cat(
+        [m.reshape(-1) for m in second_moments(net.optimizer_, list(net.module_.parameters()))]
+    )
     assert len(train_part) < len(digits.X_train)
-    np.testing.assert_allclose(est.posterior_.h.numpy(),
-                               (len(train_part) * 32 * v).numpy(), rtol=1e-6)
+    np.testing.assert_allclose(
+        est.posterior_.h.numpy(), (len(train_part) * 32 * v).numpy(), rtol=1e-6
+    )
 
 
 def test_regression_posterior_follows_the_units_of_y():
@@ -451,7 +499,7 @@ def test_regression_posterior_follows_the_units_of_y():
         for _ in range(30):
             for i in range(0, 60, 20):
                 opt.zero_grad()
-                nn.functional.mse_loss(model(X[i:i + 20])[:, 0], y[i:i + 20]).backward()
+                nn.functional.mse_loss(model(X[i : i + 20])[:, 0], y[i : i + 20]).backward()
                 opt.step()
         est = L2MRegressor(model, train_batch_size=20).fit(X.numpy(), y.numpy(), optimizer=opt)
         fits.append((est, est.predict(X.numpy(), return_std=True)[1]))
@@ -463,7 +511,8 @@ def test_regression_posterior_follows_the_units_of_y():
 
 def test_regressor_noise_defaults_to_the_training_residual(gap_data):
     net = make_regressor_net(max_epochs=30, module__n_outputs=1).fit(
-        gap_data.X, gap_data.y.reshape(-1, 1))
+        gap_data.X, gap_data.y.reshape(-1, 1)
+    )
     est = L2MRegressor(FrozenEstimator(net)).fit(gap_data.X, gap_data.y)
     residual = net.predict(gap_data.X)[:, 0] - gap_data.y
     assert est.sigma_noise_ == pytest.approx(float(np.sqrt(np.mean(residual**2))), rel=1e-5)

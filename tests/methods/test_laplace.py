@@ -55,8 +55,13 @@ def tiny():
 
 
 def _oracle(model, X, y, subset, structure, prior):
-    la = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights=subset,
-                         hessian_structure=structure, prior_precision=prior)
+    la = laplace.Laplace(
+        copy.deepcopy(model),
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=prior,
+    )
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=100)
     la.fit(loader)
     return la
@@ -64,16 +69,29 @@ def _oracle(model, X, y, subset, structure, prior):
 
 def _ours(model, X, y, subset, structure, prior, **kw):
     kw.setdefault("link_approx", "probit")  # laplace-torch's link, for the oracle tests
-    est = LaplaceClassifier(copy.deepcopy(model), subset_of_weights=subset,
-                            hessian_structure=structure, prior_precision=prior,
-                            batch_size=100, random_state=0, **kw)
+    est = LaplaceClassifier(
+        copy.deepcopy(model),
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=prior,
+        batch_size=100,
+        random_state=0,
+        **kw,
+    )
     return est.fit(X.numpy(), y.numpy())
 
 
-@pytest.mark.parametrize("subset,structure", [
-    ("all", "full"), ("all", "diag"), ("last_layer", "full"), ("last_layer", "kron"),
-    ("all", "kron"), ("last_layer", "diag"),
-])
+@pytest.mark.parametrize(
+    "subset,structure",
+    [
+        ("all", "full"),
+        ("all", "diag"),
+        ("last_layer", "full"),
+        ("last_layer", "kron"),
+        ("all", "kron"),
+        ("last_layer", "diag"),
+    ],
+)
 def test_probabilities_match_laplace_torch(trained, subset, structure):
     """glm/probit probabilities agree to 1e-5 for every structure.
 
@@ -90,17 +108,25 @@ def test_probabilities_match_laplace_torch(trained, subset, structure):
         np.testing.assert_allclose(est.predict_proba(Z.numpy()), expected, atol=1e-5, rtol=0)
         mean, var = la._glm_predictive_distribution(Z)
         ours = est.predict_distribution(Z.numpy())
-        np.testing.assert_allclose(ours.covariance.numpy(), var.detach().numpy(),
-                                   atol=1e-5, rtol=1e-4)
-    np.testing.assert_allclose(float(est.posterior_.log_marginal_likelihood()),
-                               float(la.log_marginal_likelihood()), rtol=1e-5)
+        np.testing.assert_allclose(
+            ours.covariance.numpy(), var.detach().numpy(), atol=1e-5, rtol=1e-4
+        )
+    np.testing.assert_allclose(
+        float(est.posterior_.log_marginal_likelihood()),
+        float(la.log_marginal_likelihood()),
+        rtol=1e-5,
+    )
 
 
 def _cnn(bias=True, seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(
-        nn.Conv2d(2, 4, 3, padding=1, bias=bias), nn.Tanh(),
-        nn.Conv2d(4, 3, 2, stride=2, bias=bias), nn.Tanh(), nn.Flatten(), nn.Linear(12, 3),
+        nn.Conv2d(2, 4, 3, padding=1, bias=bias),
+        nn.Tanh(),
+        nn.Conv2d(4, 3, 2, stride=2, bias=bias),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(12, 3),
     )
 
 
@@ -117,12 +143,14 @@ def test_cnn_kron_factors_against_laplace_torch():
     torch.manual_seed(1)
     x, y = torch.randn(20, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
     la = _oracle(model, x, y, "all", "kron", 1.0)  # batches of 100: one here
-    la7 = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights="all",
-                          hessian_structure="kron")
+    la7 = laplace.Laplace(
+        copy.deepcopy(model), "classification", subset_of_weights="all", hessian_structure="kron"
+    )
     la7.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=7))
     w = select_weights(model)
-    ours = compute_curvature(w, [(x[i : i + 7], y[i : i + 7]) for i in range(0, 20, 7)],
-                             structure="kron").kron
+    ours = compute_curvature(
+        w, [(x[i : i + 7], y[i : i + 7]) for i in range(0, 20, 7)], structure="kron"
+    ).kron
     H = brute_ggn(model, x)
     names = [n for n, _ in model.named_parameters()]
     for oracle in (la, la7):
@@ -162,10 +190,17 @@ def test_cnn_kron_probabilities_match_laplace_torch():
     expected = la(X_test, pred_type="glm", link_approx="probit").detach().numpy()
     np.testing.assert_allclose(est.predict_proba(X_test.numpy()), expected, atol=1e-5, rtol=0)
     _, var = la._glm_predictive_distribution(X_test)
-    np.testing.assert_allclose(est.predict_distribution(X_test.numpy()).covariance.numpy(),
-                               var.detach().numpy(), atol=1e-4, rtol=1e-4)
-    np.testing.assert_allclose(float(est.posterior_.log_marginal_likelihood()),
-                               float(la.log_marginal_likelihood()), rtol=1e-5)
+    np.testing.assert_allclose(
+        est.predict_distribution(X_test.numpy()).covariance.numpy(),
+        var.detach().numpy(),
+        atol=1e-4,
+        rtol=1e-4,
+    )
+    np.testing.assert_allclose(
+        float(est.posterior_.log_marginal_likelihood()),
+        float(la.log_marginal_likelihood()),
+        rtol=1e-5,
+    )
 
 
 def _laplace_torch_optimum64(model, X, y, subset, structure, n_groups=1):
@@ -177,17 +212,25 @@ def _laplace_torch_optimum64(model, X, y, subset, structure, n_groups=1):
     """
     import scipy.optimize
 
-    la = laplace.Laplace(copy.deepcopy(model).double(), "classification",
-                         subset_of_weights=subset, hessian_structure=structure,
-                         prior_precision=1.0)
-    la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X.double(), y),
-                                       batch_size=100))
+    la = laplace.Laplace(
+        copy.deepcopy(model).double(),
+        "classification",
+        subset_of_weights=subset,
+        hessian_structure=structure,
+        prior_precision=1.0,
+    )
+    la.fit(
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X.double(), y), batch_size=100)
+    )
     if n_groups == 1:
+
         def neg(z):
             d = torch.tensor([np.exp(z)], dtype=torch.float64)
             return -float(la.log_marginal_likelihood(d))
-        res = scipy.optimize.minimize_scalar(neg, bounds=(-15, 15), method="bounded",
-                                             options={"xatol": 1e-11})
+
+        res = scipy.optimize.minimize_scalar(
+            neg, bounds=(-15, 15), method="bounded", options={"xatol": 1e-11}
+        )
         return float(np.exp(res.x))
 
     def neg_grad(z, f0=0.0):  # f0: L-BFGS-B's ftol is relative to |f|, shift the constant out
@@ -195,14 +238,19 @@ def _laplace_torch_optimum64(model, X, y, subset, structure, n_groups=1):
         value = -la.log_marginal_likelihood(zt.exp())
         (g,) = torch.autograd.grad(value, zt)
         return float(value) - f0, g.detach().numpy()
+
     f0 = neg_grad(np.zeros(n_groups))[0]
-    res = scipy.optimize.minimize(neg_grad, np.zeros(n_groups), args=(f0,), jac=True,
-                                  method="L-BFGS-B",
-                                  options=dict(ftol=1e-15, gtol=1e-12, maxiter=1000))
+    res = scipy.optimize.minimize(
+        neg_grad,
+        np.zeros(n_groups),
+        args=(f0,),
+        jac=True,
+        method="L-BFGS-B",
+        options=dict(ftol=1e-15, gtol=1e-12, maxiter=1000),
+    )
     z = torch.tensor(res.x, dtype=torch.float64)
     for _ in range(3):  # polished by Newton on its autograd Hessian
-        hess = torch.autograd.functional.hessian(
-            lambda t: -la.log_marginal_likelihood(t.exp()), z)
+        hess = torch.autograd.functional.hessian(lambda t: -la.log_marginal_likelihood(t.exp()), z)
         z = z - torch.linalg.solve(hess, torch.as_tensor(neg_grad(z.numpy())[1]))
     assert np.abs(neg_grad(z.numpy())[1]).max() < 1e-9 * len(la.mean), res
     return np.exp(z.numpy())
@@ -213,8 +261,9 @@ def _ours_float64(model, X, y, subset, structure, prior_structure="scalar"):
     model = copy.deepcopy(model).double()
     w = select_weights(model, subset, example_input=X[:2].double())
     curv = compute_curvature(w, [(X.double(), y)], structure=structure)
-    post = posterior_from_curvature(curv, w.vector(), prior_precision=1.0,
-                                    group_sizes=w.group_sizes())
+    post = posterior_from_curvature(
+        curv, w.vector(), prior_precision=1.0, group_sizes=w.group_sizes()
+    )
     post.optimize_prior_precision(prior_structure)
     return post.prior_precision.numpy()
 
@@ -222,16 +271,21 @@ def _ours_float64(model, X, y, subset, structure, prior_structure="scalar"):
 # The evidence is float64 and its optimum is resolved to ~1e-7 (relative; see
 # WeightPosterior.optimize_prior_precision): against an optimum converged to ~1e-10
 # of the same curvature, 1e-6 holds with a margin of 10 on any CPU.
-@pytest.mark.parametrize("data,subset,structure", [
-    ("trained", "all", "diag"), ("trained", "last_layer", "kron"),
-    ("trained", "last_layer", "full"), ("trained", "all", "kron"), ("tiny", "all", "full"),
-])
+@pytest.mark.parametrize(
+    "data,subset,structure",
+    [
+        ("trained", "all", "diag"),
+        ("trained", "last_layer", "kron"),
+        ("trained", "last_layer", "full"),
+        ("trained", "all", "kron"),
+        ("tiny", "all", "full"),
+    ],
+)
 def test_marglik_prior_precision_matches_laplace_torch(request, data, subset, structure):
     """The same net in float64 on both sides: laplace-torch's converged optimum at 1e-6."""
     model, X, y = request.getfixturevalue(data)[:3]
     expected = _laplace_torch_optimum64(model, X, y, subset, structure)
-    np.testing.assert_allclose(_ours_float64(model, X, y, subset, structure), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(_ours_float64(model, X, y, subset, structure), expected, rtol=1e-6)
 
 
 def _dense_curvature64(post) -> np.ndarray:
@@ -261,8 +315,9 @@ def test_marglik_of_a_float32_net_against_float64_brute_force(trained, structure
     est = _ours(model, X, y, "all", structure, "marglik", rank=40)
     post = est.posterior_
     assert post.mean.dtype == torch.float32
-    expected = brute_layerwise_marglik_optimum(_dense_curvature64(post),
-                                               post.mean.double().numpy(), [post.n_params])
+    expected = brute_layerwise_marglik_optimum(
+        _dense_curvature64(post), post.mean.double().numpy(), [post.n_params]
+    )
     np.testing.assert_allclose(est.prior_precision_, expected[0], rtol=1e-6)
 
 
@@ -277,13 +332,15 @@ def test_layerwise_marglik_against_brute_force(tiny, structure):
     sizes = [p.numel() for p in model.parameters()]
     est = _ours(model, X, y, "all", structure, "marglik", prior_structure="layerwise")
     post = est.posterior_
-    expected = brute_layerwise_marglik_optimum(_dense_curvature64(post),
-                                               post.mean.double().numpy(), sizes)
+    expected = brute_layerwise_marglik_optimum(
+        _dense_curvature64(post), post.mean.double().numpy(), sizes
+    )
     assert est.prior_precision_.shape == (4,)
     np.testing.assert_allclose(est.prior_precision_, expected, rtol=1e-6)
     oracle = _laplace_torch_optimum64(model, X, y, "all", structure, n_groups=4)
-    np.testing.assert_allclose(_ours_float64(model, X, y, "all", structure, "layerwise"),
-                               oracle, rtol=1e-6)
+    np.testing.assert_allclose(
+        _ours_float64(model, X, y, "all", structure, "layerwise"), oracle, rtol=1e-6
+    )
     scalar = _ours(model, X, y, "all", structure, "marglik").prior_precision_
     assert np.abs(expected / scalar - 1).max() > 0.2  # the per-layer optimum is another one
 
@@ -299,15 +356,26 @@ def test_regressor_matches_laplace_torch(gap_data):
         opt.step()
     for subset, structure in [("all", "full"), ("last_layer", "kron")]:
         # the oracle on the net converted to float64: what remains is skuq's float32 rounding
-        la = laplace.Laplace(copy.deepcopy(model).double(), "regression",
-                             subset_of_weights=subset, hessian_structure=structure,
-                             prior_precision=0.5, sigma_noise=0.2)
-        la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X.double(),
-                                                                          y.double()),
-                                           batch_size=64))
-        est = LaplaceRegressor(copy.deepcopy(model), subset_of_weights=subset,
-                               hessian_structure=structure, prior_precision=0.5,
-                               sigma_noise=0.2).fit(X.numpy(), y.numpy()[:, 0])
+        la = laplace.Laplace(
+            copy.deepcopy(model).double(),
+            "regression",
+            subset_of_weights=subset,
+            hessian_structure=structure,
+            prior_precision=0.5,
+            sigma_noise=0.2,
+        )
+        la.fit(
+            torch.utils.data.DataLoader(
+                torch.utils.data.TensorDataset(X.double(), y.double()), batch_size=64
+            )
+        )
+        est = LaplaceRegressor(
+            copy.deepcopy(model),
+            subset_of_weights=subset,
+            hessian_structure=structure,
+            prior_precision=0.5,
+            sigma_noise=0.2,
+        ).fit(X.numpy(), y.numpy()[:, 0])
         mean, var = la(torch.as_tensor(gap_data.X_test).double(), pred_type="glm")
         m, s = est.predict(gap_data.X_test, return_std=True)
         np.testing.assert_allclose(m, mean[:, 0].detach().numpy(), atol=1e-5)
@@ -316,24 +384,31 @@ def test_regressor_matches_laplace_torch(gap_data):
         # float32 oracle used before added its own rounding and reached 6.4e-4
         np.testing.assert_allclose(s**2, var[:, 0, 0].detach().numpy() + 0.04, rtol=5e-4)
         # sigma and prior jointly by marglik, as laplace-torch's evidence
-        est = LaplaceRegressor(copy.deepcopy(model), subset_of_weights=subset,
-                               hessian_structure=structure).fit(X.numpy(), y.numpy()[:, 0])
+        est = LaplaceRegressor(
+            copy.deepcopy(model), subset_of_weights=subset, hessian_structure=structure
+        ).fit(X.numpy(), y.numpy()[:, 0])
         la.prior_precision = torch.tensor(est.prior_precision_, dtype=torch.float64)
         la.sigma_noise = torch.tensor(est.sigma_noise_, dtype=torch.float64)
         # the two libraries' float32 GGNs differ by rounding (~2.5e-7 of the largest
         # entry), which moves log det(H / sigma^2 + delta) of this ill-conditioned problem
         # by ~1e-3 relative even with both evaluated in float64; the optimum itself is
         # checked against laplace-torch in float64 at 1e-6 above
-        np.testing.assert_allclose(float(est.posterior_.log_marginal_likelihood()),
-                                   float(la.log_marginal_likelihood()), rtol=2e-3)
+        np.testing.assert_allclose(
+            float(est.posterior_.log_marginal_likelihood()),
+            float(la.log_marginal_likelihood()),
+            rtol=2e-3,
+        )
 
 
 def _least_squares_line(k: float):
     """A linear model fitted exactly to ``k * y``, and that data."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(60, 3, generator=gen, dtype=torch.float64)
-    y = k * (X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.3
-             + 0.4 * torch.randn(60, generator=gen, dtype=torch.float64))
+    y = k * (
+        X @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+        + 0.3
+        + 0.4 * torch.randn(60, generator=gen, dtype=torch.float64)
+    )
     A = torch.cat([X, torch.ones(60, 1, dtype=torch.float64)], 1)
     coef = torch.linalg.lstsq(A, y[:, None]).solution[:, 0]
     model = nn.Linear(3, 1)
@@ -353,9 +428,14 @@ def test_regression_posterior_follows_the_units_of_y(curvature, structure):
     fits = []
     for k in (1.0, 100.0):
         model, X, y = _least_squares_line(k)
-        est = LaplaceRegressor(model, subset_of_weights="all", hessian_structure=structure,
-                               curvature=curvature, prior_precision="marglik",
-                               sigma_noise="marglik").fit(X, y)
+        est = LaplaceRegressor(
+            model,
+            subset_of_weights="all",
+            hessian_structure=structure,
+            curvature=curvature,
+            prior_precision="marglik",
+            sigma_noise="marglik",
+        ).fit(X, y)
         fits.append((est, est.predict(X, return_std=True)[1]))
     (one, std_one), (hundred, std_hundred) = fits
     np.testing.assert_allclose(hundred.sigma_noise_, 100 * one.sigma_noise_, rtol=1e-4)
@@ -371,8 +451,14 @@ def test_regression_empirical_fisher_is_that_of_the_gaussian_likelihood():
     gradient of the negative log-likelihood at noise sigma, built here by hand."""
     model, X, y = _least_squares_line(3.0)
     sigma, delta = 2.5, 0.7
-    est = LaplaceRegressor(model, subset_of_weights="all", hessian_structure="full",
-                           curvature="ef", prior_precision=delta, sigma_noise=sigma).fit(X, y)
+    est = LaplaceRegressor(
+        model,
+        subset_of_weights="all",
+        hessian_structure="full",
+        curvature="ef",
+        prior_precision=delta,
+        sigma_noise=sigma,
+    ).fit(X, y)
     A = np.column_stack([X, np.ones(len(X))])
     r = y - A @ np.r_[model.weight.detach().numpy()[0], model.bias.detach().numpy()]
     g = A * (r / sigma**2)[:, None]  # d/d theta of 0.5 r^2 / sigma^2
@@ -398,8 +484,9 @@ def test_grid_search_computes_curvature_once_per_fold(digits, monkeypatch, struc
     skuq_laplace.clear_curvature_cache()
     net = make_classifier_net(max_epochs=3, hidden=(16,), module__n_outputs=5)
     net.fit(digits.X_train, digits.y_train)
-    est = LaplaceClassifier(FrozenEstimator(net), hessian_structure=structure,
-                            prior_precision=1.0, random_state=0)
+    est = LaplaceClassifier(
+        FrozenEstimator(net), hessian_structure=structure, prior_precision=1.0, random_state=0
+    )
     grid = {"prior_precision": list(np.logspace(-2, 3, 8))}
     search = GridSearchCV(est, grid, cv=5, scoring="neg_log_loss").fit(
         digits.X_train[:300], digits.y_train[:300]
@@ -432,8 +519,9 @@ def test_nll_loss_net_gets_uncertainty(digits):
 
     class SoftmaxMLP(nn.Sequential):
         def __init__(self, n_outputs=5, hidden=None):
-            super().__init__(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_outputs),
-                             nn.Softmax(dim=-1))
+            super().__init__(
+                nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, n_outputs), nn.Softmax(dim=-1)
+            )
 
     net = make_classifier_net(max_epochs=10, module=SoftmaxMLP, criterion=nn.NLLLoss)
     net.fit(digits.X_train, digits.y_train)
@@ -462,8 +550,9 @@ def test_subnetwork_uses_given_indices(trained):
     sub = _ours(model, X, y, "subnetwork", "full", 2.0, subnetwork_indices=idx)
     last = _ours(model, X, y, "last_layer", "full", 2.0)
     assert sub.n_params_ == 55
-    np.testing.assert_allclose(sub.predict_proba(X_test.numpy()),
-                               last.predict_proba(X_test.numpy()), atol=1e-6)
+    np.testing.assert_allclose(
+        sub.predict_proba(X_test.numpy()), last.predict_proba(X_test.numpy()), atol=1e-6
+    )
 
 
 def test_nn_predictive_and_links_run(trained):
@@ -473,14 +562,23 @@ def test_nn_predictive_and_links_run(trained):
     np.testing.assert_array_equal(p1, p2)  # the same draws each call
     for link in ("mc", "bridge"):
         p = _ours(model, X, y, "last_layer", "kron", 2.0, link_approx=link).predict_proba(
-            X_test.numpy())
+            X_test.numpy()
+        )
         np.testing.assert_allclose(p.sum(1), 1, rtol=1e-6)
 
 
-@pytest.mark.parametrize("subset, structure", [
-    ("last_layer", "diag"), ("last_layer", "kron"), ("last_layer", "full"),
-    ("all", "diag"), ("all", "kron"), ("all", "full"), ("all", "lowrank"),
-])
+@pytest.mark.parametrize(
+    "subset, structure",
+    [
+        ("last_layer", "diag"),
+        ("last_layer", "kron"),
+        ("last_layer", "full"),
+        ("all", "diag"),
+        ("all", "kron"),
+        ("all", "full"),
+        ("all", "lowrank"),
+    ],
+)
 def test_default_link_reads_the_centered_covariance_of_every_route(trained, subset, structure):
     """Feature, layer and Jacobian routes all hand the centered probit ``P Cov[f] P``."""
     model, X, y, X_test, _ = trained
@@ -490,22 +588,31 @@ def test_default_link_reads_the_centered_covariance_of_every_route(trained, subs
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("params,message", [
-    (dict(hessian_structure="block"), "hessian_structure must be one of"),
-    (dict(subset_of_weights="first"), "subset_of_weights must be one of"),
-    (dict(prior_precision=0.0), "prior_precision must be a finite number > 0"),
-    (dict(prior_precision="evidence"), "prior_precision must be one of"),
-    (dict(pred_type="mean"), "pred_type must be one of"),
-    (dict(link_approx="logit"), "link_approx must be one of"),
-    (dict(subset_of_weights="subnetwork", hessian_structure="diag", subnetwork_indices=[0]),
-     "subnetwork' needs hessian_structure='full'"),
-    (dict(subset_of_weights="subnetwork", hessian_structure="full"),
-     "needs subnetwork_indices"),
-    (dict(subset_of_weights="subnetwork", hessian_structure="full", subnetwork_indices=[]),
-     "selects no parameters"),
-    (dict(subnetwork_indices=[1, 2]), "only used with subset_of_weights='subnetwork'"),
-    (dict(hessian_structure="lowrank", prior_structure="layerwise"), "scalar' only"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        (dict(hessian_structure="block"), "hessian_structure must be one of"),
+        (dict(subset_of_weights="first"), "subset_of_weights must be one of"),
+        (dict(prior_precision=0.0), "prior_precision must be a finite number > 0"),
+        (dict(prior_precision="evidence"), "prior_precision must be one of"),
+        (dict(pred_type="mean"), "pred_type must be one of"),
+        (dict(link_approx="logit"), "link_approx must be one of"),
+        (
+            dict(subset_of_weights="subnetwork", hessian_structure="diag", subnetwork_indices=[0]),
+            "subnetwork' needs hessian_structure='full'",
+        ),
+        (
+            dict(subset_of_weights="subnetwork", hessian_structure="full"),
+            "needs subnetwork_indices",
+        ),
+        (
+            dict(subset_of_weights="subnetwork", hessian_structure="full", subnetwork_indices=[]),
+            "selects no parameters",
+        ),
+        (dict(subnetwork_indices=[1, 2]), "only used with subset_of_weights='subnetwork'"),
+        (dict(hessian_structure="lowrank", prior_structure="layerwise"), "scalar' only"),
+    ],
+)
 def test_bad_options(trained, params, message):
     model, X, y, _, _ = trained
     with pytest.raises(ValueError, match=message):
@@ -527,21 +634,29 @@ def test_bad_networks(trained):
     with pytest.raises(FloatingPointError, match="NaN or inf"):
         LaplaceClassifier(broken, prior_precision=1.0).fit(X.numpy(), y.numpy())
     with pytest.raises(ValueError, match="per-layer floats"):
-        LaplaceClassifier(nn.Linear(64, 5), prior_precision=[1.0, -1.0]).fit(X.numpy(),
-                                                                             y.numpy())
+        LaplaceClassifier(nn.Linear(64, 5), prior_precision=[1.0, -1.0]).fit(X.numpy(), y.numpy())
 
 
 def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
     model, X, y = _least_squares_line(2.0)
     with torch.no_grad():
-        rms = float(torch.sqrt(((model(torch.as_tensor(X))[:, 0] - torch.as_tensor(y)) ** 2)
-                               .mean()))
-    kept = LaplaceRegressor(copy.deepcopy(model), subset_of_weights="all",
-                            hessian_structure="full", prior_precision="marglik",
-                            sigma_noise="residual").fit(X, y)
+        rms = float(
+            torch.sqrt(((model(torch.as_tensor(X))[:, 0] - torch.as_tensor(y)) ** 2).mean())
+        )
+    kept = LaplaceRegressor(
+        copy.deepcopy(model),
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision="marglik",
+        sigma_noise="residual",
+    ).fit(X, y)
     assert kept.sigma_noise_ == pytest.approx(rms, rel=1e-5)
-    fitted = LaplaceRegressor(copy.deepcopy(model), subset_of_weights="all",
-                              hessian_structure="full", prior_precision="marglik").fit(X, y)
+    fitted = LaplaceRegressor(
+        copy.deepcopy(model),
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision="marglik",
+    ).fit(X, y)
     assert abs(fitted.sigma_noise_ / rms - 1) > 1e-3  # the evidence's own optimum
     with pytest.raises(ValueError, match="sigma_noise must be one of"):
         LaplaceRegressor(model, sigma_noise="rms").fit(X, y)
@@ -561,13 +676,16 @@ def test_auto_noise_is_the_evidence_over_few_weights_and_the_residual_over_many(
     X, y = X.numpy(), y.numpy()
 
     def sigma(**kw):
-        return LaplaceRegressor(copy.deepcopy(model), prior_precision="marglik",
-                                **kw).fit(X, y).sigma_noise_
+        return (
+            LaplaceRegressor(copy.deepcopy(model), prior_precision="marglik", **kw)
+            .fit(X, y)
+            .sigma_noise_
+        )
 
     # last layer: 17 weights <= 60 targets, so the evidence decides
     assert sigma() == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
     assert sigma() != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
     # all 81 weights > 60 targets: the residual
     assert sigma(subset_of_weights="all", hessian_structure="full") == pytest.approx(
-        sigma(subset_of_weights="all", hessian_structure="full", sigma_noise="residual"),
-        rel=1e-6)
+        sigma(subset_of_weights="all", hessian_structure="full", sigma_noise="residual"), rel=1e-6
+    )

@@ -101,8 +101,16 @@ def tiny():
     assert float(torch.func.grad(R)(theta).abs().max()) < 1e-10
     assert float(torch.linalg.eigvalsh(H).min()) > 0  # a strict minimum
     queries = 2 * torch.randn(4, D, generator=g, dtype=torch.float64)
-    return dict(X=X, y=y, model=model, theta=theta, H=H, forward=forward, queries=queries,
-                target=_laplace_covariance(forward, theta, H, queries))
+    return dict(
+        X=X,
+        y=y,
+        model=model,
+        theta=theta,
+        H=H,
+        forward=forward,
+        queries=queries,
+        target=_laplace_covariance(forward, theta, H, queries),
+    )
 
 
 # ----------------------------------------------------------- the theorem
@@ -116,8 +124,15 @@ def test_exact_mode_tends_to_the_hessian_laplace_covariance(tiny):
     """
     errors = []
     for lam in (1e-1, 1e-2, 1e-3):
-        cov = exact_covariance(tiny["model"], tiny["X"], tiny["y"], tiny["queries"],
-                               nn.functional.cross_entropy, lam=lam, prior_precision=N * WD)
+        cov = exact_covariance(
+            tiny["model"],
+            tiny["X"],
+            tiny["y"],
+            tiny["queries"],
+            nn.functional.cross_entropy,
+            lam=lam,
+            prior_precision=N * WD,
+        )
         errors.append(_relative_error(cov, tiny["target"]))
     assert errors[0] > errors[1] > errors[2], errors
     assert errors[-1] <= 0.05
@@ -126,10 +141,12 @@ def test_exact_mode_tends_to_the_hessian_laplace_covariance(tiny):
     f = tiny["forward"](tiny["theta"], tiny["X"])
     p = torch.softmax(f, -1)
     J = vmap(jacrev(lambda t, xi: tiny["forward"](t, xi[None])[0]), in_dims=(None, 0))(
-        tiny["theta"], tiny["X"])
+        tiny["theta"], tiny["X"]
+    )
     lam_ = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-    ggn = torch.einsum("ncp,ncd,ndr->pr", J, lam_, J) + N * WD * torch.eye(J.shape[-1],
-                                                                          dtype=J.dtype)
+    ggn = torch.einsum("ncp,ncd,ndr->pr", J, lam_, J) + N * WD * torch.eye(
+        J.shape[-1], dtype=J.dtype
+    )
     ggn_cov = _laplace_covariance(tiny["forward"], tiny["theta"], ggn, tiny["queries"])
     assert _relative_error(ggn_cov, tiny["target"]) > 10 * errors[-1]
 
@@ -141,15 +158,17 @@ def test_estimator_exact_mode_is_the_hessian_laplace_at_the_float32_weights(tiny
     model = tiny["model"].float()
     try:
         X, y = tiny["X"].float().numpy(), tiny["y"].numpy()
-        est = RegVarClassifier(model, mode="exact", lam=1e-3, prior_precision=N * WD,
-                               device="cpu").fit(X, y)
+        est = RegVarClassifier(
+            model, mode="exact", lam=1e-3, prior_precision=N * WD, device="cpu"
+        ).fit(X, y)
         cov = est.predict_distribution(tiny["queries"].float().numpy()).covariance.double()
         assert_centered_predictive(est, tiny["queries"].float().numpy())
         m64 = tiny["model"].double()  # the float32 weights, in float64
         R, forward = _objective(m64, tiny["X"].float().double(), tiny["y"], N * WD)
         theta = _flat(m64)
-        target = _laplace_covariance(forward, theta, hessian(R)(theta),
-                                     tiny["queries"].float().double())
+        target = _laplace_covariance(
+            forward, theta, hessian(R)(theta), tiny["queries"].float().double()
+        )
         assert cov.shape == (4, C, C)
         assert _relative_error(cov, target) < 0.01
         assert est.prior_precision_ == pytest.approx(N * WD)
@@ -172,8 +191,9 @@ def test_regressor_exact_mode_is_the_gaussian_laplace_covariance():
     queries = torch.linspace(-3, 3, 5, dtype=torch.float64)[:, None]
     target = _laplace_covariance(forward, theta, hessian(R)(theta), queries)
     model.float()
-    est = RegVarRegressor(model, mode="exact", lam=1e-3, prior_precision=delta,
-                          sigma_noise=0.3, device="cpu")
+    est = RegVarRegressor(
+        model, mode="exact", lam=1e-3, prior_precision=delta, sigma_noise=0.3, device="cpu"
+    )
     est.fit(X.float().numpy(), y.float().numpy().ravel())
     var = est.predict_uncertainty(queries.float().numpy(), "epistemic_variance")
     assert est.variance_factor_ == pytest.approx(2 * 0.3**2)
@@ -191,12 +211,23 @@ def test_exact_optimizer_solver_agrees_with_lbfgs_on_a_convex_problem():
     R, _ = _objective(model, X, y, delta)
     _train_to_convergence(model, R)
     queries = torch.randn(3, 3, generator=g, dtype=torch.float64)
-    ref = exact_covariance(model, X, y, queries, nn.functional.cross_entropy, lam=1e-2,
-                           prior_precision=delta)
+    ref = exact_covariance(
+        model, X, y, queries, nn.functional.cross_entropy, lam=1e-2, prior_precision=delta
+    )
     sgd = exact_covariance(
-        model, X, y, queries, nn.functional.cross_entropy, lam=1e-2, prior_precision=delta,
-        solver="optimizer", optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5), n_epochs=300,
-        train_batch_size=64, n_average=20, generator=torch.Generator().manual_seed(0),
+        model,
+        X,
+        y,
+        queries,
+        nn.functional.cross_entropy,
+        lam=1e-2,
+        prior_precision=delta,
+        solver="optimizer",
+        optimizer=lambda ps: torch.optim.SGD(ps, lr=0.5),
+        n_epochs=300,
+        train_batch_size=64,
+        n_average=20,
+        generator=torch.Generator().manual_seed(0),
     )
     assert _relative_error(sgd, ref) < 0.05
 
@@ -204,15 +235,17 @@ def test_exact_optimizer_solver_agrees_with_lbfgs_on_a_convex_problem():
 # ------------------------------------------------------------ amortized
 @pytest.fixture(scope="module")
 def digits_net(digits):
-    net = make_classifier_net(max_epochs=15, hidden=(32,), lr=1e-2, optimizer__weight_decay=1e-3,
-                              module__n_outputs=5)
+    net = make_classifier_net(
+        max_epochs=15, hidden=(32,), lr=1e-2, optimizer__weight_decay=1e-3, module__n_outputs=5
+    )
     torch.manual_seed(0)
     return net.fit(digits.X_train, digits.y_train)
 
 
 def test_amortized_is_finite_nonnegative_reproducible(digits, digits_net):
-    est = RegVarClassifier(FrozenEstimator(digits_net), mode="amortized", random_state=0,
-                           device="cpu")
+    est = RegVarClassifier(
+        FrozenEstimator(digits_net), mode="amortized", random_state=0, device="cpu"
+    )
     var = est.fit(digits.X_train, digits.y_train).predict_distribution(digits.X_test).variance
     assert var.shape == (len(digits.X_test), 5)
     assert bool(torch.isfinite(var).all()) and bool((var >= 0).all())
@@ -243,13 +276,20 @@ def test_amortized_ranking_correlates_with_the_laplace_variance():
         nn.functional.cross_entropy(model(torch.as_tensor(X)), torch.as_tensor(y)).backward()
         opt.step()
     queries = np.concatenate([X[:100], np.random.RandomState(0).uniform(-4, 4, (100, 2))])
-    rv = RegVarClassifier(model, mode="amortized", prior_precision=len(X) * 1e-2,
-                          random_state=0, device="cpu")
+    rv = RegVarClassifier(
+        model, mode="amortized", prior_precision=len(X) * 1e-2, random_state=0, device="cpu"
+    )
     rv.fit(X, y)
-    lap = LaplaceClassifier(model, subset_of_weights="all", hessian_structure="full",
-                            prior_precision=rv.prior_precision_, device="cpu").fit(X, y)
-    rho = spearmanr(rv.predict_uncertainty(queries, "variance"),
-                    lap.predict_uncertainty(queries, "variance")).statistic
+    lap = LaplaceClassifier(
+        model,
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=rv.prior_precision_,
+        device="cpu",
+    ).fit(X, y)
+    rho = spearmanr(
+        rv.predict_uncertainty(queries, "variance"), lap.predict_uncertainty(queries, "variance")
+    ).statistic
     assert rho > 0.6, rho
 
 
@@ -265,8 +305,17 @@ def test_finetune_pair_cancels_drift_and_is_linear_in_lam():
         return torch.optim.Adam(ps, lr=1e-2, weight_decay=1e-2)
 
     def run(lam):
-        return finetune_pair(net, X, y, nn.functional.cross_entropy, lam=lam, optimizer=adam,
-                             n_epochs=3, batch_size=32, generator=torch.Generator().manual_seed(0))
+        return finetune_pair(
+            net,
+            X,
+            y,
+            nn.functional.cross_entropy,
+            lam=lam,
+            optimizer=adam,
+            n_epochs=3,
+            batch_size=32,
+            generator=torch.Generator().manual_seed(0),
+        )
 
     (a1, a0), (b1, b0) = run(1e-2), run(2e-2)
     v1 = amortized_variance(a1.double(), a0.double(), X, 1e-2)
@@ -278,8 +327,14 @@ def test_finetune_pair_cancels_drift_and_is_linear_in_lam():
 
 
 def test_finetunes_use_the_nets_optimizer_class_hyperparameters_and_state(digits):
-    net = make_classifier_net(max_epochs=2, hidden=(8,), optimizer=torch.optim.SGD,
-                              optimizer__momentum=0.9, optimizer__weight_decay=1e-3, lr=0.05)
+    net = make_classifier_net(
+        max_epochs=2,
+        hidden=(8,),
+        optimizer=torch.optim.SGD,
+        optimizer__momentum=0.9,
+        optimizer__weight_decay=1e-3,
+        lr=0.05,
+    )
     est = RegVarClassifier(net, finetune_lr=0.01, random_state=0, device="cpu")
     est.fit(digits.X_train, digits.y_train)
     params = [p.detach().clone() for p in est.model_.parameters()]
@@ -288,8 +343,7 @@ def test_finetunes_use_the_nets_optimizer_class_hyperparameters_and_state(digits
     group = opt.param_groups[0]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.01, 0.9, 1e-3)
     trained = est.net_.optimizer_.state[next(est.net_.module_.parameters())]
-    torch.testing.assert_close(opt.state[params[0]]["momentum_buffer"],
-                               trained["momentum_buffer"])
+    torch.testing.assert_close(opt.state[params[0]]["momentum_buffer"], trained["momentum_buffer"])
     assert est.prior_precision_ == pytest.approx(len(digits.X_train) * 1e-3)
     # an explicit prior replaces the decay
     est2 = clone(est).set_params(prior_precision=3.0).fit(digits.X_train, digits.y_train)
@@ -306,8 +360,14 @@ def test_a_probability_net_gives_the_same_exact_covariance_as_its_logit_net(tiny
     logits = tiny["model"].float()
     try:
         probs = nn.Sequential(*logits, nn.Softmax(dim=-1))
-        common = dict(max_epochs=0, train_split=None, verbose=0, optimizer=torch.optim.SGD,
-                      optimizer__weight_decay=WD, device="cpu")
+        common = dict(
+            max_epochs=0,
+            train_split=None,
+            verbose=0,
+            optimizer=torch.optim.SGD,
+            optimizer__weight_decay=WD,
+            device="cpu",
+        )
         nets = []
         for module, crit in ((logits, nn.CrossEntropyLoss), (probs, nn.NLLLoss)):
             net = NeuralNetClassifier(module, criterion=crit, **common).initialize()
@@ -316,7 +376,9 @@ def test_a_probability_net_gives_the_same_exact_covariance_as_its_logit_net(tiny
             nets.append(net)
         covs = [
             RegVarClassifier(FrozenEstimator(net), mode="exact", lam=1e-3, device="cpu")
-            .fit(X, y).predict_distribution(tiny["queries"].float().numpy()).covariance
+            .fit(X, y)
+            .predict_distribution(tiny["queries"].float().numpy())
+            .covariance
             for net in nets
         ]
         torch.testing.assert_close(covs[1], covs[0], rtol=1e-3, atol=1e-6)
@@ -343,19 +405,28 @@ def test_lam_must_be_positive(digits, lam):
     with pytest.raises(ValueError, match="lam must be a finite number > 0"):
         est.fit(digits.X_train, digits.y_train)
     with pytest.raises(ValueError, match="lam"):
-        exact_covariance(nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4).long(),
-                         torch.zeros(1, 2), nn.functional.cross_entropy, lam=lam)
+        exact_covariance(
+            nn.Linear(2, 2),
+            torch.zeros(4, 2),
+            torch.zeros(4).long(),
+            torch.zeros(1, 2),
+            nn.functional.cross_entropy,
+            lam=lam,
+        )
 
 
-@pytest.mark.parametrize("params, message", [
-    ({"mode": "fast"}, "mode must be one of"),
-    ({"exact_solver": "newton"}, "exact_solver must be one of"),
-    ({"finetune_epochs": 0}, "finetune_epochs"),
-    ({"finetune_lr": -1.0}, "finetune_lr"),
-    ({"variance_scale": 0.0}, "variance_scale"),
-    ({"prior_precision": -1.0}, "prior_precision"),
-    ({"link_approx": "logit"}, "link_approx"),
-])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"mode": "fast"}, "mode must be one of"),
+        ({"exact_solver": "newton"}, "exact_solver must be one of"),
+        ({"finetune_epochs": 0}, "finetune_epochs"),
+        ({"finetune_lr": -1.0}, "finetune_lr"),
+        ({"variance_scale": 0.0}, "variance_scale"),
+        ({"prior_precision": -1.0}, "prior_precision"),
+        ({"link_approx": "logit"}, "link_approx"),
+    ],
+)
 def test_bad_options(digits, params, message):
     est = RegVarClassifier(make_classifier_net(max_epochs=1), **params)
     with pytest.raises(ValueError, match=message):
@@ -378,14 +449,20 @@ def test_a_loss_skuq_cannot_differentiate_is_refused(digits):
     with pytest.raises(ValueError, match="reduction='mean'"):
         RegVarClassifier(FrozenEstimator(net), device="cpu").fit(digits.X_train, digits.y_train)
     with pytest.raises(TypeError, match="instead of a scalar"):
-        finetune_pair(nn.Linear(2, 2), torch.zeros(4, 2), torch.zeros(4).long(),
-                      nn.CrossEntropyLoss(reduction="none"), lam=1e-2,
-                      optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+        finetune_pair(
+            nn.Linear(2, 2),
+            torch.zeros(4, 2),
+            torch.zeros(4).long(),
+            nn.CrossEntropyLoss(reduction="none"),
+            lam=1e-2,
+            optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1),
+        )
 
 
 def test_non_finite_variance_is_reported_never_returned(digits, digits_net):
-    est = RegVarClassifier(FrozenEstimator(digits_net), mode="amortized", random_state=0,
-                           device="cpu")
+    est = RegVarClassifier(
+        FrozenEstimator(digits_net), mode="amortized", random_state=0, device="cpu"
+    )
     est.fit(digits.X_train, digits.y_train)
     with torch.no_grad():  # a fine-tuned net whose outputs overflow
         next(est.finetuned_[0].parameters())[0, 0] = float("inf")
@@ -406,10 +483,14 @@ def test_non_finite_variance_is_reported_never_returned(digits, digits_net):
 def _ridge_line(n=50, delta=2.0):
     """A 2-D linear regression fitted exactly at the minimum of sum (f - y)^2 + delta/2 |w|^2."""
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.3],
-                                                                            dtype=torch.float64)
-    y = X @ torch.tensor([1.0, -2.0], dtype=torch.float64) + 0.5 + 0.3 * torch.randn(
-        n, generator=g, dtype=torch.float64)
+    X = torch.randn(n, 2, generator=g, dtype=torch.float64) * torch.tensor(
+        [1.0, 0.3], dtype=torch.float64
+    )
+    y = (
+        X @ torch.tensor([1.0, -2.0], dtype=torch.float64)
+        + 0.5
+        + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    )
     A = torch.cat([X, torch.ones(n, 1, dtype=torch.float64)], 1)
     H = 2 * A.T @ A + delta * torch.eye(3, dtype=torch.float64)  # Hessian of R (MSE, C = 1)
     coef = torch.linalg.solve(H, 2 * A.T @ y)
@@ -437,13 +518,21 @@ def test_default_mode_is_the_laplace_variance_of_a_linear_regression_everywhere(
     on_plane = -d[2] / d[:2].norm() * normal  # the point of the hyperplane nearest 0
     along = torch.stack([-normal[1], normal[0]])
     angles = torch.linspace(0, 2 * np.pi, 16, dtype=torch.float64)[:, None]
-    queries = torch.cat([
-        on_plane + torch.tensor([-100.0, -10.0, 10.0, 100.0], dtype=torch.float64)[:, None]
-        * along,  # on the hyperplane
-        100 * torch.cat([angles.cos(), angles.sin()], 1),  # a circle of radius 100
-    ]).float().numpy()
-    a = torch.cat([torch.as_tensor(queries).double(), torch.ones(len(queries), 1,
-                                                                 dtype=torch.float64)], 1)
+    queries = (
+        torch.cat(
+            [
+                on_plane
+                + torch.tensor([-100.0, -10.0, 10.0, 100.0], dtype=torch.float64)[:, None]
+                * along,  # on the hyperplane
+                100 * torch.cat([angles.cos(), angles.sin()], 1),  # a circle of radius 100
+            ]
+        )
+        .float()
+        .numpy()
+    )
+    a = torch.cat(
+        [torch.as_tensor(queries).double(), torch.ones(len(queries), 1, dtype=torch.float64)], 1
+    )
     expected = 2 * sigma**2 * torch.einsum("qi,ij,qj->q", a, torch.linalg.inv(H), a)
     exact = est.fit(X, y).predict_uncertainty(queries, "epistemic_variance")
     np.testing.assert_allclose(exact, expected.numpy(), rtol=1e-5)
@@ -462,9 +551,16 @@ def _adamw_net(optimizer=torch.optim.AdamW, steps=6000):
 
     _, X, y, _ = _ridge_line()
     torch.manual_seed(0)
-    net = NeuralNetRegressor(nn.Linear(2, 1), optimizer=optimizer, lr=1e-2,
-                             optimizer__weight_decay=0.5, max_epochs=0, train_split=None,
-                             verbose=0, device="cpu").initialize()
+    net = NeuralNetRegressor(
+        nn.Linear(2, 1),
+        optimizer=optimizer,
+        lr=1e-2,
+        optimizer__weight_decay=0.5,
+        max_epochs=0,
+        train_split=None,
+        verbose=0,
+        device="cpu",
+    ).initialize()
     Xt, yt = torch.as_tensor(X), torch.as_tensor(y)[:, None]
     for _ in range(steps):
         net.optimizer_.zero_grad()
@@ -484,11 +580,16 @@ def test_adamw_prior_is_the_one_its_decoupled_decay_implies():
     params = list(module.parameters())
     opt = net.optimizer_
     beta2, eps = opt.param_groups[0]["betas"][1], opt.param_groups[0]["eps"]
-    v_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"])))
-                       .reshape(-1) for p in params]).double()
+    v_hat = torch.cat(
+        [
+            (opt.state[p]["exp_avg_sq"] / (1 - beta2 ** float(opt.state[p]["step"]))).reshape(-1)
+            for p in params
+        ]
+    ).double()
     n = len(X)
-    np.testing.assert_allclose(est.prior_precision_, n * 0.5 * (v_hat.sqrt() + eps).numpy(),
-                               rtol=1e-6)  # v_hat bias-corrected here in float32
+    np.testing.assert_allclose(
+        est.prior_precision_, n * 0.5 * (v_hat.sqrt() + eps).numpy(), rtol=1e-6
+    )  # v_hat bias-corrected here in float32
     theta = torch.cat([p.detach().reshape(-1) for p in params]).double()
     A = torch.cat([torch.as_tensor(X).double(), torch.ones(n, 1, dtype=torch.float64)], 1)
     data_grad = 2 * A.T @ (A @ theta - torch.as_tensor(y).double())  # of sum (f - y)^2

@@ -37,7 +37,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def _bench():
     """benchmarks/scalla.py as a module (for its memory counter)."""
     spec = importlib.util.spec_from_file_location(
-        "skuq_bench_scalla", os.path.join(ROOT, "benchmarks", "scalla.py"))
+        "skuq_bench_scalla", os.path.join(ROOT, "benchmarks", "scalla.py")
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
@@ -140,11 +141,20 @@ def test_surrogate_kernel_and_variance_match_full_lla_on_softmax_regression():
     torch.manual_seed(0)
     net = _train(nn.Linear(2, 3), X[:300], y[:300])
     Xtr, ytr, Xte = X[:300].numpy(), y[:300].numpy(), X[300:].numpy()
-    kw = dict(n_features=9, n_probes=64, surrogate__epochs=600, surrogate__batch_size=300,
-              surrogate__width=64, surrogate__lr=3e-3, random_state=0, device="cpu")
+    kw = dict(
+        n_features=9,
+        n_probes=64,
+        surrogate__epochs=600,
+        surrogate__batch_size=300,
+        surrogate__width=64,
+        surrogate__lr=3e-3,
+        random_state=0,
+        device="cpu",
+    )
     est = ScaLLAClassifier(net, prior_precision=1.0, **kw).fit(Xtr, ytr)
-    ref = LaplaceClassifier(net, subset_of_weights="all", hessian_structure="full",
-                            prior_precision=1.0, device="cpu").fit(Xtr, ytr)
+    ref = LaplaceClassifier(
+        net, subset_of_weights="all", hessian_structure="full", prior_precision=1.0, device="cpu"
+    ).fit(Xtr, ytr)
     _, K = _ntk(net, Xte)
     G = est.surrogate_(torch.as_tensor(Xte)).double().reshape(-1, 9)
     assert _rel(G @ G.T, K) < 0.1
@@ -155,8 +165,13 @@ def test_surrogate_kernel_and_variance_match_full_lla_on_softmax_regression():
 
     # tau by the evidence: the same sums, so the same optimum as the full LLA's
     est.posterior_.optimize_prior_precision()
-    ref_ml = LaplaceClassifier(net, subset_of_weights="all", hessian_structure="full",
-                               prior_precision="marglik", device="cpu").fit(Xtr, ytr)
+    ref_ml = LaplaceClassifier(
+        net,
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision="marglik",
+        device="cpu",
+    ).fit(Xtr, ytr)
     assert est.posterior_.prior_precision == pytest.approx(ref_ml.prior_precision_, rel=0.1)
 
 
@@ -181,9 +196,18 @@ def test_tanh_net_surrogate_captures_the_dominant_kernel_directions():
     torch.manual_seed(0)
     net = _train(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)), X[:300], y[:300])
     Xtr, ytr, Xte = X[:300].numpy(), y[:300].numpy(), X[300:].numpy()
-    est = ScaLLAClassifier(net, n_features=51, n_probes=32, surrogate__epochs=600,
-                           surrogate__batch_size=100, surrogate__width=128, surrogate__lr=1e-2,
-                           prior_precision=1.0, random_state=0, device="cpu").fit(Xtr, ytr)
+    est = ScaLLAClassifier(
+        net,
+        n_features=51,
+        n_probes=32,
+        surrogate__epochs=600,
+        surrogate__batch_size=100,
+        surrogate__width=128,
+        surrogate__lr=1e-2,
+        prior_precision=1.0,
+        random_state=0,
+        device="cpu",
+    ).fit(Xtr, ytr)
     _, K = _ntk(net, Xte)
     G = est.surrogate_(torch.as_tensor(Xte)).double().reshape(-1, 51)
     assert _rel(G @ G.T, K) < 0.13
@@ -196,11 +220,13 @@ def test_tanh_net_surrogate_captures_the_dominant_kernel_directions():
     L = hessian_sqrt(f, "classification")
     Ftr = (Jtr @ top).reshape(300, 3, 10)
     LF = L.transpose(1, 2) @ Ftr
-    post = FeaturePosterior(torch.einsum("nck,ncl->kl", LF, LF), theta_sq_norm=1.0,
-                            prior_precision=1.0)
+    post = FeaturePosterior(
+        torch.einsum("nck,ncl->kl", LF, LF), theta_sq_norm=1.0, prior_precision=1.0
+    )
     v_top10 = post.functional_variance((Jte @ top).reshape(100, 3, 10)).diagonal(dim1=1, dim2=2)
-    v_full = LaplaceClassifier(net, subset_of_weights="all", hessian_structure="full",
-                               prior_precision=1.0, device="cpu").fit(Xtr, ytr)
+    v_full = LaplaceClassifier(
+        net, subset_of_weights="all", hessian_structure="full", prior_precision=1.0, device="cpu"
+    ).fit(Xtr, ytr)
     v_full = v_full.predict_distribution(Xte).variance.double()
     v_s = est.predict_distribution(Xte).variance.double()
     assert _rel(v_s, v_full) < _rel(v_top10, v_full)
@@ -224,9 +250,17 @@ def test_context_rows_join_the_kernel_fit():
     angle = torch.rand(200, generator=g) * 2 * math.pi
     ring = (4 * torch.stack([angle.cos(), angle.sin()], 1)).numpy()
     ctx, fresh = ring[:100], ring[100:]
-    kw = dict(n_features=24, n_probes=16, surrogate__epochs=60, surrogate__batch_size=100,
-              surrogate__width=64, surrogate__lr=1e-2, prior_precision=1.0, random_state=0,
-              device="cpu")
+    kw = dict(
+        n_features=24,
+        n_probes=16,
+        surrogate__epochs=60,
+        surrogate__batch_size=100,
+        surrogate__width=64,
+        surrogate__lr=1e-2,
+        prior_precision=1.0,
+        random_state=0,
+        device="cpu",
+    )
     plain = ScaLLAClassifier(net, **kw).fit(X.numpy(), y.numpy())
     biased = ScaLLAClassifier(net, **kw).fit(X.numpy(), y.numpy(), context=ctx)
 
@@ -252,13 +286,21 @@ def test_the_biased_kernel_improves_ood_detection(digits):
     net = _train(nn.Sequential(nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 5)), X, y, steps=200)
     perm = np.random.RandomState(0).permutation(len(digits.X_ood))
     ctx, held = digits.X_ood[perm[:150]], digits.X_ood[perm[150:]]
-    kw = dict(n_features=16, surrogate__epochs=30, surrogate__width=64, prior_precision=1.0,
-              random_state=0, device="cpu")
+    kw = dict(
+        n_features=16,
+        surrogate__epochs=30,
+        surrogate__width=64,
+        prior_precision=1.0,
+        random_state=0,
+        device="cpu",
+    )
     auroc = {}
     for name, context in (("plain", None), ("biased", ctx)):
         est = ScaLLAClassifier(net, **kw).fit(digits.X_train, digits.y_train, context=context)
-        auroc[name] = ood_auroc(est.predict_uncertainty(digits.X_test, "variance"),
-                                est.predict_uncertainty(held, "variance"))
+        auroc[name] = ood_auroc(
+            est.predict_uncertainty(digits.X_test, "variance"),
+            est.predict_uncertainty(held, "variance"),
+        )
     assert auroc["biased"] > auroc["plain"] + 0.1, auroc
 
 
@@ -284,12 +326,20 @@ def test_peak_memory_does_not_grow_with_p_beyond_the_net():
     peaks, pred_peaks, sizes = [], [], []
     for width in (256, 1024):
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                            nn.Linear(width, 5))
+        net = nn.Sequential(
+            nn.Linear(64, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 5)
+        )
         P = sum(p.numel() for p in net.parameters())
-        est = ScaLLAClassifier(net, n_features=8, surrogate__width=16, surrogate__epochs=1,
-                               surrogate__batch_size=64, n_probes=4, random_state=0,
-                               device="cpu")
+        est = ScaLLAClassifier(
+            net,
+            n_features=8,
+            surrogate__width=16,
+            surrogate__epochs=1,
+            surrogate__batch_size=64,
+            n_probes=4,
+            random_state=0,
+            device="cpu",
+        )
         with LiveTensorBytes() as mem:
             est.fit(X, y)
         with LiveTensorBytes() as pred:
@@ -310,12 +360,12 @@ def test_peak_memory_does_not_grow_with_p_beyond_the_net():
 def test_digits_frozen_net_reproducible_and_posterior_only_changes(digits, monkeypatch):
     net = make_classifier_net(max_epochs=10, hidden=(16,), lr=3e-2, module__n_outputs=5)
     net.fit(digits.X_train, digits.y_train)
-    kw = dict(n_features=8, surrogate__epochs=3, surrogate__width=32, random_state=0,
-              device="cpu")
+    kw = dict(n_features=8, surrogate__epochs=3, surrogate__width=32, random_state=0, device="cpu")
     trained = []
     real_fit = scalla.fit_surrogate
-    monkeypatch.setattr(scalla, "fit_surrogate",
-                        lambda *a, **k: trained.append(1) or real_fit(*a, **k))
+    monkeypatch.setattr(
+        scalla, "fit_surrogate", lambda *a, **k: trained.append(1) or real_fit(*a, **k)
+    )
     scalla.clear_surrogate_cache()
     a = ScaLLAClassifier(FrozenEstimator(net), **kw).fit(digits.X_train, digits.y_train)
     scalla.clear_surrogate_cache()
@@ -329,13 +379,17 @@ def test_digits_frozen_net_reproducible_and_posterior_only_changes(digits, monke
     assert a.prior_precision_ > 0 and a.kernel_scale_ > 0
     # more prior precision, less spread
     c = ScaLLAClassifier(FrozenEstimator(net), prior_precision=1e4, **kw).fit(
-        digits.X_train, digits.y_train)
-    assert (c.predict_uncertainty(digits.X_test, "variance")
-            < a.predict_uncertainty(digits.X_test, "variance")).all()
+        digits.X_train, digits.y_train
+    )
+    assert (
+        c.predict_uncertainty(digits.X_test, "variance")
+        < a.predict_uncertainty(digits.X_test, "variance")
+    ).all()
     assert len(trained) == 2  # a posterior-only change reuses the cached surrogate
     np.testing.assert_array_equal(c.surrogate_loss_, a.surrogate_loss_)
     ScaLLAClassifier(FrozenEstimator(net), **{**kw, "random_state": 1}).fit(
-        digits.X_train, digits.y_train)
+        digits.X_train, digits.y_train
+    )
     assert len(trained) == 3  # another seed, another surrogate
     # held-out prior: the grid value with the lowest held-out NLL
     h = ScaLLAClassifier(FrozenEstimator(net), prior_precision="heldout", **kw)
@@ -351,8 +405,9 @@ def test_surrogate_options():
     mod = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 12))
     est = ScaLLAClassifier(net, surrogate=mod, **kw).fit(X.numpy(), y.numpy())
     assert est.surrogate_.net is not mod  # copied, the given module is left untouched
-    est = ScaLLAClassifier(net, surrogate=lambda shape, n: nn.Linear(shape[0], n),
-                           probe="gaussian", **kw).fit(X.numpy(), y.numpy())
+    est = ScaLLAClassifier(
+        net, surrogate=lambda shape, n: nn.Linear(shape[0], n), probe="gaussian", **kw
+    ).fit(X.numpy(), y.numpy())
     assert isinstance(est.surrogate_.net, nn.Linear)
     with pytest.raises(ValueError, match="n_outputs \\* n_features"):
         ScaLLAClassifier(net, surrogate=nn.Linear(2, 5), **kw).fit(X.numpy(), y.numpy())
@@ -387,10 +442,12 @@ def test_surrogate_training_options_grid_search_clone_and_deprecated_names():
     with pytest.warns(FutureWarning, match=deprecated):
         flat = GridSearchCV(flat_est, {"surrogate_epochs": grid}, cv=2, error_score="raise")
         flat.fit(X, y)
-    np.testing.assert_array_equal(flat.cv_results_["mean_test_score"],
-                                  search.cv_results_["mean_test_score"])
-    np.testing.assert_array_equal(flat.best_estimator_.predict_proba(X),
-                                  search.best_estimator_.predict_proba(X))
+    np.testing.assert_array_equal(
+        flat.cv_results_["mean_test_score"], search.cv_results_["mean_test_score"]
+    )
+    np.testing.assert_array_equal(
+        flat.best_estimator_.predict_proba(X), search.best_estimator_.predict_proba(X)
+    )
     with pytest.warns(FutureWarning, match=deprecated) as record:
         clone(flat_est).set_params(surrogate_epochs=1).fit(X, y)
     assert {w.filename for w in record} == {__file__}
@@ -407,8 +464,9 @@ def test_default_cnn_surrogate_on_images():
     torch.manual_seed(0)
     cnn = SmallCNN(n_outputs=3, channels=(4, 4), hidden=8)
     cnn(torch.as_tensor(X[:2]))  # materialize the lazy layers
-    est = ScaLLAClassifier(cnn.eval(), n_features=4, surrogate__epochs=1, random_state=0,
-                           device="cpu").fit(X, y)
+    est = ScaLLAClassifier(
+        cnn.eval(), n_features=4, surrogate__epochs=1, random_state=0, device="cpu"
+    ).fit(X, y)
     assert isinstance(est.surrogate_.net[0], nn.Conv2d)
     assert est.predict_proba(X).shape == (40, 3)
 
@@ -421,12 +479,19 @@ def test_bad_n_features(m):
         ScaLLAClassifier(nn.Linear(2, 3), n_features=m).fit(X.numpy(), y.numpy())
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"n_probes": 1}, "n_probes"), ({"probe": "sobol"}, "probe"),
-    ({"surrogate": "rnn"}, "surrogate"), ({"surrogate": 3}, "surrogate"),
-    ({"prior_precision": -1.0}, "prior_precision"), ({"prior_precision": "cv"}, "prior_precision"),
-    ({"context_weight": 0.0}, "context_weight"), ({"surrogate__epochs": 0}, "surrogate__epochs"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"n_probes": 1}, "n_probes"),
+        ({"probe": "sobol"}, "probe"),
+        ({"surrogate": "rnn"}, "surrogate"),
+        ({"surrogate": 3}, "surrogate"),
+        ({"prior_precision": -1.0}, "prior_precision"),
+        ({"prior_precision": "cv"}, "prior_precision"),
+        ({"context_weight": 0.0}, "context_weight"),
+        ({"surrogate__epochs": 0}, "surrogate__epochs"),
+    ],
+)
 def test_bad_options(kwargs, match):
     X, y = _blobs(20)
     with pytest.raises((ValueError, TypeError), match=match):
@@ -437,8 +502,12 @@ def test_context_of_the_wrong_shape_is_refused_before_training(digits):
     net = make_classifier_net(max_epochs=1, hidden=(8,), module=CountingMLP)
     est = ScaLLAClassifier(net, n_features=4, surrogate__epochs=1, device="cpu")
     built = CountingMLP.n_built
-    for bad in (digits.X_train[:10, :30], digits.X_train[0], digits.X_train[:0],
-                digits.X_train[:5].reshape(5, 8, 8)):
+    for bad in (
+        digits.X_train[:10, :30],
+        digits.X_train[0],
+        digits.X_train[:0],
+        digits.X_train[:5].reshape(5, 8, 8),
+    ):
         with pytest.raises(ValueError, match="context"):
             est.fit(digits.X_train, digits.y_train, context=bad)
     assert CountingMLP.n_built == built  # the net was never trained
@@ -452,8 +521,9 @@ def test_a_diverging_surrogate_is_a_clear_error_not_nan():
     X, y = _blobs(64)
     torch.manual_seed(0)
     net = _train(nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)), X, y, steps=50)
-    est = ScaLLAClassifier(net, n_features=4, surrogate__epochs=20, surrogate__lr=1e12,
-                           random_state=0, device="cpu")
+    est = ScaLLAClassifier(
+        net, n_features=4, surrogate__epochs=20, surrogate__lr=1e12, random_state=0, device="cpu"
+    )
     with pytest.raises(FloatingPointError, match="diverged.*surrogate__lr"):
         est.fit(X.numpy(), y.numpy())
     assert not hasattr(est, "posterior_")

@@ -78,10 +78,16 @@ class _Sequence(nn.Module):
 
 def _nets():
     torch.manual_seed(0)
-    mlp = nn.Sequential(nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(),
-                        nn.Linear(5, 3))
-    cnn = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Conv2d(3, 4, 2, stride=2),
-                        nn.Flatten(), nn.Linear(4 * 3 * 3, 3))
+    mlp = nn.Sequential(
+        nn.Linear(4, 6), nn.ReLU(inplace=True), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)
+    )
+    cnn = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1),
+        nn.Tanh(),
+        nn.Conv2d(3, 4, 2, stride=2),
+        nn.Flatten(),
+        nn.Linear(4 * 3 * 3, 3),
+    )
     return {
         "mlp": (mlp.double(), torch.randn(7, 4, dtype=torch.float64)),
         "cnn": (cnn.double(), torch.randn(7, 2, 6, 6, dtype=torch.float64)),
@@ -143,8 +149,13 @@ def test_subnetwork_jacobian_never_forms_per_sample_gradients_of_all_weights():
     # an activation or J itself; one per-sample gradient of the big layer alone is 1M
     assert mode.largest <= max(64 * 1000, J.numel())
     # the conv route keeps its per-sample layer gradients within max_elements
-    conv = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 64, 3),
-                         nn.Flatten(), nn.Linear(64 * 6 * 6, 2))
+    conv = nn.Sequential(
+        nn.Conv2d(3, 64, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3),
+        nn.Flatten(),
+        nn.Linear(64 * 6 * 6, 2),
+    )
     xc = torch.randn(32, 3, 8, 8)
     idx = torch.arange(1792, 1792 + 30000)  # most of the second conv's weight
     w = select_weights(conv, "subnetwork", subnetwork_indices=idx)
@@ -161,7 +172,8 @@ def test_every_rule_returns_k_unique_in_range_indices(trained, selection):
     P = _n_params(model)  # 705; the last layer has 55
     data = [(X[:150], y[:150]), (X[150:], y[150:])]
     rule = {
-        "names": ByName(["2"]), "indices": GivenIndices(np.arange(650, 705)[::-1].copy()),
+        "names": ByName(["2"]),
+        "indices": GivenIndices(np.arange(650, 705)[::-1].copy()),
         "largest_variance_swag": LargestVarianceSWAG(n_epochs=2),
     }.get(selection, selection)
     k = 55
@@ -204,8 +216,9 @@ def test_largest_variance_minimizes_the_wasserstein_criterion_by_brute_force():
     var = (1.0 / (h + torch.repeat_interleave(delta, torch.tensor(sizes)))).numpy()
     rule = LargestVariance(prior_precision=delta.numpy())
     for k in (1, 3, 5):
-        best = min(itertools.combinations(range(26), k),
-                   key=lambda s: var.sum() - var[list(s)].sum())
+        best = min(
+            itertools.combinations(range(26), k), key=lambda s: var.sum() - var[list(s)].sum()
+        )
         idx = rule.select(model, [(x, y)], k)
         assert idx.tolist() == list(best)
     # a scalar prior ranks by the smallest curvature, whatever its value
@@ -221,8 +234,13 @@ def test_largest_variance_matches_laplace_torch_mask(trained):
 
     model, X, y, _ = trained
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=100)
-    diag = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights="all",
-                           hessian_structure="diag", prior_precision=1.0)
+    diag = laplace.Laplace(
+        copy.deepcopy(model),
+        "classification",
+        subset_of_weights="all",
+        hessian_structure="diag",
+        prior_precision=1.0,
+    )
     mask = LargestVarianceDiagLaplaceSubnetMask(copy.deepcopy(model), 100, diag)
     theirs = mask.select(loader)
     ours = LargestVariance().select(model, [(X, y)], 100)
@@ -239,15 +257,23 @@ def _subnet(model, X, y, **kw):
 def test_all_weights_as_subnetwork_is_the_full_laplace(trained):
     model, X, y, X_test = trained
     P = _n_params(model)
-    full = LaplaceClassifier(copy.deepcopy(model), subset_of_weights="all",
-                             hessian_structure="full", prior_precision=2.0, batch_size=100,
-                             random_state=0, link_approx="probit").fit(X.numpy(), y.numpy())
+    full = LaplaceClassifier(
+        copy.deepcopy(model),
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision=2.0,
+        batch_size=100,
+        random_state=0,
+        link_approx="probit",
+    ).fit(X.numpy(), y.numpy())
     sub = _subnet(model, X, y, subnetwork_size=P)
     np.testing.assert_array_equal(sub.subnetwork_indices_, np.arange(P))
-    torch.testing.assert_close(sub.posterior_.covariance(), full.posterior_.covariance(),
-                               rtol=1e-4, atol=1e-6)
-    np.testing.assert_allclose(sub.predict_proba(X_test.numpy()),
-                               full.predict_proba(X_test.numpy()), atol=1e-6)
+    torch.testing.assert_close(
+        sub.posterior_.covariance(), full.posterior_.covariance(), rtol=1e-4, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        sub.predict_proba(X_test.numpy()), full.predict_proba(X_test.numpy()), atol=1e-6
+    )
     # exactly, in float64: the curvature over S = all positions is the full GGN
     m64 = copy.deepcopy(model).double()
     batches = [(X.double(), y)]
@@ -263,12 +289,19 @@ def test_predictive_matches_laplace_torch_full_subnet(trained, selection):
     model, X, y, X_test = trained
     ours = _subnet(model, X, y, subnetwork_size=80, subnetwork_selection=selection)
     idx = torch.as_tensor(ours.subnetwork_indices_)
-    la = laplace.Laplace(copy.deepcopy(model), "classification", subset_of_weights="subnetwork",
-                         hessian_structure="full", subnetwork_indices=idx, prior_precision=2.0)
+    la = laplace.Laplace(
+        copy.deepcopy(model),
+        "classification",
+        subset_of_weights="subnetwork",
+        hessian_structure="full",
+        subnetwork_indices=idx,
+        prior_precision=2.0,
+    )
     assert type(la).__name__ == "FullSubnetLaplace"
     la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=100))
-    torch.testing.assert_close(ours.posterior_.covariance(), la.posterior_covariance,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        ours.posterior_.covariance(), la.posterior_covariance, rtol=1e-4, atol=1e-6
+    )
     theirs = la(X_test, pred_type="glm", link_approx="probit").detach().numpy()
     np.testing.assert_allclose(ours.predict_proba(X_test.numpy()), theirs, atol=1e-5)
 
@@ -285,41 +318,55 @@ def test_grid_search_over_subnetwork_size(trained):
 
 def test_laplace_estimators_take_the_subnetwork_options(trained, gap_data):
     model, X, y, X_test = trained
-    common = dict(subset_of_weights="subnetwork", hessian_structure="full", prior_precision=1.0,
-                  random_state=0)
-    est = LaplaceClassifier(copy.deepcopy(model), subnetwork_size=20,
-                            subnetwork_selection="largest_magnitude", **common)
+    common = dict(
+        subset_of_weights="subnetwork",
+        hessian_structure="full",
+        prior_precision=1.0,
+        random_state=0,
+    )
+    est = LaplaceClassifier(
+        copy.deepcopy(model), subnetwork_size=20, subnetwork_selection="largest_magnitude", **common
+    )
     est.fit(X.numpy(), y.numpy())
     w = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).abs()
     assert set(est.subnetwork_indices_) == set(torch.argsort(w, descending=True)[:20].tolist())
     by_name = LaplaceClassifier(copy.deepcopy(model), subnetwork_selection=["2.bias"], **common)
-    np.testing.assert_array_equal(by_name.fit(X.numpy(), y.numpy()).subnetwork_indices_,
-                                  np.arange(700, 705))
+    np.testing.assert_array_equal(
+        by_name.fit(X.numpy(), y.numpy()).subnetwork_indices_, np.arange(700, 705)
+    )
     torch.manual_seed(0)
     reg_net = nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
-    reg = LaplaceRegressor(reg_net, subset_of_weights="subnetwork", hessian_structure="full",
-                           subnetwork_size=10, random_state=0).fit(gap_data.X, gap_data.y)
+    reg = LaplaceRegressor(
+        reg_net,
+        subset_of_weights="subnetwork",
+        hessian_structure="full",
+        subnetwork_size=10,
+        random_state=0,
+    ).fit(gap_data.X, gap_data.y)
     mean, std = reg.predict(gap_data.X_test, return_std=True)
     assert reg.subnetwork_indices_.shape == (10,) and np.all(std > 0)
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("params,message", [
-    (dict(subnetwork_size=706), r"larger than the network's 705 trainable parameters"),
-    (dict(subnetwork_size=0), r"subnetwork_size must be an int >= 1"),
-    (dict(subnetwork_size=-3), r"subnetwork_size must be an int >= 1"),
-    (dict(subnetwork_size=2.5), r"subnetwork_size must be an int >= 1"),
-    (dict(subnetwork_size=None), r"needs subnetwork_indices .* or subnetwork_size"),
-    (dict(subnetwork_selection=[0, 705]), r"must lie in \[0, 705\)"),
-    (dict(subnetwork_selection=[-1, 3]), r"must lie in \[0, 705\)"),
-    (dict(subnetwork_selection=[3, 3, 4]), "repeated"),
-    (dict(subnetwork_selection=[]), "selects no parameters"),
-    (dict(subnetwork_selection=[0.5, 1.0]), "integer positions"),
-    (dict(subnetwork_selection="largest"), "subnetwork_selection must be one of"),
-    (dict(subnetwork_selection="2"), r"to select by name, pass a list: \['2'\]"),
-    (dict(subnetwork_selection=["fc"]), "names no trainable parameter or module"),
-    (dict(subnetwork_selection="last_layer", subnetwork_size=10), "selects 55 weights"),
-])
+@pytest.mark.parametrize(
+    "params,message",
+    [
+        (dict(subnetwork_size=706), r"larger than the network's 705 trainable parameters"),
+        (dict(subnetwork_size=0), r"subnetwork_size must be an int >= 1"),
+        (dict(subnetwork_size=-3), r"subnetwork_size must be an int >= 1"),
+        (dict(subnetwork_size=2.5), r"subnetwork_size must be an int >= 1"),
+        (dict(subnetwork_size=None), r"needs subnetwork_indices .* or subnetwork_size"),
+        (dict(subnetwork_selection=[0, 705]), r"must lie in \[0, 705\)"),
+        (dict(subnetwork_selection=[-1, 3]), r"must lie in \[0, 705\)"),
+        (dict(subnetwork_selection=[3, 3, 4]), "repeated"),
+        (dict(subnetwork_selection=[]), "selects no parameters"),
+        (dict(subnetwork_selection=[0.5, 1.0]), "integer positions"),
+        (dict(subnetwork_selection="largest"), "subnetwork_selection must be one of"),
+        (dict(subnetwork_selection="2"), r"to select by name, pass a list: \['2'\]"),
+        (dict(subnetwork_selection=["fc"]), "names no trainable parameter or module"),
+        (dict(subnetwork_selection="last_layer", subnetwork_size=10), "selects 55 weights"),
+    ],
+)
 def test_bad_subnetwork_input(trained, params, message):
     model, X, y, _ = trained
     kw = dict(subnetwork_size=10, prior_precision=1.0)
@@ -331,9 +378,13 @@ def test_bad_subnetwork_input(trained, params, message):
 def test_bad_laplace_subnetwork_options(trained):
     model, X, y, _ = trained
     with pytest.raises(ValueError, match="not both"):
-        LaplaceClassifier(model, subset_of_weights="subnetwork", hessian_structure="full",
-                          subnetwork_indices=[1, 2], subnetwork_selection="random").fit(
-            X.numpy(), y.numpy())
+        LaplaceClassifier(
+            model,
+            subset_of_weights="subnetwork",
+            hessian_structure="full",
+            subnetwork_indices=[1, 2],
+            subnetwork_selection="random",
+        ).fit(X.numpy(), y.numpy())
     with pytest.raises(ValueError, match="subnetwork_size is only used with"):
         LaplaceClassifier(model, subnetwork_size=10).fit(X.numpy(), y.numpy())
     with pytest.raises(ValueError, match="larger than"):
@@ -347,16 +398,21 @@ def test_bad_laplace_subnetwork_options(trained):
 def test_heldout_grid_shortcut_equals_the_posterior(trained):
     """The eigenbasis shortcut of the held-out grid gives the posterior's own J Sigma J^T."""
     model, X, y, X_test = trained
-    est = _subnet(model, X[:200], y[:200], subnetwork_size=40, prior_precision="heldout",
-                  subnetwork_selection="random")
+    est = _subnet(
+        model,
+        X[:200],
+        y[:200],
+        subnetwork_size=40,
+        prior_precision="heldout",
+        subnetwork_selection="random",
+    )
     post = est.posterior_
     J, _ = jacobians(est.weights_, X_test[:10])
     J = J.to(post.mean.dtype)
     fast = post.functional_variance_grid(J)
     for delta in (1e-3, 1.0, 1e3):
         post.set_hyperparameters(prior_precision=delta)
-        torch.testing.assert_close(fast(delta), post.functional_variance(J),
-                                   rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(fast(delta), post.functional_variance(J), rtol=1e-4, atol=1e-6)
     best = min(est.heldout_nll_, key=est.heldout_nll_.get)
     assert est.prior_precision_ == best
 
@@ -368,8 +424,9 @@ def test_diag_glm_layer_route_takes_conv_layers():
 
     model, x = _nets()["cnn"]
     w = select_weights(model)
-    post = DiagPosterior(w.vector(), torch.rand(w.n_params, dtype=torch.float64) * 10,
-                         prior_precision=0.5)
+    post = DiagPosterior(
+        w.vector(), torch.rand(w.n_params, dtype=torch.float64) * 10, prior_precision=0.5
+    )
     assert not needs_jacobians(w, post, x)
     fast = glm_predictive(w, post, x)
     slow = glm_predictive(w, post, x, use_features=False)

@@ -47,7 +47,8 @@ def test_training_rows_given_as_x_cal_warn_too(split):
     net, X_fit, y_fit, X_held, y_held = split
     with pytest.warns(UserWarning, match=FITTED):
         TemperatureScalingClassifier(FrozenEstimator(net)).fit(
-            X_held, y_held, X_cal=X_fit, y_cal=y_fit)
+            X_held, y_held, X_cal=X_fit, y_cal=y_fit
+        )
 
 
 @pytest.mark.parametrize("how", ["fit", "x_cal"])
@@ -67,8 +68,7 @@ def test_a_real_held_out_split_does_not_warn(split, digits, how):
 
 
 def test_a_net_trained_inside_fit_calibrates_on_its_own_held_out_rows_without_warning(digits):
-    est = TemperatureScalingClassifier(
-        make_classifier_net(max_epochs=30, lr=1e-2), random_state=0)
+    est = TemperatureScalingClassifier(make_classifier_net(max_epochs=30, lr=1e-2), random_state=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         est.fit(digits.X_train, digits.y_train)
@@ -108,8 +108,12 @@ def test_calibration_loss_is_the_nets_own_training_loss(smoothing, weighted):
     y = rng.randint(0, 3, 50)
     weight = torch.tensor([1.0, 2.0, 0.5]) if weighted else None
     net = make_classifier_net(
-        max_epochs=1, lr=0.0, batch_size=50, module__n_outputs=3,
-        criterion__label_smoothing=smoothing, criterion__weight=weight,
+        max_epochs=1,
+        lr=0.0,
+        batch_size=50,
+        module__n_outputs=3,
+        criterion__label_smoothing=smoothing,
+        criterion__weight=weight,
     )
     torch.manual_seed(0)
     net.fit(X, y)

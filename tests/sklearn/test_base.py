@@ -102,7 +102,9 @@ def test_cross_val_score_and_grid_search_with_skuq_scorers(small):
     scores = cross_val_score(est, X, y, cv=3, scoring=get_scorer("neg_expected_calibration_error"))
     assert scores.shape == (3,) and np.all(scores <= 0)
     grid = GridSearchCV(
-        est, {"temperature": [0.5, 1.0, 2.0]}, cv=2,
+        est,
+        {"temperature": [0.5, 1.0, 2.0]},
+        cv=2,
         scoring=get_scorer("neg_negative_log_likelihood"),
     ).fit(X, y)
     assert grid.best_params_["temperature"] in (0.5, 1.0, 2.0)
@@ -134,7 +136,8 @@ def test_plain_torch_module_is_used_as_is(small):
 def test_memory_trains_the_net_once_per_fold_in_a_grid_search(small, tmp_path):
     X, y = small
     est = TemperatureScalingClassifier(
-        make_classifier_net(max_epochs=3, module=CountingMLP), random_state=0,
+        make_classifier_net(max_epochs=3, module=CountingMLP),
+        random_state=0,
         memory=str(tmp_path),
     )
     CountingMLP.n_built = 0
@@ -181,12 +184,19 @@ def test_softmax_output_nets_get_their_exact_logits(small):
     class SoftmaxMLP(torch.nn.Sequential):
         def __init__(self, n_outputs=2):
             super().__init__(
-                torch.nn.Flatten(), torch.nn.LazyLinear(16), torch.nn.ReLU(),
-                torch.nn.LazyLinear(n_outputs), torch.nn.Softmax(dim=-1),
+                torch.nn.Flatten(),
+                torch.nn.LazyLinear(16),
+                torch.nn.ReLU(),
+                torch.nn.LazyLinear(n_outputs),
+                torch.nn.Softmax(dim=-1),
             )
 
     net = NeuralNetClassifier(  # skorch's default criterion: NLLLoss on probabilities
-        SoftmaxMLP, optimizer=torch.optim.Adam, lr=1e-2, max_epochs=5, train_split=None,
+        SoftmaxMLP,
+        optimizer=torch.optim.Adam,
+        lr=1e-2,
+        max_epochs=5,
+        train_split=None,
         verbose=0,
     )
     est = TemperatureScalingClassifier(net, temperature=2.0, random_state=0).fit(X, y)
@@ -230,8 +240,9 @@ def test_tiny_negative_variance_gives_zero_not_nan(gap_data):
     for kind in ("std", "variance", "epistemic_variance"):
         u = est.predict_uncertainty(gap_data.X_test, kind)
         assert np.all(np.isfinite(u)) and np.all(u >= 0), kind
-    np.testing.assert_array_equal(est.predict_uncertainty(gap_data.X_test, "epistemic_variance"),
-                                  0.0)
+    np.testing.assert_array_equal(
+        est.predict_uncertainty(gap_data.X_test, "epistemic_variance"), 0.0
+    )
 
 
 def test_multi_output_regression(gap_data):
@@ -365,8 +376,9 @@ def test_a_binary_skorch_net_is_refused_before_training_saying_what_to_use(small
     with a dtype error; it is refused up front, naming the net to use instead."""
     X, y = small
     X, y = X[y < 2], y[y < 2]
-    net = NeuralNetBinaryClassifier(MLP, module__n_outputs=1, max_epochs=1, verbose=0,
-                                    train_split=None)
+    net = NeuralNetBinaryClassifier(
+        MLP, module__n_outputs=1, max_epochs=1, verbose=0, train_split=None
+    )
     with pytest.raises(TypeError, match="NeuralNetClassifier with criterion"):
         getattr(skuq, name)(net).fit(X, y)
 
@@ -431,7 +443,8 @@ def test_fitted_temperature_is_the_nll_minimizer_on_x_cal(trained_module, digits
     t_train, _ = _grid_temperature(train_logits, digits.y_train[:300])
     assert abs(np.log(est.temperature_) - np.log(t_train)) > 0.5
     np.testing.assert_allclose(
-        est.predict_proba(X_cal), torch.softmax(logits / est.temperature_, -1).numpy(),
+        est.predict_proba(X_cal),
+        torch.softmax(logits / est.temperature_, -1).numpy(),
         atol=1e-6,
     )
 

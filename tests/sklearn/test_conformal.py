@@ -40,7 +40,7 @@ def coverage_interval(n_cal: int, n_test: int, n_splits: int, level: float = LEV
 
 def _halves(n, rng):
     perm = rng.permutation(n)
-    return perm[: n // 2], perm[n // 2:]
+    return perm[: n // 2], perm[n // 2 :]
 
 
 def test_margin_probabilities_match_monte_carlo():
@@ -50,8 +50,11 @@ def test_margin_probabilities_match_monte_carlo():
     cov = L @ L.transpose(1, 2) * 0.5 + 0.1 * torch.eye(3, dtype=torch.float64)
     got = margin_probabilities(OutputDistribution.gaussian(mu, cov)).numpy()
     # ground truth: P(f_y > f_k) by sampling, the least of them over rivals k, normalized
-    f = mu + torch.einsum("nij,snj->sni", torch.linalg.cholesky(cov),
-                          torch.randn(400_000, 2, 3, generator=gen, dtype=torch.float64))
+    f = mu + torch.einsum(
+        "nij,snj->sni",
+        torch.linalg.cholesky(cov),
+        torch.randn(400_000, 2, 3, generator=gen, dtype=torch.float64),
+    )
     wins = (f[:, :, :, None] > f[:, :, None, :]).double().mean(dim=0)  # [n, y, k]
     wins = wins + torch.diag_embed(torch.ones(2, 3, dtype=torch.float64))  # never its own rival
     weight = 1 / (1 - torch.log(wins.amin(dim=2)))

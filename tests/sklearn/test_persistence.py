@@ -71,8 +71,9 @@ def test_skops_round_trip_gives_identical_predictions(name, cls, data, tmp_path)
     nets = est.net_ if isinstance(est.net_, list) else [est.net_]
     loaded_nets = loaded.net_ if isinstance(loaded.net_, list) else [loaded.net_]
     for net, other in zip(nets, loaded_nets, strict=True):
-        for (k, p), (k2, p2) in zip(net.module_.named_parameters(),
-                                    other.module_.named_parameters(), strict=True):
+        for (k, p), (k2, p2) in zip(
+            net.module_.named_parameters(), other.module_.named_parameters(), strict=True
+        ):
             assert k == k2 and torch.equal(p, p2)
         assert other.history.to_list() == net.history.to_list()
         assert [n for n, _ in other.callbacks_] == [n for n, _ in net.callbacks_]
@@ -92,11 +93,15 @@ def test_portable_state_keeps_sharing_dtypes_and_parameters():
     lin = torch.nn.Linear(3, 2)
     half = torch.arange(4, dtype=torch.bfloat16)
     state = {
-        "a": lin, "b": [lin, (lin.weight, torch.Size([2, 3]))], "dtype": torch.float64,
-        "h": half, "nested": {1: {"x"}, "k": (None, 2.5)},
+        "a": lin,
+        "b": [lin, (lin.weight, torch.Size([2, 3]))],
+        "dtype": torch.float64,
+        "h": half,
+        "nested": {1: {"x"}, "k": (None, 2.5)},
     }
-    back = from_portable(sio.loads(sio.dumps(to_portable(state)),
-                                   trusted=["torch.nn.modules.linear.Linear"]))
+    back = from_portable(
+        sio.loads(sio.dumps(to_portable(state)), trusted=["torch.nn.modules.linear.Linear"])
+    )
     assert back["a"] is back["b"][0]
     assert back["b"][1][0] is back["a"].weight  # the same Parameter object, not a copy
     assert isinstance(back["a"].weight, torch.nn.Parameter) and back["a"].weight.requires_grad
@@ -128,8 +133,10 @@ def test_skops_round_trip_of_a_module_and_a_frozen_net(data):
     X, y = data
     module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
     net = make_classifier_net(max_epochs=2).fit(X, y)
-    for est in (LaplaceClassifier(module, device="cpu", random_state=0),
-                CVPClassifier(FrozenEstimator(net), device="cpu", random_state=0)):
+    for est in (
+        LaplaceClassifier(module, device="cpu", random_state=0),
+        CVPClassifier(FrozenEstimator(net), device="cpu", random_state=0),
+    ):
         est.fit(X, y)
         blob = sio.dumps(est)
         loaded = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))

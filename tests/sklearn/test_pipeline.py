@@ -26,8 +26,10 @@ def test_grid_search_over_step_params_then_uncertainty_on_the_best(blobs):
         StandardScaler(), LaplaceClassifier(make_classifier_net(max_epochs=5), random_state=0)
     )
     assert isinstance(pipe, UQPipeline)
-    grid = {"laplaceclassifier__prior_precision": [0.1, 10.0],
-            "standardscaler__with_mean": [True, False]}
+    grid = {
+        "laplaceclassifier__prior_precision": [0.1, 10.0],
+        "standardscaler__with_mean": [True, False],
+    }
     search = GridSearchCV(pipe, grid, cv=2, scoring="neg_log_loss").fit(X, y)
     best = search.best_estimator_
     assert isinstance(best, UQPipeline)
@@ -35,26 +37,31 @@ def test_grid_search_over_step_params_then_uncertainty_on_the_best(blobs):
     # the pipeline's uncertainty is the final step's on the scaled inputs
     scaled = best[:-1].transform(X[:10])
     for kind in ("entropy", "mutual_information"):
-        np.testing.assert_array_equal(best.predict_uncertainty(X[:10], kind=kind),
-                                      best[-1].predict_uncertainty(scaled, kind=kind))
+        np.testing.assert_array_equal(
+            best.predict_uncertainty(X[:10], kind=kind),
+            best[-1].predict_uncertainty(scaled, kind=kind),
+        )
     dist = best.predict_distribution(X[:10])
-    np.testing.assert_array_equal(dist.mean.numpy(),
-                                  best[-1].predict_distribution(scaled).mean.numpy())
+    np.testing.assert_array_equal(
+        dist.mean.numpy(), best[-1].predict_distribution(scaled).mean.numpy()
+    )
     # clone keeps the class and the parameters
     twin = clone(best)
     assert isinstance(twin, UQPipeline)
-    assert twin.get_params()["laplaceclassifier__prior_precision"] == \
-        best.get_params()["laplaceclassifier__prior_precision"]
+    assert (
+        twin.get_params()["laplaceclassifier__prior_precision"]
+        == best.get_params()["laplaceclassifier__prior_precision"]
+    )
 
 
 def test_regression_pipeline_passes_return_std_and_uncertainty(gap_data):
     X, y = gap_data.X, gap_data.y
-    pipe = make_pipeline(StandardScaler(),
-                         LaplaceRegressor(make_regressor_net(max_epochs=20), random_state=0))
+    pipe = make_pipeline(
+        StandardScaler(), LaplaceRegressor(make_regressor_net(max_epochs=20), random_state=0)
+    )
     pipe.fit(X * 1000, y)
     mean, std = pipe.predict(X[:5] * 1000, return_std=True)
-    np.testing.assert_allclose(std, pipe.predict_uncertainty(X[:5] * 1000, kind="std"),
-                               rtol=1e-12)
+    np.testing.assert_allclose(std, pipe.predict_uncertainty(X[:5] * 1000, kind="std"), rtol=1e-12)
     assert mean.shape == std.shape == (5,)
 
 
@@ -70,8 +77,15 @@ def test_pipeline_without_uncertainty_hides_the_methods():
 def test_decision_function_follows_scikit_learn(blobs, n_classes):
     from sklearn.inspection import DecisionBoundaryDisplay
 
-    X, y = make_classification(150, 2, n_informative=2, n_redundant=0, n_classes=n_classes,
-                               n_clusters_per_class=1, random_state=1)
+    X, y = make_classification(
+        150,
+        2,
+        n_informative=2,
+        n_redundant=0,
+        n_classes=n_classes,
+        n_clusters_per_class=1,
+        random_state=1,
+    )
     labels = np.array(["a", "b", "c"])[y]  # string labels: the positive class is classes_[1]
     est = MAPClassifier(make_classifier_net(max_epochs=10), random_state=0).fit(X, labels)
     scores = est.decision_function(X)

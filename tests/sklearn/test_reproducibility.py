@@ -98,8 +98,9 @@ def test_deep_ensemble_is_bit_identical_to_serial_under_every_backend(
 
 def test_grid_search_over_threads_is_bit_identical_to_serial():
     X, y = _data(n=80)
-    est = LaplaceClassifier(make_classifier_net(max_epochs=15, hidden=(16,), lr=3e-2),
-                            random_state=0)
+    est = LaplaceClassifier(
+        make_classifier_net(max_epochs=15, hidden=(16,), lr=3e-2), random_state=0
+    )
     grid = {"estimator__lr": [1e-2, 3e-2]}
     scores = []
     for backend in ("sequential", "threading"):
@@ -122,15 +123,17 @@ def test_dropout_sampler_shares_each_samples_masks_over_rows():
 def test_dropout_sampler_masks_have_the_dropout_law():
     p, n_samples = 0.3, 4000
     x = torch.ones(2, 10)
-    out = DropoutSampler(nn.Sequential(nn.Dropout(p)), n_samples,
-                         torch.Generator().manual_seed(0))(x)
+    out = DropoutSampler(nn.Sequential(nn.Dropout(p)), n_samples, torch.Generator().manual_seed(0))(
+        x
+    )
     dropped = float((out == 0).double().mean())
     assert abs(dropped - p) < 4 * np.sqrt(p * (1 - p) / (n_samples * 10))
     assert torch.allclose(out[out != 0], torch.tensor(1 / (1 - p)))
     # channel dropout: a whole channel is kept or dropped
     img = torch.ones(3, 4, 5, 5)
-    out = DropoutSampler(nn.Sequential(nn.Dropout2d(0.5)), 20,
-                         torch.Generator().manual_seed(0))(img)
+    out = DropoutSampler(nn.Sequential(nn.Dropout2d(0.5)), 20, torch.Generator().manual_seed(0))(
+        img
+    )
     per_channel = out.reshape(20, 3, 4, 25)
     assert torch.equal(per_channel, per_channel[..., :1].expand_as(per_channel))
 
@@ -182,8 +185,12 @@ def test_mc_dropout_is_the_same_for_every_batch_size(mc_dropout):
 
 def test_mc_link_rows_do_not_depend_on_their_neighbours():
     X, y = _data(n=80)
-    est = LaplaceClassifier(make_classifier_net(max_epochs=10, hidden=(16,), lr=3e-2),
-                            link_approx="mc", n_samples=200, random_state=0).fit(X, y)
+    est = LaplaceClassifier(
+        make_classifier_net(max_epochs=10, hidden=(16,), lr=3e-2),
+        link_approx="mc",
+        n_samples=200,
+        random_state=0,
+    ).fit(X, y)
     proba = est.predict_proba(X[:15])
     alone = np.concatenate([est.predict_proba(X[i : i + 1]) for i in range(15)])
     np.testing.assert_allclose(alone, proba, rtol=0, atol=1e-6)
