@@ -301,7 +301,13 @@ METHOD_SETTINGS: dict[str, dict] = {
                     "prior_precision": "marglik",
                 }
             },
-            "last_layer,kron,marglik": {"init_params": {"prior_precision": "marglik"}},
+            "last_layer,kron,marglik": {
+                "init_params": {
+                    "subset_of_weights": "last_layer",
+                    "hessian_structure": "kron",
+                    "prior_precision": "marglik",
+                }
+            },
         }
     },
     "LaplaceRegressor": {

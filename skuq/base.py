@@ -53,6 +53,7 @@ __all__ = [
     "logit_model",
     "REGRESSION_UNCERTAINTIES",
     "all_estimators",
+    "heldout_choice",
 ]
 
 
@@ -392,8 +393,41 @@ class BaseUQEstimator(PortableStateMixin, BaseEstimator):
 
 
 # ------------------------------------------------------------- prior precision
-#: log10 grid of prior precisions searched by ``prior_precision="heldout"``
-HELDOUT_GRID = np.logspace(-4, 4, 33)
+#: log10 grid of prior precisions searched by ``prior_precision="heldout"``; it reaches
+#: 1e6 because all-weights posteriors of well-fitted nets can need a very narrow prior
+#: before they tie the bare net on held-out rows
+HELDOUT_GRID = np.logspace(-4, 6, 41)
+#: a classifier's ``prior_precision="heldout"`` takes the widest posterior whose held-out
+#: NLL is within this share of the grid's best (see :func:`heldout_choice`)
+HELDOUT_TOLERANCE = 0.05
+
+
+def heldout_choice(nll, tolerance: float = HELDOUT_TOLERANCE) -> int:
+    """Index of the prior precision to use, from held-out NLLs along an increasing grid.
+
+    From the grid's best value, walk toward smaller precisions (wider posteriors)
+    while the held-out NLL stays within ``tolerance`` (a share of the best NLL's
+    magnitude) of the best; stop at the first value outside. The held-out rows
+    come from the training distribution, where a well-fitted net is already
+    calibrated and the plain minimum sits at an almost-MAP posterior; the widest
+    posterior that costs at most a few percent of held-out NLL keeps that fit and
+    is markedly more uncertain on shifted and OOD inputs (benchmarks/shift.py).
+
+    Examples
+    --------
+    >>> from skuq.base import heldout_choice
+    >>> heldout_choice([0.50, 0.30, 0.21, 0.20, 0.20])  # 0.21 <= 1.05 * 0.20; 0.30 is not
+    2
+    >>> heldout_choice([0.50, 0.30, 0.21, 0.20, 0.20], tolerance=0.0)
+    3
+    """
+    nll = np.asarray(nll, dtype=float)
+    best = int(np.argmin(nll))
+    limit = nll[best] + tolerance * abs(nll[best])
+    chosen = best
+    while chosen > 0 and nll[chosen - 1] <= limit:
+        chosen -= 1
+    return chosen
 
 
 class PriorPrecisionMixin:
@@ -401,10 +435,11 @@ class PriorPrecisionMixin:
 
     ``prior_precision`` is a number > 0, an array of per-layer numbers > 0 (where
     ``_per_layer_prior``), or the name of a rule in ``_prior_methods``:
-    ``"marglik"`` (the method's evidence) or ``"heldout"`` (the value of
-    :data:`HELDOUT_GRID` with the lowest NLL on a held-out split, which
-    :meth:`BaseUQEstimator.fit` then sets aside: ``calibration_fraction`` of the
-    rows, or ``X_cal``/``y_cal``).
+    ``"marglik"`` (the method's evidence) or ``"heldout"``: the NLL of each value of
+    :data:`HELDOUT_GRID` on a held-out split, which :meth:`BaseUQEstimator.fit`
+    sets aside (``calibration_fraction`` of the rows, or ``X_cal``/``y_cal``),
+    then for classifiers the widest posterior within :data:`HELDOUT_TOLERANCE`
+    of the best (:func:`heldout_choice`), for regressors the best.
     """
 
     _prior_methods: tuple[str, ...] = ("marglik", "heldout")
@@ -434,7 +469,7 @@ class PriorPrecisionMixin:
             )
 
     def _choose_heldout_prior(self, posterior, X_cal, y_cal, batch_nll) -> float:
-        """Set ``posterior`` to the grid prior precision with the lowest held-out NLL.
+        """Set ``posterior`` to the grid prior precision :func:`heldout_choice` picks.
 
         ``batch_nll(xb, yb, grid)`` returns the NLL summed over one batch's rows
         for each value of ``grid`` (an array); sharing the per-batch work (the
@@ -445,7 +480,8 @@ class PriorPrecisionMixin:
         nll = np.zeros(len(grid))
         for xb, yb in iter_batches(X_cal, y_cal, batch_size=self.batch_size, device=self.device_):
             nll += np.asarray(batch_nll(xb, yb, grid), dtype=float)
-        best = grid[int(np.argmin(nll))]
+        tolerance = HELDOUT_TOLERANCE if self._is_classifier() else 0.0
+        best = grid[heldout_choice(nll, tolerance)]
         posterior.set_hyperparameters(prior_precision=best)
         self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
         return best

@@ -210,3 +210,22 @@ def brute_layerwise_marglik_optimum(H, theta, group_sizes):
         z = z - step
     assert np.abs(newton_step(z)[0]).max() < 1e-9 * sizes.sum(), res  # stationary in log d
     return np.exp(z)
+
+
+def assert_heldout_rule(est, tolerance: float = 0.05) -> None:
+    """``est.prior_precision_`` is what the held-out rule asks of ``est.heldout_nll_``.
+
+    The widest posterior (smallest precision) reached from the grid's best value
+    through values whose held-out NLL is within ``tolerance`` of the best, and
+    no further: the next smaller value is outside (or the grid ends).
+    """
+    grid = sorted(est.heldout_nll_)
+    nll = np.array([est.heldout_nll_[g] for g in grid])
+    best = int(np.argmin(nll))
+    # prior_precision_ comes back from the posterior's float32 tensor
+    chosen = int(np.argmin(np.abs(np.log(grid) - np.log(est.prior_precision_))))
+    assert np.isclose(grid[chosen], est.prior_precision_, rtol=1e-6)
+    limit = nll[best] + tolerance * abs(nll[best])
+    assert chosen <= best
+    assert np.all(nll[chosen : best + 1] <= limit)
+    assert chosen == 0 or nll[chosen - 1] > limit

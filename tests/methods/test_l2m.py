@@ -172,13 +172,14 @@ def test_nn_predictive_is_the_monte_carlo_average_over_the_same_gaussian(trained
 
 
 def test_fitting_makes_no_pass_over_the_training_data(digits):
-    """The posterior is read from state; the evidence's loss from skorch's history."""
+    """The posterior is read from state; the evidence's loss from skorch's history
+    (the marginal-likelihood prior: the held-out default passes over its held-out rows)."""
     X, y = digits.X_train, digits.y_train
     net = make_classifier_net(max_epochs=3, module__n_outputs=5).fit(X, y)
     rows = []
     hook = net.module_.register_forward_hook(lambda m, i, o: rows.append(len(i[0])))
     try:
-        L2MClassifier(FrozenEstimator(net)).fit(X, y)
+        L2MClassifier(FrozenEstimator(net), prior_precision="marglik").fit(X, y)
     finally:
         hook.remove()
     assert sum(rows) <= 2  # the output-width check on two rows, nothing else
@@ -279,7 +280,10 @@ def test_cvp_can_take_its_posterior_from_l2m(digits):
     cvp = CVPClassifier(FrozenEstimator(net), posterior="l2m", random_state=0).fit(
         digits.X_train, digits.y_train
     )
-    l2m = L2MClassifier(FrozenEstimator(net)).fit(digits.X_train, digits.y_train)
+    # CVP's l2m source takes L2M's marginal-likelihood prior (CVP calibrates its own scale)
+    l2m = L2MClassifier(FrozenEstimator(net), prior_precision="marglik").fit(
+        digits.X_train, digits.y_train
+    )
     expected = l2m.weights_.unflatten(l2m.posterior_.marginal_variance())
     assert set(cvp.posterior_.variances) == set(expected)
     for name, var in expected.items():

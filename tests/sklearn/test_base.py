@@ -22,7 +22,12 @@ from skuq.baselines import LOG_TEMPERATURE_BOUNDS, fit_temperature
 from skuq.metrics import get_scorer
 from skuq.nets import MLP
 from skuq.outputs import OutputDistribution
-from tests._helpers import CountingMLP, make_classifier_net, make_regressor_net
+from tests._helpers import (
+    CountingMLP,
+    assert_heldout_rule,
+    make_classifier_net,
+    make_regressor_net,
+)
 
 
 @pytest.fixture(scope="module")
@@ -478,3 +483,39 @@ def test_non_finite_calibration_logits_say_what_to_do():
     logits = torch.tensor([[0.0, float("inf")], [1.0, 0.0]])
     with pytest.raises(FloatingPointError, match="Scale the inputs.*fixed temperature="):
         fit_temperature(logits, torch.tensor([0, 1]))
+
+
+# ------------------------------------------------------------- held-out prior rule
+def test_heldout_choice_walks_to_the_widest_posterior_within_the_tolerance():
+    from skuq.base import heldout_choice
+
+    # grid increasing: index 0 is the widest posterior
+    nll = [0.90, 0.40, 0.208, 0.21, 0.20, 0.25]
+    assert heldout_choice(nll, 0.05) == 2  # 0.208 and 0.21 are within 0.21; 0.40 is not
+    assert heldout_choice(nll, 0.0) == 4  # no tolerance: the minimum
+    assert heldout_choice(nll, 10.0) == 0  # everything within: the grid's widest end
+    # the walk stops at the first value outside, even if a wider one is back inside
+    assert heldout_choice([0.205, 0.50, 0.205, 0.20], 0.05) == 2
+    # a negative NLL (a regression density) widens by a share of its magnitude
+    assert heldout_choice([-0.80, -0.96, -1.0], 0.05) == 1
+
+
+def test_classifiers_widen_and_regressors_take_the_best_held_out_prior():
+    from sklearn.frozen import FrozenEstimator
+
+    from skuq import LaplaceClassifier, LaplaceRegressor
+    from skuq.datasets import load_digits_ood
+
+    d = load_digits_ood()
+    net = make_classifier_net(max_epochs=5, module__n_outputs=5)
+    net.fit(d.X_train[:300], d.y_train[:300])
+    clf = LaplaceClassifier(FrozenEstimator(net), random_state=0).fit(
+        d.X_train[:300], d.y_train[:300], X_cal=d.X_test[:100], y_cal=d.y_test[:100]
+    )
+    assert_heldout_rule(clf, tolerance=0.05)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3)).astype(np.float32)
+    y = (X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.normal(size=200)).astype(np.float32)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    reg = LaplaceRegressor(module, prior_precision="heldout", random_state=0).fit(X, y)
+    assert_heldout_rule(reg, tolerance=0.0)  # the best held-out value
