@@ -28,11 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._skorch import is_skorch_net, last_epoch_batch_sizes
+from .._skorch import is_skorch_net, last_epoch_batch_sizes, trained_optimizer
 from .._utils import check_option, check_positive, check_positive_int, iter_batches
 from ..curvature import compute_curvature, select_weights, sum_loss
 from ..curvature.optimizer import SCALES, l2m_curvature
-from ..posterior import PRIOR_STRUCTURES, posterior_from_curvature
+from ..posterior import PRIOR_STRUCTURES, posterior_from_curvature, subset_posterior
 from .ivon import ivon_posterior, prepare_ivon_net
 from .posterior import DiagonalWeightPosterior
 
@@ -203,8 +203,8 @@ def l2m_posterior(
     x0 = torch.as_tensor(X[: min(len(X), 2)]).to(device)
     weights = select_weights(model, "all", example_input=x0)
     opt = optimizer
-    if opt is None and is_skorch_net(net):
-        opt = getattr(net, "optimizer_", None)
+    if opt is None:
+        opt = trained_optimizer(net)
     if opt is None:
         raise TypeError(
             "L2M reads the optimizer state of the training run; a plain torch.nn.Module "
@@ -226,21 +226,7 @@ def l2m_posterior(
         bias_correction=bias_correction,
         params=[by_name[n] for n in weights.names],
     )
-    init = 1.0 if isinstance(prior_precision, str) else np.asarray(prior_precision, dtype=float)
-    group_sizes = weights.group_sizes()
-    if isinstance(init, np.ndarray) and init.ndim == 1 and init.size not in (1, len(group_sizes)):
-        raise ValueError(
-            f"prior_precision has {init.size} values but the weights have "
-            f"{len(group_sizes)} layers (parameter tensors)"
-        )
-    post = posterior_from_curvature(
-        curv,
-        weights.vector(),
-        prior_precision=torch.as_tensor(init),
-        group_sizes=group_sizes,
-        sigma_noise=1.0,
-        temperature=temperature,
-    )
+    post = subset_posterior(curv, weights, prior_precision, temperature=temperature)
     if isinstance(prior_precision, str):  # "marglik"
         post.optimize_prior_precision(prior_structure, fit_sigma_noise=False)
     return DiagonalWeightPosterior(weights.unflatten(post.marginal_variance().detach()))

@@ -40,6 +40,7 @@ from ..posterior import (
     CholeskyFullPosterior,
     augment_centered,
     posterior_from_curvature,
+    subset_posterior,
 )
 from ..predictive import gaussian_predictive, glm_predictive, needs_jacobians, nn_predictive
 from .selection import SubnetworkSelection, check_subnetwork_size, top_k
@@ -208,21 +209,8 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
         weights = self._weight_subset(X, y)
         curv = self._curvature(weights, X, y)
         pp = self.prior_precision
-        init = 1.0 if isinstance(pp, str) else np.asarray(pp, dtype=float)
-        group_sizes = weights.group_sizes()
-        n_groups = len(group_sizes)
-        if isinstance(init, np.ndarray) and init.ndim == 1 and init.size not in (1, n_groups):
-            raise ValueError(
-                f"prior_precision has {init.size} values but the weights have "
-                f"{len(group_sizes)} layers (parameter tensors)"
-            )
-        post = posterior_from_curvature(
-            curv,
-            weights.vector(),
-            prior_precision=torch.as_tensor(init),
-            group_sizes=group_sizes,
-            sigma_noise=self._initial_sigma(),
-            temperature=self.temperature,
+        post = subset_posterior(
+            curv, weights, pp, sigma_noise=self._initial_sigma(), temperature=self.temperature
         )
         self.weights_ = weights
         self.posterior_ = post

@@ -28,7 +28,7 @@ from __future__ import annotations
 from .base import PRIOR_STRUCTURES, WeightPosterior
 from .centering import augment_centered, center_outputs, split_centered
 from .diag import DiagPosterior
-from .factory import posterior_from_curvature
+from .factory import posterior_from_curvature, subset_posterior
 from .full import CholeskyFullPosterior, FullPosterior
 from .kron import KronPosterior
 from .lowrank import LowRankPosterior
@@ -41,6 +41,7 @@ __all__ = [
     "CholeskyFullPosterior",
     "LowRankPosterior",
     "posterior_from_curvature",
+    "subset_posterior",
     "center_outputs",
     "augment_centered",
     "split_centered",
