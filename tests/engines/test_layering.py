@@ -42,6 +42,7 @@ FORBIDDEN_PACKAGES = ("sklearn", "skorch")
 ESTIMATOR_MODULES = (
     "base",
     "_mixins",
+    "_prior",
     "_skorch",
     "_persist",
     "baselines",
