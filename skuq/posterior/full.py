@@ -251,7 +251,16 @@ class CholeskyFullPosterior(FullPosterior):
             W = self.H.to(self._work_dtype, copy=True)
             W.mul_(s)
             W.diagonal().add_(dv)
-            W = _inverse_cholesky_lower(W)  # L^-1, in place
+            try:
+                W = _inverse_cholesky_lower(W)  # L^-1, in place
+            except FloatingPointError:
+                if self.prior_precision.ndim != 0:
+                    raise
+                # a tiny scalar delta against a large curvature (a wide held-out choice):
+                # the eigenbasis gives the same Sigma with no factorization to fail
+                del W
+                _ = self.eigvecs
+                return self._factor()
             if W.dtype != self.H.dtype:
                 W = W.to(self.H.dtype)
             self._cache["A"] = W.T

@@ -217,3 +217,26 @@ def test_a_grid_of_delta_reuses_one_eigendecomposition(monkeypatch):
         torch.testing.assert_close(post.covariance(), cov, rtol=1e-9, atol=1e-12)
     post.set_hyperparameters(prior_precision=0.3)
     torch.testing.assert_close(post.covariance(), by_cholesky, rtol=1e-9, atol=1e-12)
+
+
+def test_cholesky_posterior_falls_back_to_the_eigenbasis_when_the_factor_fails():
+    # a curvature a little indefinite from rounding (an eigenvalue of -1e-3) and a prior
+    # precision below it: s H + delta I is not positive definite and its Cholesky fails,
+    # but Sigma over H's clamped eigenvalues (what the evidence and the grid use) exists
+    torch.manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    lam = torch.tensor([5.0, 2.0, 1.0, 0.5, 0.0, -1e-3], dtype=torch.float64)
+    H = Q @ torch.diag(lam) @ Q.T
+    post = CholeskyFullPosterior(torch.zeros(6, dtype=torch.float64), H, prior_precision=1e-4)
+    J = torch.randn(3, 2, 6, dtype=torch.float64)
+    expected = torch.einsum("bck,k,bdk->bcd", J @ Q, 1.0 / (lam.clamp_min(0) + 1e-4), J @ Q)
+    torch.testing.assert_close(post.functional_variance(J), expected, rtol=1e-8, atol=1e-10)
+    # a per-layer prior has no eigenbasis shortcut: the error names the fix
+    per_layer = CholeskyFullPosterior(
+        torch.zeros(6, dtype=torch.float64),
+        H,
+        prior_precision=torch.tensor([1e-4, 1e-4], dtype=torch.float64),
+        group_sizes=[3, 3],
+    )
+    with pytest.raises(FloatingPointError, match="raise prior_precision"):
+        per_layer.functional_variance(J)
