@@ -44,6 +44,12 @@ def heldout_choice(nll, tolerance: float = HELDOUT_TOLERANCE) -> int:
     3
     """
     nll = np.asarray(nll, dtype=float)
+    nll = np.where(np.isnan(nll), np.inf, nll)  # a value whose predictive failed: never chosen
+    if not np.isfinite(nll).any():
+        raise FloatingPointError(
+            "the held-out NLL is not finite at any prior precision of the grid: check that the "
+            "held-out rows and the network's outputs are finite, or give prior_precision a float"
+        )
     best = int(np.argmin(nll))
     limit = nll[best] + tolerance * abs(nll[best])
     chosen = best

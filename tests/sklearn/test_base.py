@@ -496,6 +496,10 @@ def test_heldout_choice_walks_to_the_widest_posterior_within_the_tolerance():
     assert heldout_choice(nll, 10.0) == 0  # everything within: the grid's widest end
     # the walk stops at the first value outside, even if a wider one is back inside
     assert heldout_choice([0.205, 0.50, 0.205, 0.20], 0.05) == 2
+    # a value whose predictive failed (NaN) is never chosen and stops the walk
+    assert heldout_choice([0.205, float("nan"), 0.20], 0.05) == 2
+    with pytest.raises(FloatingPointError, match="not finite at any prior precision"):
+        heldout_choice([float("nan"), float("inf")])
     # a negative NLL (a regression density) widens by a share of its magnitude
     assert heldout_choice([-0.80, -0.96, -1.0], 0.05) == 1
 
