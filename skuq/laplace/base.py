@@ -271,7 +271,7 @@ class _BaseLaplace(PriorPrecisionMixin, BaseUQEstimator):
         return False
 
     def _heldout_prior(self, X_cal, y_cal) -> None:
-        """The grid prior precision with the lowest NLL on the held-out split."""
+        """The grid prior precision the held-out rule picks (:func:`skuq.base.heldout_choice`)."""
         post = self.posterior_
         if isinstance(post, CholeskyFullPosterior):
             _ = post.eigvecs  # one eigendecomposition serves every grid value; no Cholesky each
