@@ -63,7 +63,7 @@ def main(quick: bool = False, out: str = "quickstart.png") -> dict:
         criterion=torch.nn.CrossEntropyLoss,
         optimizer=torch.optim.Adam,
         lr=1e-3,
-        max_epochs=15 if quick else 60,
+        max_epochs=30 if quick else 60,
         batch_size=64,
         train_split=None,
         verbose=0,
