@@ -4,10 +4,11 @@
 MLP 64-h-h-10 (``--hidden``; h = 165 gives 39,775 weights, h = 60 gives 8,170)
 trained on synthetic rows labelled by a random teacher net:
 
-* **fit**: the dense GGN (``P x P``) and the posterior -- ``H``'s eigenvalues,
-  computed once, without eigenvectors;
-* **marglik**: the scalar prior precision maximizing the evidence, every
-  evaluation from those cached eigenvalues (no factorization);
+* **fit**: the dense GGN (``P x P``) and the posterior (nothing factorized yet:
+  a fixed prior precision never needs the eigenvalues);
+* **marglik**: ``H``'s eigenvalues, computed once without eigenvectors and
+  cached, then the scalar prior precision maximizing the evidence, every
+  evaluation from those eigenvalues (no factorization);
 * **predict**: glm/probit probabilities of 500 rows at that prior precision --
   the Cholesky factor of the posterior precision, then ``J A`` per chunk.
 
@@ -129,7 +130,7 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", default="60", help="hidden widths, comma-separated")
     parser.add_argument("--n-train", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--timeout", type=float, default=10800)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -171,9 +172,9 @@ def write(rows: list[dict]) -> None:
         "rows; each size in a fresh process, on a machine shared with other jobs (the "
         "1-minute load average is given; timings are noisy, memory is not). *Peak MB*: "
         "VmHWM during the phase above the resident set at its start; *× cov*: that peak "
-        "over the float32 covariance's own size, 4 P² bytes. *fit*: the dense GGN and its "
-        "eigenvalues; *marglik*: the evidence's scalar prior precision from those "
-        "eigenvalues; *predict*: the Cholesky factor at that prior precision and the "
+        "over the float32 covariance's own size, 4 P² bytes. *fit*: the dense GGN; "
+        "*marglik*: its eigenvalues (once, cached) and the evidence's scalar prior "
+        "precision from them; *predict*: the Cholesky factor at that prior precision and the "
         "predictive of the rows.\n",
         "| weights | train rows | threads | load avg | fit s | marglik s | predict s | "
         "peak MB fit / marglik / predict | × cov fit / marglik / predict | cov MB | δ | "

@@ -30,11 +30,16 @@ def _eigh64(S: Tensor) -> tuple[Tensor, Tensor]:
 def _eigvalsh_lower(H: Tensor, dtype: torch.dtype) -> Tensor:
     """Eigenvalues (ascending) of the symmetric matrix whose lower triangle is ``H``'s.
 
-    Computed in ``dtype`` on a working copy that LAPACK overwrites (``?syevr``
-    without eigenvectors: no ``P x P`` output); returned in float64.
+    Computed in ``dtype`` on one working copy that LAPACK overwrites (no
+    eigenvectors: no second ``P x P`` output); returned in float64. In ``H``'s
+    own dtype the copy is torch's (its LAPACK is MKL's on x86, whose
+    tridiagonal reduction of a matrix past the caches is several times faster
+    than OpenBLAS's: 7 s against 50 s at P = 6,000 on 2 cores); a float64 copy
+    of a float32 ``H`` goes to scipy's ``?syevr`` in place, since torch would
+    copy it once more.
     """
-    if H.device.type != "cpu":
-        return torch.linalg.eigvalsh(H.to(dtype), UPLO="L").double()
+    if H.device.type != "cpu" or dtype == H.dtype:
+        return torch.linalg.eigvalsh(H.detach().to(dtype), UPLO="L").double()
     work = H.detach().to(dtype, copy=True).numpy()
     # the transpose is Fortran-ordered, so LAPACK works on the copy in place; its upper
     # triangle is H's lower one
