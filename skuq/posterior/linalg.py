@@ -1,13 +1,11 @@
 """Dense symmetric linear algebra of the posteriors: float64 eigenpairs, in-place factors.
 
-On the CPU through LAPACK (scipy) with the least workspace: a dense curvature
-is the largest matrix of a fit, so these avoid a second ``P x P`` array where
-they can.
+With the least workspace: a dense curvature is the largest matrix of a fit, so
+these avoid a second ``P x P`` array where they can.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import scipy.linalg
 import torch
 from torch import Tensor
@@ -49,31 +47,47 @@ def _eigvalsh_lower(H: Tensor, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(evals).double()
 
 
-def _inverse_cholesky_lower(W: Tensor) -> Tensor:
+def _inverse_cholesky_lower(W: Tensor, block: int = 512) -> Tensor:
     """``L^-1`` (lower triangular) of ``W = L L^T``, from ``W``'s lower triangle, in place.
 
-    On the CPU, LAPACK's ``?potrf`` and ``?trtri`` overwrite ``W`` (no second
-    ``P x P`` array); elsewhere torch's Cholesky and triangular solve.
+    torch's Cholesky factorization writes into ``W``'s own storage (through its
+    column-major transpose, so no copy is made), then :func:`_invert_lower_in_place`
+    inverts the factor block by block: no second ``P x P`` array. Both run
+    through torch's LAPACK and BLAS (MKL on x86), which stay fast when the cores
+    are shared with other work; OpenBLAS's threaded ``?potrf`` / ``?trtri`` (scipy's)
+    took 10 s instead of 0.9 s at P = 4,000 on 2 cores beside other jobs.
     """
-    if W.device.type != "cpu":
-        L = torch.linalg.cholesky_ex(W)
-        if int(L.info) != 0:
-            raise _not_positive_definite(W)
-        eye = torch.eye(W.shape[0], dtype=W.dtype, device=W.device)
-        return torch.linalg.solve_triangular(L.L, eye, upper=False)
-    F = W.numpy().T  # Fortran view: its upper triangle is W's lower one
-    potrf, trtri = scipy.linalg.lapack.get_lapack_funcs(("potrf", "trtri"), (F,))
-    U, info = potrf(F, lower=0, overwrite_a=1, clean=0)
-    if info != 0 or not np.may_share_memory(U, F):
-        if info != 0:
-            raise _not_positive_definite(W)
-        F[...] = U  # LAPACK worked on a copy (not expected for a Fortran view)
-    Ui, info = trtri(F, lower=0, overwrite_c=1)
-    if info != 0:
+    info = torch.empty((), dtype=torch.int32, device=W.device)
+    # W's lower triangle is the upper one of its column-major transpose
+    Wt = W.mT
+    torch.linalg.cholesky_ex(Wt, upper=True, out=(Wt, info))
+    if int(info) != 0:
         raise _not_positive_definite(W)
-    if not np.may_share_memory(Ui, F):
-        F[...] = Ui
-    return W.tril_()
+    return _invert_lower_in_place(W.tril_(), block)
+
+
+def _invert_lower_in_place(X: Tensor, block: int = 512) -> Tensor:
+    """Overwrite the lower-triangular ``X`` (zeros above the diagonal) with ``X^-1``.
+
+    Blocked from the bottom-right corner: with the trailing block ``X22``
+    already inverted, the block column below diagonal block ``j`` becomes
+    ``-X22^-1 L21 L11^-1``, its diagonal block ``L11^-1``. The products skip the
+    zeros above ``X22``'s diagonal, so the work is ``P^3 / 3`` like LAPACK's
+    ``?trtri``, in matrix products, with temporaries of ``P x block`` only.
+    """
+    n = X.shape[0]
+    for j in reversed(range(0, n, block)):
+        r = min(j + block, n)
+        eye = torch.eye(r - j, dtype=X.dtype, device=X.device)
+        X11 = torch.linalg.solve_triangular(X[j:r, j:r], eye, upper=False)
+        if r < n:
+            T = X[r:, j:r] @ X11  # L21 L11^-1, before its rows are overwritten
+            for i in range(r, n, block):
+                i1 = min(i + block, n)
+                # row block i of X22^-1 is zero past column i1
+                X[i:i1, j:r] = -(X[i:i1, r:i1] @ T[: i1 - r])
+        X[j:r, j:r] = X11
+    return X
 
 
 def _not_positive_definite(W: Tensor) -> FloatingPointError:

@@ -240,3 +240,30 @@ def test_cholesky_posterior_falls_back_to_the_eigenbasis_when_the_factor_fails()
     )
     with pytest.raises(FloatingPointError, match="raise prior_precision"):
         per_layer.functional_variance(J)
+
+
+@pytest.mark.parametrize("n, block", [(1, 4), (50, 16), (64, 16), (700, 512)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_inverse_cholesky_factor_is_computed_in_place_from_the_lower_triangle(n, block, dtype):
+    """L^-1 of W = L L^T in W's own storage, across several blocks (the last one
+    partial or not), reading only W's lower triangle (the upper one is garbage)."""
+    from skuq.posterior.linalg import _inverse_cholesky_lower
+
+    S, _ = _spd(n, n + 5, seed=n)
+    S = S / n + torch.eye(n, dtype=torch.float64)
+    ref = torch.linalg.inv(torch.linalg.cholesky(S))
+    W = (torch.tril(S) + torch.triu(torch.full_like(S, 1e3), 1)).to(dtype)
+    out = _inverse_cholesky_lower(W, block=block)
+    assert out.data_ptr() == W.data_ptr()
+    tol = 1e-12 if dtype == torch.float64 else 1e-5  # condition number of S below 10
+    assert float((out.double() - ref).abs().max()) < tol * float(ref.abs().max())
+    assert float(out.triu(1).abs().max()) == 0.0
+
+
+def test_inverse_cholesky_refuses_a_matrix_that_is_not_positive_definite():
+    from skuq.posterior.linalg import _inverse_cholesky_lower
+
+    W = torch.eye(5, dtype=torch.float64)
+    W[3, 3] = -1.0
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        _inverse_cholesky_lower(W)
