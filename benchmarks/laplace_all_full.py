@@ -8,7 +8,10 @@ trained on synthetic rows labelled by a random teacher net:
   a fixed prior precision never needs the eigenvalues);
 * **marglik**: ``H``'s eigenvalues, computed once without eigenvectors and
   cached, then the scalar prior precision maximizing the evidence, every
-  evaluation from those eigenvalues (no factorization);
+  evaluation from those eigenvalues (no factorization). When the training rows
+  give fewer gradient rows (rows x classes) than a quarter of the weights, the
+  fit already has the eigenvalues, from the Gram matrix of those rows
+  (``skuq.curvature.gram``), and the column *eigenvalues* says so;
 * **predict**: glm/probit probabilities of 500 rows at that prior precision --
   the Cholesky factor of the posterior precision, then ``J A`` per chunk.
 
@@ -110,6 +113,8 @@ def child(hidden: int, n_train: int, threads: int) -> dict:
         phases[name] = (hwm_bytes() - base) / 2**20
 
     run("fit", lambda: est.fit(X, y))
+    # eigenvalues at hand after fit: the curvature's, from the Gram matrix of its rows
+    out["gram_rows"] = est.posterior_._eigvals is not None
     run("marglik", lambda: est.posterior_.optimize_prior_precision())
     proba = []
     run("predict", lambda: proba.append(est.predict_proba(X_test)))
@@ -174,24 +179,28 @@ def write(rows: list[dict]) -> None:
         "VmHWM during the phase above the resident set at its start; *× cov*: that peak "
         "over the float32 covariance's own size, 4 P² bytes. *fit*: the dense GGN; "
         "*marglik*: its eigenvalues (once, cached) and the evidence's scalar prior "
-        "precision from them; *predict*: the Cholesky factor at that prior precision and the "
-        "predictive of the rows.\n",
-        "| weights | train rows | threads | load avg | fit s | marglik s | predict s | "
+        "precision from them; *eigenvalues*: computed from H in the marglik phase, or "
+        "already in the fit from the Gram matrix of the gradient rows (training rows x "
+        "10 classes, when that is under a quarter of the weights); *predict*: the "
+        "Cholesky factor at that prior precision and the predictive of the rows.\n",
+        "| weights | train rows | threads | load avg | eigenvalues | fit s | marglik s | "
+        "predict s | "
         "peak MB fit / marglik / predict | × cov fit / marglik / predict | cov MB | δ | "
         "NLL | command |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: r.get("n_params", 0)):
         if "error" in r:
             lines.append(
-                f"| h={r['hidden']} | | | | {r['error'].replace('|', '/')} | | | | | "
+                f"| h={r['hidden']} | | | | | {r['error'].replace('|', '/')} | | | | | "
                 f"| | | `{r['command']}` |"
             )
             continue
         pk, ratio = r["peak_mb"], r["peak_over_covariance"]
+        eig = "Gram (fit)" if r.get("gram_rows") else "H (marglik)"
         lines.append(
             f"| {r['n_params']:,} | {r['n_train']:,} | {r['threads']} | "
-            f"{r['loadavg_before']:.1f} | {r['fit_s']:.1f} | {r['marglik_s']:.2f} | "
+            f"{r['loadavg_before']:.1f} | {eig} | {r['fit_s']:.1f} | {r['marglik_s']:.2f} | "
             f"{r['predict_s']:.1f} | {pk['fit']:.0f} / {pk['marglik']:.0f} / "
             f"{pk['predict']:.0f} | {ratio['fit']:.2f} / {ratio['marglik']:.2f} / "
             f"{ratio['predict']:.2f} | {r['covariance_mb']:.0f} | {r['prior_precision']:.3g} | "

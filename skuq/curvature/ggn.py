@@ -236,6 +236,8 @@ def _check_options(likelihood: str, structure: str, curvature: str, route: str) 
 def _check_finite(fields: dict, curvature: str, structure: str) -> None:
     """Raise if any computed tensor holds NaN or inf (the net or its data overflow)."""
     for name, t in fields.items():
+        if t is None:
+            continue
         tensors = [f for b in t for f in b.factors] if name == "kron" else [t]
         # in row chunks: a P x P boolean mask would be a quarter of a dense curvature
         if not all(

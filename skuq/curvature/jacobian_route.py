@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .gram import GramRows
 from .jacobians import iter_jacobians
 from .likelihood import output_factors, sum_loss
 
@@ -21,6 +22,7 @@ def jacobian_curvature(weights, batches, likelihood, curvature, structure, max_e
         if structure == "diag"
         else torch.zeros(P, P, dtype=dt, device=dev)
     )
+    gram = GramRows(P) if structure == "full" else None
     loss, n_data, n_out = 0.0, 0, 0
     for x, y in batches:
         n_out_guess = n_out or 16
@@ -32,7 +34,9 @@ def jacobian_curvature(weights, batches, likelihood, curvature, structure, max_e
                 acc += (MJ**2).sum(0)
             else:
                 acc.addmm_(MJ.T, MJ)  # in place: the P x P accumulator is the only one
+                gram.add(MJ)
             loss += float(sum_loss(f, y[rows], likelihood))
             n_data += f.shape[0]
-    key = "diag" if structure == "diag" else "full"
-    return {key: acc}, loss, n_data, n_out
+    if structure == "diag":
+        return {"diag": acc}, loss, n_data, n_out
+    return {"full": acc, "spectrum": gram.spectrum()}, loss, n_data, n_out

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from .gram import GramRows
 from .layers import LayerRouteUnavailable, layer_io, record_forward
 from .likelihood import output_factors, sum_loss
 from .result import KronBlock
@@ -171,6 +172,7 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
             acc["full"].addmm_(R.T, R)
         else:
             acc["full"] = R.T @ R
+        acc.setdefault("gram", GramRows(n_params)).add(R)
 
 
 def _accumulate_direct(
@@ -268,7 +270,8 @@ def layer_curvature(weights, plan, batches, likelihood, curvature, structure, ma
             )
         else:
             full = acc["full"]
-        return dict(full=full), loss, n_data, n_out[0]
+        spectrum = acc["gram"].spectrum() if "gram" in acc else None
+        return dict(full=full, spectrum=spectrum), loss, n_data, n_out[0]
     if structure == "diag":
         diag = torch.zeros(weights.n_params, dtype=weights.dtype, device=weights.device)
         for mod, slices in plan:

@@ -46,6 +46,9 @@ class Curvature:
 
     Exactly one of ``diag`` (P,), ``full`` (P, P), ``kron`` (list of blocks) or
     ``eigvals``/``eigvecs`` (k,), (P, k) is set, according to ``structure``.
+    With ``full``, ``spectrum`` (P,) may hold its eigenvalues (float64,
+    ascending), when they came cheaply from the Gram matrix of fewer rows than
+    weights (:mod:`skuq.curvature.gram`).
     ``loss`` is the summed training loss (cross-entropy, or ``0.5 * SSE``).
 
     Examples
@@ -70,6 +73,7 @@ class Curvature:
     kron: list[KronBlock] | None = None
     eigvals: Tensor | None = None
     eigvecs: Tensor | None = None
+    spectrum: Tensor | None = None
     info: dict = field(default_factory=dict)
 
     def dense(self) -> Tensor:

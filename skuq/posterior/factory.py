@@ -54,7 +54,7 @@ def posterior_from_curvature(
     if curvature.structure == "diag":
         return DiagPosterior(mean, curvature.diag, **kwargs)
     if curvature.structure == "full":
-        return CholeskyFullPosterior(mean, curvature.full, **kwargs)
+        return CholeskyFullPosterior(mean, curvature.full, spectrum=curvature.spectrum, **kwargs)
     if curvature.structure == "kron":
         return KronPosterior(mean, curvature.kron, **kwargs)
     if curvature.structure == "lowrank":

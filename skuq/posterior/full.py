@@ -152,8 +152,10 @@ class CholeskyFullPosterior(FullPosterior):
     * the **evidence** for any scalar ``delta`` and ``s`` needs ``H``'s
       eigenvalues only, ``log det = sum log(s lambda + delta)``: computed once,
       when the evidence is first asked for, without eigenvectors (LAPACK
-      ``?syevr``, ``jobz="N"``; several times cheaper than the eigenvectors,
-      whose back-transformation dominates);
+      ``?syevd``, ``jobz="N"``; several times cheaper than the eigenvectors,
+      whose back-transformation dominates), or given as ``spectrum`` (the
+      curvature's, from the Gram matrix of its rows when there are fewer rows
+      than weights: :mod:`skuq.curvature.gram`);
     * the **covariance** at the current ``(delta, s)`` is the factor ``A =
       L^-T`` of the Cholesky factorization ``s H + diag(delta) = L L^T``
       (``A A^T = Sigma``), formed once per ``(delta, s)``: a Cholesky and a
@@ -190,17 +192,21 @@ class CholeskyFullPosterior(FullPosterior):
 
     structure = "full"
 
-    def __init__(self, mean: Tensor, curvature: Tensor, **kwargs):
+    def __init__(self, mean: Tensor, curvature: Tensor, spectrum: Tensor | None = None, **kwargs):
         P = mean.numel()
         if curvature.shape != (P, P):
             raise ValueError("curvature must be a P x P matrix")
+        if spectrum is not None and spectrum.shape != (P,):
+            raise ValueError("spectrum must hold the curvature's P eigenvalues")
         H = curvature.detach()
         if H.dtype != mean.dtype or not H.is_contiguous():
             H = H.to(mean.dtype).contiguous()
         self.H = H
         self._work_dtype = dense_factor_dtype(P, H.dtype)
         self._check_work_memory()
-        self._eigvals = None  # on first use: a fixed delta and predictions never need them
+        # on first use (a fixed delta and predictions never need them), unless the
+        # curvature came with them
+        self._eigvals = None if spectrum is None else spectrum.clamp_min(0).to(H.dtype)
         self._eigvecs = None
         WeightPosterior.__init__(self, mean, **kwargs)
 

@@ -366,3 +366,33 @@ def test_full_refuses_huge_subset():
 
     with pytest.raises(MemoryError, match="GiB are available"):
         compute_curvature(select_weights(model), batches(), structure="full")
+
+
+@pytest.mark.parametrize("make", [_mlp, _cnn])
+@pytest.mark.parametrize("route", ["layers", "jacobians"])
+@pytest.mark.parametrize("curvature", ["ggn", "ef"])
+def test_dense_curvature_of_few_rows_comes_with_its_spectrum(make, route, curvature):
+    """Fewer gradient rows than a quarter of the weights: the eigenvalues of H = R^T R
+    come from the Gram matrix R R^T, and equal H's own (zeros past its rank)."""
+    model = make()
+    x, y = _data(model, n=5)
+    w = select_weights(model)
+    assert 5 * 3 <= w.n_params // 4  # the GGN's rows: 3 output factors per row
+    c = compute_curvature(
+        w,
+        batches(x, y),
+        structure="full",
+        curvature=curvature,
+        route=route,
+        max_elements=40 * w.n_params,
+    )
+    assert c.spectrum is not None and c.spectrum.shape == (w.n_params,)
+    exact = torch.linalg.eigvalsh(c.full).clamp_min(0)
+    torch.testing.assert_close(c.spectrum, exact, rtol=0, atol=1e-12 * float(exact.max()))
+
+
+def test_dense_curvature_of_many_rows_leaves_the_spectrum_to_the_posterior():
+    model = _mlp()
+    x, y = _data(model, n=40)  # 120 GGN rows, more than a quarter of the 83 weights
+    c = compute_curvature(select_weights(model), batches(x, y), structure="full")
+    assert c.spectrum is None

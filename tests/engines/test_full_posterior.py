@@ -267,3 +267,31 @@ def test_inverse_cholesky_refuses_a_matrix_that_is_not_positive_definite():
     W[3, 3] = -1.0
     with pytest.raises(FloatingPointError, match="not positive definite"):
         _inverse_cholesky_lower(W)
+
+
+def test_evidence_from_the_curvatures_spectrum_equals_the_posteriors_own():
+    """A dense curvature of few rows brings its eigenvalues: the evidence and the
+    marginal-likelihood prior are those of eigenvalues computed from H itself."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    w = select_weights(net)
+    curv = compute_curvature(w, [(x, y)], structure="full")
+    assert curv.spectrum is not None  # 24 rows, 123 weights
+    given = posterior_from_curvature(curv, w.vector(), prior_precision=1.0)
+    own = CholeskyFullPosterior(
+        w.vector(),
+        curv.full,
+        prior_precision=1.0,
+        loss=curv.loss,
+        n_data=curv.n_data,
+        n_outputs=curv.n_outputs,
+    )
+    assert given._eigvals is not None and own._eigvals is None
+    for delta in (0.01, 1.0, 30.0):
+        a = float(given.log_det_posterior_precision(torch.tensor(delta, dtype=torch.float64)))
+        b = float(own.log_det_posterior_precision(torch.tensor(delta, dtype=torch.float64)))
+        assert a == pytest.approx(b, rel=1e-10)
+    given.optimize_prior_precision()
+    own.optimize_prior_precision()
+    assert float(given.prior_precision) == pytest.approx(float(own.prior_precision), rel=1e-6)
