@@ -116,7 +116,7 @@ class _DeepEnsembleBase(BaseUQEstimator):
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         if isinstance(self, UQRegressorMixin):
-            self._fit_noise_from_residuals(X, y)  # residuals of the ensemble mean
+            self._fit_heldout_noise(X, y, X_cal, y_cal)  # residuals of the ensemble mean
 
 
 class DeepEnsembleClassifier(UQClassifierMixin, _DeepEnsembleBase):
@@ -223,6 +223,8 @@ class DeepEnsembleRegressor(UQRegressorMixin, _DeepEnsembleBase):
     >>> est.predict(d.X_test, return_std=True)[1].shape
     (301,)
     """
+
+    _uses_calibration_split = True  # the noise level is read on held-out rows
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         with torch.no_grad():

@@ -117,8 +117,10 @@ class MAPRegressor(UQRegressorMixin, _MAPBase):
     True
     """
 
+    _uses_calibration_split = True  # the noise level is read on held-out rows
+
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        self._fit_noise_from_residuals(X, y)
+        self._fit_heldout_noise(X, y, X_cal, y_cal)
 
 
 _NONFINITE_TEMPERATURE = (

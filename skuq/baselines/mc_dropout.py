@@ -261,7 +261,7 @@ class _MCDropoutBase(BaseUQEstimator):
             pass
         self.n_dropout_layers_ = len(dropout_modules(self.model_))
         if isinstance(self, UQRegressorMixin):
-            self._fit_noise_from_residuals(X, y)
+            self._fit_heldout_noise(X, y, X_cal, y_cal)
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         # a fresh generator per batch draws the same masks for every batch: each
@@ -363,3 +363,5 @@ class MCDropoutRegressor(UQRegressorMixin, _MCDropoutBase):
     >>> bool((std > est.sigma_noise_).all())
     True
     """
+
+    _uses_calibration_split = True  # the noise level is read on held-out rows

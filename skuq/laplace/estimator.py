@@ -236,7 +236,7 @@ subnetwork_indices, rank, calibration_fraction
         self,
         estimator,
         *,
-        sigma_noise="auto",
+        sigma_noise="residual",
         subset_of_weights="last_layer",
         hessian_structure="kron",
         prior_precision="marglik",

@@ -344,7 +344,7 @@ class L2MRegressor(UQRegressorMixin, RegressionLikelihood, _BaseL2M):
         bias_correction=True,
         train_batch_size=None,
         sigma_noise="residual",
-        prior_precision="marglik",
+        prior_precision="heldout",
         prior_structure="scalar",
         pred_type="glm",
         n_samples=100,

@@ -440,6 +440,10 @@ prior_precision, exact_solver, exact_max_iter
         self.verbose = verbose
         self.memory = memory
 
+    @property
+    def _uses_calibration_split(self) -> bool:  # rows held out for the fitted noise level
+        return self.sigma_noise is None
+
     def _validate_likelihood_options(self) -> None:
         check_positive("sigma_noise", self.sigma_noise, allow_none=True)
 
@@ -449,7 +453,7 @@ prior_precision, exact_solver, exact_max_iter
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         if self.sigma_noise is None:
-            self._fit_noise_from_residuals(X, y)
+            self._fit_heldout_noise(X, y, X_cal, y_cal)
         else:
             self.sigma_noise_ = float(self.sigma_noise)
         super()._fit_uq(X, y, X_cal, y_cal)

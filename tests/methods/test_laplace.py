@@ -685,9 +685,11 @@ def test_auto_noise_is_the_evidence_over_few_weights_and_the_residual_over_many(
         )
 
     # last layer: 17 weights <= 60 targets, so the evidence decides
-    assert sigma() == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
-    assert sigma() != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
+    assert sigma(sigma_noise="auto") == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
+    assert sigma(sigma_noise="auto") != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
     # all 81 weights > 60 targets: the residual
-    assert sigma(subset_of_weights="all", hessian_structure="full") == pytest.approx(
+    assert sigma(
+        subset_of_weights="all", hessian_structure="full", sigma_noise="auto"
+    ) == pytest.approx(
         sigma(subset_of_weights="all", hessian_structure="full", sigma_noise="residual"), rel=1e-6
     )
