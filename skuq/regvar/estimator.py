@@ -373,7 +373,10 @@ class RegVarRegressor(UQRegressorMixin, _BaseRegVar):
     estimator : skorch net, FrozenEstimator or torch.nn.Module
         A plain module is fine-tuned on ``MSELoss`` with Adam.
     sigma_noise : float or None, default=None
-        Observation noise; ``None``: the RMS residual of the trained net.
+        Observation noise; ``None``: the RMS residual of the trained net on
+        held-out rows, as in :class:`skuq.MAPRegressor` (``X_cal``, ``y_cal``
+        given to ``fit``, or a fifth of ``fit``'s rows held out of a net
+        trained in ``fit``).
     mode, lam, finetune_epochs, finetune_lr, n_average, variance_scale, \
 prior_precision, exact_solver, exact_max_iter
         As in :class:`RegVarClassifier`.

@@ -23,10 +23,13 @@ from tests._helpers import make_regressor_net
 #: is the residual of the first net: tests/methods/test_l2m.py checks it on a prefit net
 REGRESSORS = {
     "MAPRegressor": (MAPRegressor, {}, {}),
-    "DeepEnsembleRegressor": (DeepEnsembleRegressor, {"n_estimators": 2}, {}),
-    "MCDropoutRegressor": (MCDropoutRegressor, {}, {"module__dropout": 0.1}),
     "RegVarRegressor": (RegVarRegressor, {}, {}),
     "LaplaceRegressor": (LaplaceRegressor, {}, {}),
+}
+#: the regressors whose epistemic variance does not depend on the noise level
+SPREAD_REGRESSORS = {
+    "DeepEnsembleRegressor": (DeepEnsembleRegressor, {"n_estimators": 2}, {}),
+    "MCDropoutRegressor": (MCDropoutRegressor, {}, {"module__dropout": 0.1}),
 }
 
 
@@ -53,6 +56,19 @@ def test_noise_is_the_rms_residual_on_the_given_held_out_rows(name, split):
     est.fit(X, y, X_cal=X_cal, y_cal=y_cal)
     assert float(est.sigma_noise_) == pytest.approx(_rms_residual(est, X_cal, y_cal), rel=1e-4)
     assert float(est.sigma_noise_) != pytest.approx(_rms_residual(est, X, y), rel=1e-2)
+
+
+@pytest.mark.parametrize("name", list(SPREAD_REGRESSORS))
+def test_a_spread_that_ignores_the_noise_is_counted_once(name, split):
+    """Ensemble and MC dropout: noise variance + mean spread = held-out mean squared error."""
+    cls, params, net_params = SPREAD_REGRESSORS[name]
+    X, y, X_cal, y_cal = split
+    est = cls(make_regressor_net(max_epochs=40, **net_params), random_state=0, **params)
+    est.fit(X, y, X_cal=X_cal, y_cal=y_cal)
+    spread = float(np.mean(est.predict_uncertainty(X_cal, "epistemic_variance")))
+    assert spread > 0
+    mse = _rms_residual(est, X_cal, y_cal) ** 2
+    assert float(est.sigma_noise_) ** 2 == pytest.approx(max(mse - spread, 0.01 * mse), rel=1e-4)
 
 
 def test_a_net_trained_in_fit_leaves_the_calibration_rows_out(split):
