@@ -639,7 +639,9 @@ def test_bad_networks(trained):
         LaplaceClassifier(nn.Linear(64, 5), prior_precision=[1.0, -1.0]).fit(X.numpy(), y.numpy())
 
 
-def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
+def test_residual_noise_is_the_rms_residual_on_fits_rows_and_marglik_moves_it():
+    """A trained module never saw ``fit``'s rows: ``"residual"`` (the default) reads the
+    noise there; the evidence moves it."""
     model, X, y = _least_squares_line(2.0)
     with torch.no_grad():
         rms = float(
@@ -653,11 +655,18 @@ def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
         sigma_noise="residual",
     ).fit(X, y)
     assert kept.sigma_noise_ == pytest.approx(rms, rel=1e-5)
+    assert LaplaceRegressor(
+        copy.deepcopy(model),
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision="marglik",
+    ).fit(X, y).sigma_noise_ == pytest.approx(rms, rel=1e-5)
     fitted = LaplaceRegressor(
         copy.deepcopy(model),
         subset_of_weights="all",
         hessian_structure="full",
         prior_precision="marglik",
+        sigma_noise="marglik",
     ).fit(X, y)
     assert abs(fitted.sigma_noise_ / rms - 1) > 1e-3  # the evidence's own optimum
     with pytest.raises(ValueError, match="sigma_noise must be one of"):
