@@ -53,8 +53,9 @@ __all__ = [
 PRED_TYPES = ("glm", "nn")
 PRIOR_METHODS = ("marglik", "heldout")
 #: ``sigma_noise`` options of the regressors: fitted by the evidence, the trained net's
-#: RMS training residual (the maximum-likelihood noise at its weights), or "auto": the
-#: evidence when the posterior has at most as many weights as there are training targets
+#: RMS residual on held-out rows ("residual"), or "auto": the evidence when the
+#: posterior has at most as many weights as there are training targets, else the RMS
+#: training residual
 SIGMA_METHODS = ("auto", "marglik", "residual")
 
 

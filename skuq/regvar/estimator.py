@@ -366,7 +366,7 @@ class RegVarRegressor(UQRegressorMixin, _BaseRegVar):
     multiplied by that (``variance_factor_``) to be the variance of ``f(x)``
     under the Gaussian likelihood with noise ``sigma_noise_`` (for other
     criteria the net's own objective is read as the negative log likelihood:
-    factor 1). The noise is the RMS training residual unless given.
+    factor 1). The noise is the RMS residual on held-out rows unless given.
 
     Parameters
     ----------
