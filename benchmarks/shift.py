@@ -22,6 +22,11 @@ Tasks (classification unless said)
   gap and beyond [-2, 2] (extrapolation). Reported: RMSE, Gaussian NLL and the
   coverage of the central 95 % interval on in-distribution rows, OOD AUROC of
   the predictive std.
+* ``friedman_regression``: scikit-learn's ``make_friedman1`` (10 features
+  uniform on [0, 1], 5 of them used, noise std 1; 600 rows, 30 % test),
+  standardized X and y, MLP; in-distribution rows are the test split, OOD
+  rows the test split's standardized features times 3 (extrapolation beyond
+  the training range in almost every feature). Reported as ``gap_regression``.
 
 Corruptions (severity 1-5; each applied to the whole in-distribution test split
 with a fixed random stream per task, seed and corruption)
@@ -78,7 +83,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy import ndimage
-from sklearn.datasets import load_breast_cancer, load_wine
+from sklearn.datasets import load_breast_cancer, load_wine, make_friedman1
 from sklearn.utils import Bunch
 from torch import nn
 
@@ -88,6 +93,7 @@ from _common import (  # noqa: E402  (the benchmarks' shared helpers)
     PeakMemory,
     classifier_net,
     entropy,
+    regressor_net,
     write_results,
     write_runs_csv,
 )
@@ -142,12 +148,14 @@ PROFILES = {
         wine=dict(hidden=(32, 32), epochs=100, lr=3e-3),
         breast_cancer=dict(hidden=(64, 64), epochs=50, lr=1e-3),
         gap_regression=dict(hidden=(64, 64), epochs=300, lr=3e-3, n=300),
+        friedman_regression=dict(hidden=(64, 64), epochs=200, lr=1e-3, n=600),
     ),
     "quick": dict(
         digits_mlp=dict(hidden=(32,), epochs=5, lr=1e-2),
         mnist1d_cnn=dict(channels=(4, 8), hidden=16, epochs=3, lr=1e-2, n=1000),
         wine=dict(hidden=(16,), epochs=20, lr=1e-2),
         gap_regression=dict(hidden=(32,), epochs=40, lr=1e-2, n=100),
+        friedman_regression=dict(hidden=(32,), epochs=20, lr=1e-2, n=200),
     ),
 }
 NOISE_IMAGES = 1.0  # pixel noise of the synthetic images, as in compare.py
@@ -443,6 +451,33 @@ def task_breast_cancer(seed, cfg):
     return _tabular_task(d.data, d.target, seed, cfg, "far-shifted")
 
 
+def task_friedman_regression(seed, cfg):
+    """Friedman #1 (standardized X and y); OOD rows: the test rows' features times 3."""
+    from sklearn.model_selection import train_test_split
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = make_friedman1(n_samples=cfg["n"], noise=1.0, random_state=seed)
+    X_tr, X_te, y_tr, y_te = train_test_split(X, y, test_size=0.3, random_state=seed)
+    scaler = StandardScaler().fit(X_tr)
+    mu, sd = y_tr.mean(), y_tr.std()
+    X_tr, X_te = (scaler.transform(a).astype(np.float32) for a in (X_tr, X_te))
+    y_tr, y_te = (((a - mu) / sd).astype(np.float32) for a in (y_tr, y_te))
+    X_tr, y_tr, X_val, y_val = _split_val(X_tr, y_tr, seed, False)
+    n_te = len(X_te)
+    return Bunch(
+        kind="regressor",
+        X_train=X_tr,
+        y_train=y_tr,
+        X_val=X_val,
+        y_val=y_val,
+        X_test=np.concatenate([X_te, 3.0 * X_te]),
+        # the OOD rows' targets enter no metric (only their predictive std does)
+        y_test=np.concatenate([y_te, np.zeros(n_te, np.float32)]),
+        ood_mask=np.arange(2 * n_te) >= n_te,
+        net=regressor_net(MLP, cfg, hidden=cfg["hidden"]),
+    )
+
+
 TASKS = {
     "digits_mlp": (task_digits_mlp, "8x8 digits 0-4 as 64-vectors, MLP; OOD: digits 5-9"),
     "digits_cnn": (task_digits_cnn, "8x8 digits 0-4 as images, SmallCNN; OOD: digits 5-9"),
@@ -458,6 +493,11 @@ TASKS = {
         task_gap_regression,
         "1-D sin regression with a gap, MLP; in-distribution: grid inside the data's support; "
         "OOD: the gap and beyond [-2, 2]",
+    ),
+    "friedman_regression": (
+        task_friedman_regression,
+        "Friedman #1 (10 features, noise 1; standardized X and y), MLP; in-distribution: the "
+        "test split; OOD: its standardized features times 3",
     ),
 }
 

@@ -242,8 +242,8 @@ class BaseUQEstimator(PortableStateMixin, BaseEstimator):
         n_classes = len(self.classes_) if self._is_classifier() else 0
         if n_cal < max(n_classes, 2) or len(X) - n_cal < max(n_classes, 2):
             raise ValueError(
-                f"calibration_fraction={fraction} of {len(X)} rows leaves too few rows for "
-                "training or calibration; give more data, change calibration_fraction, or "
+                f"calibration_fraction={fraction} of n_samples={len(X)} rows leaves too few "
+                "rows for training or calibration; give more data, change calibration_fraction, or "
                 "pass X_cal and y_cal to fit"
             )
         stratify = y if self._is_classifier() and np.bincount(y).min() >= 2 else None

@@ -116,7 +116,8 @@ class _DeepEnsembleBase(BaseUQEstimator):
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         if isinstance(self, UQRegressorMixin):
-            self._fit_noise_from_residuals(X, y)  # residuals of the ensemble mean
+            # residuals of the ensemble mean, less the members' spread
+            self._fit_heldout_noise(X, y, X_cal, y_cal, net_spread=True)
 
 
 class DeepEnsembleClassifier(UQClassifierMixin, _DeepEnsembleBase):
@@ -191,8 +192,13 @@ class DeepEnsembleRegressor(UQRegressorMixin, _DeepEnsembleBase):
     Mean = average of the members' outputs; epistemic variance = the mixture
     variance ``mean_m (f_m - mean)^2`` (divided by M, the exact second moment
     of the equally weighted mixture; returned in Gaussian form). The
-    aleatoric ``sigma_noise_`` is the RMS residual of the ensemble mean on the
-    training data. Members are trained as in :class:`DeepEnsembleClassifier`.
+    aleatoric ``sigma_noise_`` comes from held-out rows (``X_cal``, ``y_cal``
+    given to ``fit``, or a fifth of the rows, which the members are then not
+    trained on), as in :class:`MAPRegressor`: its square is the mean squared
+    residual of the ensemble mean there less the mean mixture variance (at
+    least 1 % of the former), so that the members' spread is not counted
+    twice. Members are trained as in
+    :class:`DeepEnsembleClassifier`.
 
     Parameters
     ----------
@@ -223,6 +229,8 @@ class DeepEnsembleRegressor(UQRegressorMixin, _DeepEnsembleBase):
     >>> est.predict(d.X_test, return_std=True)[1].shape
     (301,)
     """
+
+    _uses_calibration_split = True  # the noise level is read on held-out rows
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         with torch.no_grad():

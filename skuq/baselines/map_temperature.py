@@ -97,9 +97,14 @@ class MAPClassifier(UQClassifierMixin, _MAPBase):
 class MAPRegressor(UQRegressorMixin, _MAPBase):
     """The bare network for regression, with a homoscedastic noise level.
 
-    ``sigma_noise_`` is the RMS residual of the trained net on the training
-    data (a lower bound on the true noise for a net that overfits); the
-    epistemic variance is zero.
+    ``sigma_noise_`` is the RMS residual of the trained net on held-out rows:
+    ``X_cal``, ``y_cal`` given to ``fit``; else, for a net trained in ``fit``,
+    a fifth of the rows, held out of its training; else, for a trained net
+    (``FrozenEstimator``, ``nn.Module``), ``fit``'s rows, which it never saw.
+    The residual on training rows understates the error on new rows (the
+    more, the more the net overfits), and an interval built on it
+    under-covers. The epistemic variance is zero, so the predictive std is
+    the same on every row.
 
     Examples
     --------
@@ -117,8 +122,10 @@ class MAPRegressor(UQRegressorMixin, _MAPBase):
     True
     """
 
+    _uses_calibration_split = True  # the noise level is read on held-out rows
+
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        self._fit_noise_from_residuals(X, y)
+        self._fit_heldout_noise(X, y, X_cal, y_cal)
 
 
 _NONFINITE_TEMPERATURE = (

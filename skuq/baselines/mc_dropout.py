@@ -261,7 +261,7 @@ class _MCDropoutBase(BaseUQEstimator):
             pass
         self.n_dropout_layers_ = len(dropout_modules(self.model_))
         if isinstance(self, UQRegressorMixin):
-            self._fit_noise_from_residuals(X, y)
+            self._fit_heldout_noise(X, y, X_cal, y_cal, net_spread=True)
 
     def _predict_batch(self, x: Tensor) -> OutputDistribution:
         # a fresh generator per batch draws the same masks for every batch: each
@@ -330,9 +330,10 @@ class MCDropoutRegressor(UQRegressorMixin, _MCDropoutBase):
 
     The epistemic variance is the (unbiased) sample variance of the outputs of
     ``n_samples`` networks with their own dropout masks (shared by every
-    row); the aleatoric ``sigma_noise_`` is the RMS residual of the
-    deterministic (dropout-off) net on the training data, as in
-    :class:`MAPRegressor`.
+    row); the aleatoric ``sigma_noise_`` comes from held-out rows, as in
+    :class:`MAPRegressor`: its square is the mean squared residual of the
+    deterministic (dropout-off) net there less the mean dropout variance (at
+    least 1 % of the former), so that the spread is not counted twice.
 
     Parameters
     ----------
@@ -363,3 +364,5 @@ class MCDropoutRegressor(UQRegressorMixin, _MCDropoutBase):
     >>> bool((std > est.sigma_noise_).all())
     True
     """
+
+    _uses_calibration_split = True  # the noise level is read on held-out rows

@@ -53,8 +53,9 @@ __all__ = [
 PRED_TYPES = ("glm", "nn")
 PRIOR_METHODS = ("marglik", "heldout")
 #: ``sigma_noise`` options of the regressors: fitted by the evidence, the trained net's
-#: RMS training residual (the maximum-likelihood noise at its weights), or "auto": the
-#: evidence when the posterior has at most as many weights as there are training targets
+#: RMS residual on held-out rows ("residual"), or "auto": the evidence when the
+#: posterior has at most as many weights as there are training targets, else the RMS
+#: training residual
 SIGMA_METHODS = ("auto", "marglik", "residual")
 
 
@@ -340,6 +341,12 @@ class RegressionLikelihood:
 
     _likelihood = "regression"
 
+    @property
+    def _uses_calibration_split(self) -> bool:
+        # "residual" reads the noise on held-out rows; the held-out prior needs them too
+        held_out_noise = isinstance(self.sigma_noise, str) and self.sigma_noise == "residual"
+        return held_out_noise or super()._uses_calibration_split
+
     def _validate_likelihood_options(self) -> None:
         if isinstance(self.sigma_noise, str):
             check_option("sigma_noise", self.sigma_noise, SIGMA_METHODS)
@@ -356,11 +363,11 @@ class RegressionLikelihood:
         return self.sigma_noise == "marglik"
 
     def _initial_sigma(self) -> float:
-        # "residual" keeps the RMS training residual; "marglik" starts from it
+        # "residual" keeps the RMS held-out residual; "marglik" starts from the RMS residual
         return self._rms if isinstance(self.sigma_noise, str) else float(self.sigma_noise)
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        self._fit_noise_from_residuals(X, y)
+        self._fit_heldout_noise(X, y, X_cal, y_cal)
         self._rms = float(np.sqrt(np.mean(np.asarray(self.sigma_noise_) ** 2)))
         super()._fit_uq(X, y, X_cal, y_cal)
         self.sigma_noise_ = self.posterior_.sigma_noise

@@ -366,14 +366,17 @@ class RegVarRegressor(UQRegressorMixin, _BaseRegVar):
     multiplied by that (``variance_factor_``) to be the variance of ``f(x)``
     under the Gaussian likelihood with noise ``sigma_noise_`` (for other
     criteria the net's own objective is read as the negative log likelihood:
-    factor 1). The noise is the RMS training residual unless given.
+    factor 1). The noise is the RMS residual on held-out rows unless given.
 
     Parameters
     ----------
     estimator : skorch net, FrozenEstimator or torch.nn.Module
         A plain module is fine-tuned on ``MSELoss`` with Adam.
     sigma_noise : float or None, default=None
-        Observation noise; ``None``: the RMS residual of the trained net.
+        Observation noise; ``None``: the RMS residual of the trained net on
+        held-out rows, as in :class:`skuq.MAPRegressor` (``X_cal``, ``y_cal``
+        given to ``fit``, or a fifth of ``fit``'s rows held out of a net
+        trained in ``fit``).
     mode, lam, finetune_epochs, finetune_lr, n_average, variance_scale, \
 prior_precision, exact_solver, exact_max_iter
         As in :class:`RegVarClassifier`.
@@ -440,6 +443,10 @@ prior_precision, exact_solver, exact_max_iter
         self.verbose = verbose
         self.memory = memory
 
+    @property
+    def _uses_calibration_split(self) -> bool:  # rows held out for the fitted noise level
+        return self.sigma_noise is None
+
     def _validate_likelihood_options(self) -> None:
         check_positive("sigma_noise", self.sigma_noise, allow_none=True)
 
@@ -449,7 +456,7 @@ prior_precision, exact_solver, exact_max_iter
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         if self.sigma_noise is None:
-            self._fit_noise_from_residuals(X, y)
+            self._fit_heldout_noise(X, y, X_cal, y_cal)
         else:
             self.sigma_noise_ = float(self.sigma_noise)
         super()._fit_uq(X, y, X_cal, y_cal)

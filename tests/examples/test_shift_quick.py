@@ -140,7 +140,7 @@ def test_shift_quick_runs_and_writes_table_csvs_and_plot(tmp_path):
         rows = list(csv.DictReader(f))
     assert {r["task"] for r in rows} == set(shift.PROFILES["quick"])
     for r in rows:
-        if r["task"] != "gap_regression":
+        if r["task"] not in ("gap_regression", "friedman_regression"):
             assert 0 < float(r["accuracy"]) <= 1 and 0 <= float(r["ood_auroc"]) <= 1
             assert float(r["shift_nll"]) > 0
         else:

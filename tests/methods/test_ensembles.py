@@ -144,14 +144,19 @@ def test_mc_dropout_regressor_moments_and_noise():
     X = rng.randn(50, 3).astype(np.float32)
     y = (X @ np.array([1.0, -2.0, 0.5]) + 0.1 * rng.randn(50)).astype(np.float32)
     net = make_regressor_net(max_epochs=30, module__dropout=0.2)
-    est = MCDropoutRegressor(net, n_samples=30, random_state=0, device="cpu").fit(X, y)
+    est = MCDropoutRegressor(net, n_samples=30, random_state=0, device="cpu")
+    est.fit(X[:40], y[:40], X_cal=X[40:], y_cal=y[40:])
     s = est.predict_distribution(X).samples[:, :, 0].double()
     mean, std = est.predict(X, return_std=True)
     np.testing.assert_allclose(mean, s.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(std**2, s.var(0) + est.sigma_noise_**2, rtol=1e-4)
-    with torch.no_grad():  # the noise is the RMS residual of the deterministic net
-        pred = est.net_.module_.eval()(torch.as_tensor(X))[:, 0].double().numpy()
-    assert est.sigma_noise_ == pytest.approx(np.sqrt(np.mean((pred - y) ** 2)), rel=1e-5)
+    # the noise: the held-out mean squared residual of the deterministic net less the
+    # mean dropout variance there
+    with torch.no_grad():
+        pred = est.net_.module_.eval()(torch.as_tensor(X[40:]))[:, 0].double().numpy()
+    mse = np.mean((pred - y[40:]) ** 2)
+    spread = float(s[:, 40:].var(0).mean())
+    assert est.sigma_noise_**2 == pytest.approx(max(mse - spread, 0.01 * mse), rel=1e-4)
 
 
 # --------------------------------------------------------------- deep ensembles
@@ -235,22 +240,21 @@ def test_ensemble_bad_input():
 def test_ensemble_regressor_is_the_mixture_of_members(gap_data):
     net = make_regressor_net(max_epochs=20, hidden=(16,))
     est = DeepEnsembleRegressor(net, n_estimators=3, random_state=0, device="cpu")
-    est.fit(gap_data.X, gap_data.y)
+    X_cal, y_cal = gap_data.X[150:], gap_data.y[150:]
+    est.fit(gap_data.X[:150], gap_data.y[:150], X_cal=X_cal, y_cal=y_cal)
     with torch.no_grad():
         outs = torch.stack(
             [n.module_(torch.as_tensor(gap_data.X_test))[:, 0] for n in est.net_]
         ).double()
-        train_mean = (
-            torch.stack([n.module_(torch.as_tensor(gap_data.X))[:, 0] for n in est.net_])
-            .double()
-            .mean(0)
-            .numpy()
-        )
+        cal_outs = torch.stack([n.module_(torch.as_tensor(X_cal))[:, 0] for n in est.net_]).double()
     mean, std = est.predict(gap_data.X_test, return_std=True)
     mix_mean = outs.mean(0)
     mix_var = ((outs - mix_mean) ** 2).mean(0)
     np.testing.assert_allclose(mean, mix_mean, rtol=1e-5, atol=1e-6)
-    sigma = np.sqrt(np.mean((train_mean - gap_data.y) ** 2))
+    # the noise: the held-out mean squared residual of the mixture mean less its spread
+    mse = float(np.mean((cal_outs.mean(0).numpy() - y_cal) ** 2))
+    spread = float(((cal_outs - cal_outs.mean(0)) ** 2).mean(0).mean())
+    sigma = np.sqrt(max(mse - spread, 0.01 * mse))
     assert est.sigma_noise_ == pytest.approx(sigma, rel=1e-4)
     np.testing.assert_allclose(std**2, mix_var + sigma**2, rtol=1e-4)
     epi = est.predict_uncertainty(gap_data.X_test, kind="epistemic_variance")

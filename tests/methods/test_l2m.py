@@ -486,7 +486,8 @@ def test_regression_posterior_follows_the_units_of_y():
     """Adam's second moments are squared gradients of the unit-noise loss: they carry
     1 / sigma^4 in the posterior precision, so that y in other units (x 100) scales
     sigma and the predictive std by 100 (the weights stay where least squares put them:
-    the optimizer only reads gradients, lr=0)."""
+    the optimizer only reads gradients, lr=0). The evidence's prior follows the units
+    too (1 / 100^2); a held-out prior is a value of a fixed grid, so marglik is asked for."""
     gen = torch.Generator().manual_seed(0)
     X = torch.randn(60, 3, generator=gen)
     y0 = X @ torch.tensor([1.0, -2.0, 0.5]) + 0.3 + 0.4 * torch.randn(60, generator=gen)
@@ -505,7 +506,8 @@ def test_regression_posterior_follows_the_units_of_y():
                 opt.zero_grad()
                 nn.functional.mse_loss(model(X[i : i + 20])[:, 0], y[i : i + 20]).backward()
                 opt.step()
-        est = L2MRegressor(model, train_batch_size=20).fit(X.numpy(), y.numpy(), optimizer=opt)
+        est = L2MRegressor(model, train_batch_size=20, prior_precision="marglik")
+        est.fit(X.numpy(), y.numpy(), optimizer=opt)
         fits.append((est, est.predict(X.numpy(), return_std=True)[1]))
     (one, std_one), (hundred, std_hundred) = fits
     np.testing.assert_allclose(hundred.sigma_noise_, 100 * one.sigma_noise_, rtol=1e-3)
@@ -513,10 +515,16 @@ def test_regression_posterior_follows_the_units_of_y():
     np.testing.assert_allclose(std_hundred, 100 * std_one, rtol=1e-3)
 
 
-def test_regressor_noise_defaults_to_the_training_residual(gap_data):
-    net = make_regressor_net(max_epochs=30, module__n_outputs=1).fit(
-        gap_data.X, gap_data.y.reshape(-1, 1)
-    )
-    est = L2MRegressor(FrozenEstimator(net)).fit(gap_data.X, gap_data.y)
-    residual = net.predict(gap_data.X)[:, 0] - gap_data.y
+def test_regressor_defaults_read_noise_and_prior_on_held_out_rows(gap_data):
+    """sigma_noise="residual" and prior_precision="heldout" by default: both on held-out
+    rows (``X_cal``), never on the rows the net was trained on."""
+    X_tr, y_tr = gap_data.X[:150], gap_data.y[:150]
+    X_cal, y_cal = gap_data.X[150:], gap_data.y[150:]
+    net = make_regressor_net(max_epochs=30, module__n_outputs=1).fit(X_tr, y_tr.reshape(-1, 1))
+    est = L2MRegressor(FrozenEstimator(net)).fit(X_tr, y_tr, X_cal=X_cal, y_cal=y_cal)
+    residual = net.predict(X_cal)[:, 0] - y_cal
     assert est.sigma_noise_ == pytest.approx(float(np.sqrt(np.mean(residual**2))), rel=1e-5)
+    assert est.prior_precision_ == pytest.approx(min(est.heldout_nll_, key=est.heldout_nll_.get))
+    # a prefit net without X_cal: fit's rows are the held-out rows
+    prefit = L2MRegressor(FrozenEstimator(net)).fit(X_cal, y_cal)
+    assert prefit.sigma_noise_ == pytest.approx(est.sigma_noise_, rel=1e-5)

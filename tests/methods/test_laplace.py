@@ -639,7 +639,9 @@ def test_bad_networks(trained):
         LaplaceClassifier(nn.Linear(64, 5), prior_precision=[1.0, -1.0]).fit(X.numpy(), y.numpy())
 
 
-def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
+def test_residual_noise_is_the_rms_residual_on_fits_rows_and_marglik_moves_it():
+    """A trained module never saw ``fit``'s rows: ``"residual"`` (the default) reads the
+    noise there; the evidence moves it."""
     model, X, y = _least_squares_line(2.0)
     with torch.no_grad():
         rms = float(
@@ -653,11 +655,18 @@ def test_residual_noise_is_the_rms_training_residual_and_marglik_moves_it():
         sigma_noise="residual",
     ).fit(X, y)
     assert kept.sigma_noise_ == pytest.approx(rms, rel=1e-5)
+    assert LaplaceRegressor(
+        copy.deepcopy(model),
+        subset_of_weights="all",
+        hessian_structure="full",
+        prior_precision="marglik",
+    ).fit(X, y).sigma_noise_ == pytest.approx(rms, rel=1e-5)
     fitted = LaplaceRegressor(
         copy.deepcopy(model),
         subset_of_weights="all",
         hessian_structure="full",
         prior_precision="marglik",
+        sigma_noise="marglik",
     ).fit(X, y)
     assert abs(fitted.sigma_noise_ / rms - 1) > 1e-3  # the evidence's own optimum
     with pytest.raises(ValueError, match="sigma_noise must be one of"):
@@ -685,9 +694,11 @@ def test_auto_noise_is_the_evidence_over_few_weights_and_the_residual_over_many(
         )
 
     # last layer: 17 weights <= 60 targets, so the evidence decides
-    assert sigma() == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
-    assert sigma() != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
+    assert sigma(sigma_noise="auto") == pytest.approx(sigma(sigma_noise="marglik"), rel=1e-6)
+    assert sigma(sigma_noise="auto") != pytest.approx(sigma(sigma_noise="residual"), rel=1e-3)
     # all 81 weights > 60 targets: the residual
-    assert sigma(subset_of_weights="all", hessian_structure="full") == pytest.approx(
+    assert sigma(
+        subset_of_weights="all", hessian_structure="full", sigma_noise="auto"
+    ) == pytest.approx(
         sigma(subset_of_weights="all", hessian_structure="full", sigma_noise="residual"), rel=1e-6
     )
