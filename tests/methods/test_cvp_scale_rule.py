@@ -18,9 +18,7 @@ from tests._helpers import make_classifier_net
 def fitted_pair(digits):
     """The same prefit net and posterior, fitted with each scale rule."""
     net = FrozenEstimator(
-        make_classifier_net(max_epochs=10, module__n_outputs=5).fit(
-            digits.X_train, digits.y_train
-        )
+        make_classifier_net(max_epochs=10, module__n_outputs=5).fit(digits.X_train, digits.y_train)
     )
     X_cal, y_cal = digits.X_test[:150], digits.y_test[:150]
     fits = {}
