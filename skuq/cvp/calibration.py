@@ -120,10 +120,13 @@ def multiplier_nll(
     batches: Iterable[tuple[Tensor, Tensor]],
     scales: dict[str, float],
     grid: Iterable[float] = MULTIPLIER_GRID,
+    means: list[Tensor] | None = None,
 ) -> list[float]:
     """Mean probit NLL of ``batches`` with every layer scale times each multiplier of ``grid``.
 
-    One propagation of the rows per multiplier, network frozen. CVPClassifier
+    One propagation of the rows per multiplier, network frozen. ``means``: one
+    tensor of logits per batch to use instead of the propagated mean (the
+    variance is always the propagated one). CVPClassifier
     takes the widest multiplier within a few percent of the best of these
     (:func:`skuq.base.heldout_choice`, the held-out rule of the Laplace family).
 
@@ -149,9 +152,10 @@ def multiplier_nll(
         for m in grid:
             sc = {k: v * m for k, v in scales.items()}
             total = 0.0
-            for xb, yb in batches:
+            for i, (xb, yb) in enumerate(batches):
                 pred = propagator(xb, layer_scales=sc)
-                total += float(probit_nll(pred.mean.double(), pred.variance.double(), yb, "sum"))
+                mu = pred.mean if means is None else means[i]
+                total += float(probit_nll(mu.double(), pred.variance.double(), yb, "sum"))
             out.append(total / n)
     return out
 

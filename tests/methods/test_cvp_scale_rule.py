@@ -48,8 +48,13 @@ def test_heldout_rule_takes_the_widest_multiplier_within_tolerance_of_the_best(f
     if i > 0:  # the next wider multiplier is out of tolerance
         assert nll[i - 1] > best * (1 + HELDOUT_TOLERANCE)
     # the NLLs are those of the calibration rows at each multiplier of the fitted scales
-    batch = [(torch.as_tensor(X_cal), torch.as_tensor(y_cal))]
-    again = multiplier_nll(est.propagator_, batch, plain.layer_scales_, grid)
+    # (with the net's own logits as the mean, the default ``mean="net"``)
+    x = torch.as_tensor(X_cal)
+    with torch.no_grad():
+        logits = est.model_(x)
+    again = multiplier_nll(
+        est.propagator_, [(x, torch.as_tensor(y_cal))], plain.layer_scales_, grid, [logits]
+    )
     np.testing.assert_allclose(again, nll, rtol=1e-5)
     assert est.layer_scales_ == pytest.approx({k: v * m for k, v in plain.layer_scales_.items()})
     assert plain.variance_multiplier_ == 1.0 and plain.heldout_nll_ == {}
@@ -71,3 +76,31 @@ def test_scale_rule_is_checked_and_ignored_without_calibration(digits):
         make_classifier_net(max_epochs=1), posterior={"1.weight": 1e-3}, calibration=None
     ).fit(X, y)
     assert est.layer_scales_ == {} and est.variance_multiplier_ == 1.0
+
+
+def test_default_mean_is_the_nets_own_logits(fitted_pair, digits):
+    """``mean="net"``: the predictive is the probit of the net's logits with the propagated
+    variance, so its argmax is the net's; ``mean="propagated"`` uses the propagated mean,
+    which the weight variance moves away from the logits."""
+    fits, X_cal, y_cal = fitted_pair
+    est = fits["heldout"]
+    assert est.get_params()["mean"] == "net"
+    x = torch.as_tensor(digits.X_test)
+    with torch.no_grad():
+        logits = est.model_(x)
+        out = est.propagator_(x, layer_scales=est.layer_scales_)
+    want = torch.softmax(logits / torch.sqrt(1 + torch.pi / 8 * out.variance), 1)
+    np.testing.assert_allclose(est.predict_proba(digits.X_test), want.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(
+        est.predict(digits.X_test), est.classes_[logits.argmax(1).numpy()]
+    )
+    other = CVPClassifier(est.estimator, mean="propagated", random_state=0)
+    other.fit(digits.X_train, digits.y_train, X_cal=X_cal, y_cal=y_cal)
+    with torch.no_grad():
+        prop = other.propagator_(x, layer_scales=other.layer_scales_)
+    moved = prop.mean
+    want = torch.softmax(moved / torch.sqrt(1 + torch.pi / 8 * prop.variance), 1)
+    np.testing.assert_allclose(other.predict_proba(digits.X_test), want.numpy(), atol=1e-5)
+    assert not torch.allclose(moved, logits, atol=1e-3)
+    with pytest.raises(ValueError, match="mean must be one of"):
+        CVPClassifier(est.estimator, mean="map").fit(digits.X_train, digits.y_train)
