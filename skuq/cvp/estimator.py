@@ -83,8 +83,9 @@ class CVPClassifier(UQClassifierMixin, BaseUQEstimator):
         Ignored without calibration.
     mean : {"net", "propagated"}, default="net"
         The logits' mean in the predictive. ``"net"``: the trained net's own
-        output (as the linearized Laplace predictive), so that the argmax is the
-        net's; one more plain forward pass per batch. ``"propagated"``: the
+        output (as the linearized Laplace predictive); one more plain forward
+        pass per batch. (The probit link can still move the argmax where the
+        classes' variances differ.) ``"propagated"``: the
         propagated mean, the expectation of the logits under the weight
         posterior by moment matching, which a ReLU net shifts away from the
         net's logits (``E[relu(h)] > relu(E[h])``) as the variance grows; on the
