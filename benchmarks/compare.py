@@ -679,6 +679,8 @@ def _own_net_note(methods_by_kind) -> str:
                 notes.append(f"{name} trains its own net with {hints['net_params']}")
             elif not hints.get("shared_net", True):
                 notes.append(f"{name} trains its own net(s)")
+            if hints.get("init_params") and "[" not in name:  # a variant's label says it
+                notes.append(f"{name} is built with {hints['init_params']}")
     return "; ".join(notes) or "none"
 
 

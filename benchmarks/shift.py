@@ -101,6 +101,7 @@ from compare import (  # noqa: E402  (the shared helpers of the comparison bench
     BASELINE,
     _build,
     _fit,
+    _own_net_note,
     _split_val,
     _tabular,
     _warm_up,
@@ -909,7 +910,7 @@ def _header(profile, command, n_seeds, minutes, dev, own, stem):
         f"{n_seeds} seed(s), mean ± std over seeds; total wall time {minutes:.1f} min.\n"
         "Every estimator at its default options; the net is trained once per task and seed "
         "and shared as FrozenEstimator (fit s includes that training), except: "
-        + ("; ".join(own) or "none")
+        + own
         + ". Held-out calibrators get the 20 % validation "
         "split. NLL sN: mean NLL over the corruption types at severity N; shifted NLL / ECE "
         f"/ acc: mean over all corruptions and severities (on {SHIFT_ROWS} test rows per "
@@ -996,14 +997,7 @@ def main(argv=None) -> dict:
         else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, "
         f"torch threads {args.threads})"
     )
-    own = [
-        f"{n} trains its own net with {h['net_params']}"
-        if h.get("net_params")
-        else f"{n} trains its own nets"
-        for ms in methods_by_kind.values()
-        for n, _, h in ms
-        if h.get("net_params") or not h.get("shared_net", True)
-    ]
+    own = _own_net_note(methods_by_kind)
 
     log = print
     _warm_up(device)
