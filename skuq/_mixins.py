@@ -9,6 +9,8 @@ Both rely only on the hooks of :class:`skuq.base.BaseUQEstimator`
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 from sklearn.base import ClassifierMixin, RegressorMixin
@@ -16,6 +18,7 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from torch import Tensor
 
+from ._skorch import FITTED_ROWS_LOSS_RATIO, loss_like_training
 from ._utils import check_finite, iter_batches
 from .outputs import CLASSIFICATION_UNCERTAINTIES, classification_uncertainty
 
@@ -237,7 +240,9 @@ class UQRegressorMixin(RegressorMixin):
     #: override it); no ``X_cal`` given and a prefit net: all of ``fit``'s rows
     calibration_fraction = 0.2
 
-    def _fit_heldout_noise(self, X, y, X_cal=None, y_cal=None, *, net_spread=False) -> None:
+    def _fit_heldout_noise(
+        self, X, y, X_cal=None, y_cal=None, *, net_spread=False, check_rows=True
+    ) -> None:
         """``sigma_noise_`` as the RMS residual on held-out rows, training rows only if none.
 
         A net's residuals on the rows it was trained on understate its error on new
@@ -254,15 +259,41 @@ class UQRegressorMixin(RegressorMixin):
         (else the fit error is counted twice: 97 % coverage for a 95 % band on
         benchmarks/shift.py's regression tasks). Floored at 1 % of ``mean(r^2)`` so
         that a spread which explains all the error leaves a positive noise.
+
+        ``check_rows``: for an already trained net, warn when the rows look like its
+        training rows (their mean squared error near its last training loss); off where
+        the residual is not the noise the estimator uses.
         """
         held_out = X_cal is not None and len(X_cal) > 0
         self._fit_noise_from_residuals(*((X_cal, y_cal) if held_out else (X, y)))
+        if check_rows and self._net_is_prefit():
+            self._warn_if_noise_on_training_rows()
         if net_spread and held_out:
             _, var = self._moments(X_cal)
             mse = np.asarray(self.sigma_noise_, dtype=np.float64) ** 2
             spread = var.double().mean(dim=0).numpy().reshape(mse.shape)
             sigma = np.sqrt(np.maximum(mse - spread, 0.01 * mse))
             self.sigma_noise_ = sigma.astype(np.float32) if self.n_outputs_ > 1 else float(sigma)
+
+    def _warn_if_noise_on_training_rows(self) -> None:
+        """Warn when an already trained net's noise rows look like its training rows."""
+        mse = float(np.mean(np.asarray(self.sigma_noise_, dtype=np.float64) ** 2))
+        train = loss_like_training(self.net_, mse, (torch.nn.MSELoss,))
+        if train is None:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: the rows the noise level is read on look like rows the "
+            f"net was trained on: its mean squared error on them ({mse:.3g}) is within "
+            f"{FITTED_ROWS_LOSS_RATIO:g}x the training loss of its last epoch ({train:.3g}). "
+            "Residuals on fitted rows understate the error on new rows, so the intervals "
+            "under-cover. Read the noise on rows the net did not train on: fit(X, y, "
+            "X_cal=X_heldout, y_cal=y_heldout), or give the untrained skorch net so that fit "
+            "holds out a share of the rows itself. (A net that fits held-out rows as well as "
+            "its training rows can trigger this on a real held-out split; then it is "
+            "harmless.)",
+            UserWarning,
+            stacklevel=5,
+        )
 
     def _fit_noise_from_residuals(self, X, y) -> None:
         """``sigma_noise_`` as the RMS residual of the trained net on ``(X, y)``."""

@@ -7,9 +7,12 @@ Estimators mix :class:`PriorPrecisionMixin` in before
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
+from torch import nn
 
+from ._skorch import FITTED_ROWS_LOSS_RATIO, loss_like_training
 from ._utils import check_option, check_positive, iter_batches
 
 __all__ = ["heldout_choice"]
@@ -112,4 +115,26 @@ class PriorPrecisionMixin:
         best = grid[heldout_choice(nll, tolerance)]
         posterior.set_hyperparameters(prior_precision=best)
         self.heldout_nll_ = dict(zip(grid, nll / len(X_cal), strict=True))
+        if self._is_classifier() and self._net_is_prefit():
+            # the narrowest posterior's NLL is the net's own cross-entropy on the rows
+            self._warn_if_training_rows(float(nll[-1] / len(X_cal)))
         return best
+
+    def _warn_if_training_rows(self, loss: float) -> None:
+        """Warn when the held-out rows of an already trained net look like its training rows."""
+        train = loss_like_training(self.net_, loss, (nn.CrossEntropyLoss, nn.NLLLoss))
+        if train is None:
+            return
+        warnings.warn(
+            f"{type(self).__name__}: the held-out rows for prior_precision='heldout' look like "
+            f"rows the net was trained on: its NLL on them ({loss:.3g}) is within "
+            f"{FITTED_ROWS_LOSS_RATIO:g}x the training loss of its last epoch ({train:.3g}). "
+            "On rows it has fitted the net is already confident, so the prior chosen there is "
+            "too narrow and the posterior stays close to the bare net. Choose it on rows the net "
+            "did not train on: fit(X, y, X_cal=X_heldout, y_cal=y_heldout), or give the "
+            "untrained skorch net so that fit holds out calibration_fraction of the rows itself. "
+            "(A net that fits held-out rows as well as its training rows can trigger this on a "
+            "real held-out split; then it is harmless.)",
+            UserWarning,
+            stacklevel=4,
+        )

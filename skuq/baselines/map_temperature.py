@@ -11,6 +11,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from torch import Tensor
 
+from .._skorch import FITTED_ROWS_LOSS_RATIO, last_training_loss
 from .._utils import check_positive, iter_batches
 from ..base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
 from ..outputs import OutputDistribution
@@ -177,19 +178,9 @@ def fit_temperature(
 
 #: the fitted-rows check of temperature scaling: a temperature below this sharpens ...
 FITTED_ROWS_MAX_TEMPERATURE = 0.9
-#: ... and a calibration loss within this multiple of the last training epoch's loss
-#: looks like training rows (held-out rows of the benchmark nets: 2.8x to 400x)
-FITTED_ROWS_LOSS_RATIO = 2.0
-
-
-def _last_training_loss(net) -> float | None:
-    """The mean training loss of a skorch net's last epoch, or None when not recorded."""
-    history = getattr(net, "history", None)
-    try:
-        loss = float(history[-1, "train_loss"])
-    except (KeyError, IndexError, TypeError, ValueError):
-        return None
-    return loss if np.isfinite(loss) and loss > 0 else None
+#: ... and a calibration loss within FITTED_ROWS_LOSS_RATIO times the last training
+#: epoch's loss looks like training rows (skuq._skorch, shared with the held-out priors)
+_last_training_loss = last_training_loss
 
 
 def _criterion_loss(net, logits: Tensor, y: Tensor) -> float | None:

@@ -342,10 +342,13 @@ class RegressionLikelihood:
     _likelihood = "regression"
 
     @property
+    def _held_out_noise(self) -> bool:
+        return isinstance(self.sigma_noise, str) and self.sigma_noise == "residual"
+
+    @property
     def _uses_calibration_split(self) -> bool:
         # "residual" reads the noise on held-out rows; the held-out prior needs them too
-        held_out_noise = isinstance(self.sigma_noise, str) and self.sigma_noise == "residual"
-        return held_out_noise or super()._uses_calibration_split
+        return self._held_out_noise or super()._uses_calibration_split
 
     def _validate_likelihood_options(self) -> None:
         if isinstance(self.sigma_noise, str):
@@ -367,7 +370,8 @@ class RegressionLikelihood:
         return self._rms if isinstance(self.sigma_noise, str) else float(self.sigma_noise)
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
-        self._fit_heldout_noise(X, y, X_cal, y_cal)
+        # only the "residual" noise is read on the held-out rows: check them only then
+        self._fit_heldout_noise(X, y, X_cal, y_cal, check_rows=self._held_out_noise)
         self._rms = float(np.sqrt(np.mean(np.asarray(self.sigma_noise_) ** 2)))
         super()._fit_uq(X, y, X_cal, y_cal)
         self.sigma_noise_ = self.posterior_.sigma_noise
