@@ -172,7 +172,9 @@ def _accumulate_full(acc: dict, plan, ios, n_params: int, max_elements: int) -> 
             acc["full"].addmm_(R.T, R)
         else:
             acc["full"] = R.T @ R
-        acc.setdefault("gram", GramRows(n_params)).add(R)
+        if "gram" not in acc:
+            acc["gram"] = GramRows(n_params)
+        acc["gram"].add(R)
 
 
 def _accumulate_direct(

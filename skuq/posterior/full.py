@@ -151,8 +151,9 @@ class CholeskyFullPosterior(FullPosterior):
 
     * the **evidence** for any scalar ``delta`` and ``s`` needs ``H``'s
       eigenvalues only, ``log det = sum log(s lambda + delta)``: computed once,
-      when the evidence is first asked for, without eigenvectors (LAPACK
-      ``?syevd``, ``jobz="N"``; several times cheaper than the eigenvectors,
+      when the evidence is first asked for, without eigenvectors (LAPACK,
+      ``jobz="N"``: torch's ``?syevd`` in ``H``'s dtype, scipy's ``?syevr`` on a
+      float64 copy; several times cheaper than the eigenvectors,
       whose back-transformation dominates), or given as ``spectrum`` (the
       curvature's, from the Gram matrix of its rows when there are fewer rows
       than weights: :mod:`skuq.curvature.gram`);
