@@ -47,6 +47,7 @@ class FullPosterior(WeightPosterior):
         self.H = H
         evals, evecs = _eigh64(H)
         self._store64 = {"eigvals": evals.clamp_min(0)}  # for the float64 evidence
+        self.raw_eigvals = evals.to(H.dtype)  # before clipping (an indefinite Hessian's)
         self.eigvals = evals.clamp_min(0).to(H.dtype)
         self.eigvecs = evecs.to(H.dtype)
         del evecs

@@ -6,6 +6,8 @@ the torch core of :mod:`skuq.regvar`.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -13,7 +15,8 @@ from torch import Tensor, nn
 
 from .._skorch import criterion_outputs, is_skorch_net, trained_optimizer, training_batch_size
 from .._utils import check_option, check_positive, check_positive_int
-from ..base import BaseUQEstimator, UQClassifierMixin, UQRegressorMixin
+from ..base import BaseUQEstimator, PriorPrecisionMixin, UQClassifierMixin, UQRegressorMixin
+from ..curvature import iter_jacobians, select_weights
 from ..outputs import LINKS, OutputDistribution
 from ..posterior import center_outputs
 from .core import (
@@ -28,11 +31,25 @@ from .core import (
 )
 from .exact import exact_covariance
 from .finetune import amortized_variance, finetune_pair
+from .hessian import (
+    HESSIAN_AUTO_MAX_PARAMS,
+    hessian_covariance,
+    hessian_posterior,
+    objective_hessian,
+)
 from .optim import implied_prior, optimizer_factory, optimizer_spec
 
+#: ``exact_solver`` of the estimators: the Hessian's closed form, or a fine-tune per problem
+ESTIMATOR_SOLVERS = ("auto", "hessian", *EXACT_SOLVERS)
 
-class _BaseRegVar(BaseUQEstimator):
+
+class _BaseRegVar(PriorPrecisionMixin, BaseUQEstimator):
     """Shared fitting and prediction of the RegVar estimators."""
+
+    _prior_methods = ("heldout",)
+    _per_layer_prior = False
+    #: share of an untrained net's rows held out for prior_precision="heldout"
+    calibration_fraction = 0.2
 
     def _validate_options(self) -> None:
         check_option("mode", self.mode, MODES)
@@ -41,10 +58,17 @@ class _BaseRegVar(BaseUQEstimator):
         check_positive("finetune_lr", self.finetune_lr, allow_none=True)
         check_positive_int("n_average", self.n_average)
         check_positive("variance_scale", self.variance_scale)
-        check_positive("prior_precision", self.prior_precision, allow_none=True, strict=False)
-        check_option("exact_solver", self.exact_solver, EXACT_SOLVERS)
+        if isinstance(self.prior_precision, str):
+            self._validate_prior_precision()
+        else:  # 0 is allowed: no prior (the L-BFGS and optimizer fine-tunes accept it)
+            check_positive("prior_precision", self.prior_precision, allow_none=True, strict=False)
+        check_option("exact_solver", self.exact_solver, ESTIMATOR_SOLVERS)
         check_positive_int("exact_max_iter", self.exact_max_iter)
         self._validate_likelihood_options()
+
+    @property
+    def _heldout_prior(self) -> bool:
+        return isinstance(self.prior_precision, str)
 
     # ---------------------------------------------------- the net's objective
     def _loss(self) -> LossFn:
@@ -100,6 +124,14 @@ class _BaseRegVar(BaseUQEstimator):
             return torch.full((sum(sizes),), float(self.prior_precision), dtype=torch.float64)
         return implied_prior(*self._optimizer_spec(), trainable, n_train)
 
+    def _prior(self) -> Tensor:
+        """The fitted ``delta`` per weight, float64 (P,)."""
+        return torch.as_tensor(self.prior_precision_, dtype=torch.float64).expand(self.n_params_)
+
+    def _explicit_prior(self) -> float | None:
+        """The fitted ``delta`` when it replaces the optimizer's weight decay, else None."""
+        return None if self.prior_precision is None else float(self.prior_precision_)
+
     def _train_batch_size(self, n_train: int) -> int:
         return training_batch_size(self.net_, n_train, self.batch_size)
 
@@ -115,19 +147,42 @@ class _BaseRegVar(BaseUQEstimator):
                 "depend on any trainable weight; train with a differentiable criterion"
             )
 
+    def _resolve_solver(self) -> str:
+        """The exact-mode solver: ``"auto"`` takes the Hessian when it is at hand or small."""
+        if self.exact_solver != "auto":
+            return self.exact_solver
+        small = self.n_params_ <= HESSIAN_AUTO_MAX_PARAMS
+        return "hessian" if self._heldout_prior or small else "lbfgs"
+
     # ------------------------------------------------------------------- fit
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         y_net = self._net_target(y)
         loss = self._loss()
         self._check_differentiable(X, y_net, loss)
         n = len(X)
-        delta = self._weight_decay_prior(n)
-        uniform = bool((delta == delta[0]).all())
-        self.prior_precision_ = float(delta[0]) if uniform else delta.numpy()
-        self.n_params_ = int(delta.numel())
+        self.n_params_ = sum(p.numel() for p in _trainable(self.model_))
         self.variance_factor_ = self._variance_factor()
+        self.exact_solver_ = self._resolve_solver()
+        hessian = self.mode == "exact" and self.exact_solver_ == "hessian"
+        self.posterior_ = None
+        if self._heldout_prior or hessian:
+            H = objective_hessian(self.model_, X, y_net, loss, batch_size=self.batch_size)
+            theta = torch.cat([p.detach().reshape(-1) for p in _trainable(self.model_)])
+            theta = theta.to(torch.float64)
+            if self._heldout_prior:
+                post = hessian_posterior(theta, H, 1.0)
+                best = self._choose_heldout_prior(post, X_cal, y_cal, self._grid_nll(post))
+                delta = torch.tensor(best, dtype=torch.float64)
+            else:
+                delta = self._weight_decay_prior(n)
+                post = hessian_posterior(theta, H, delta)
+            self.posterior_ = post if hessian else None  # the δ choice alone needs no more
+        else:
+            delta = self._weight_decay_prior(n)
+        uniform = bool((delta == delta.reshape(-1)[0]).all())
+        self.prior_precision_ = float(delta.reshape(-1)[0]) if uniform else delta.numpy()
+        self.finetuned_ = None
         if self.mode == "amortized":
-            explicit = None if self.prior_precision is None else float(self.prior_precision)
             pair = finetune_pair(
                 self.model_,
                 torch.as_tensor(X),
@@ -138,27 +193,43 @@ class _BaseRegVar(BaseUQEstimator):
                 n_epochs=self.finetune_epochs,
                 batch_size=self._train_batch_size(n),
                 n_average=self.n_average,
-                prior_precision=explicit,
+                prior_precision=self._explicit_prior(),
                 generator=self._generator(),
                 verbose=self.verbose,
             )
             # the difference of two nearby nets, taken in float64 (see amortized_variance)
             self.finetuned_ = tuple(m.double() for m in pair)
-        else:
-            self.finetuned_ = None
+        elif not hessian:
             self._train_data = (X, y_net)
 
     def _variance_factor(self) -> float:
         return 1.0
 
+    def _grid_nll(self, post):
+        """``batch_nll(xb, yb, grid)``: held-out NLL of ``post`` at each ``delta`` of ``grid``.
+
+        One Jacobian per batch, rotated once into the Hessian's eigenbasis
+        (``functional_variance_grid``); each grid value then costs ``O(B C^2 P)``.
+        """
+        weights = select_weights(copy.deepcopy(self.model_).double().eval(), "all")
+
+        def batch_nll(xb: Tensor, yb: Tensor, grid: list[float]) -> np.ndarray:
+            nll = np.zeros(len(grid))
+            xb = xb.double()
+            with torch.no_grad():
+                n_out = weights.model(xb[:1]).shape[1]
+            for rows, J, f in iter_jacobians(weights, xb, n_out):
+                variance = post.functional_variance_grid(J.detach())
+                for i, delta in enumerate(grid):
+                    dist = self._gaussian(f.detach(), variance(delta))
+                    nll[i] += self._heldout_nll(dist, yb[rows])
+            return nll
+
+        return batch_nll
+
     # --------------------------------------------------------------- predict
-    def _predict_batch(self, x: Tensor) -> OutputDistribution:
-        with torch.no_grad():
-            mean = self.model_(x)
-        if self.mode == "amortized":
-            cov = amortized_variance(*self.finetuned_, x, self.lam)
-        else:
-            cov = self._exact(x)
+    def _gaussian(self, mean: Tensor, cov: Tensor) -> OutputDistribution:
+        """The predictive over outputs, from RegVar's covariance ``cov`` (Q, C, C)."""
         cov = cov.to(torch.float64) * (self.variance_scale * self.variance_factor_)
         centered = None
         if self._centered_link() and cov.ndim == 3:
@@ -172,30 +243,39 @@ class _BaseRegVar(BaseUQEstimator):
             )
         return OutputDistribution.gaussian(mean.float(), cov.float(), centered)
 
+    def _predict_batch(self, x: Tensor) -> OutputDistribution:
+        with torch.no_grad():
+            mean = self.model_(x)
+        if self.mode == "amortized":
+            cov = amortized_variance(*self.finetuned_, x, self.lam)
+        elif self.posterior_ is not None:
+            cov = hessian_covariance(self.model_, self.posterior_, x, mean.shape[1])
+        else:
+            cov = self._exact(x)
+        return self._gaussian(mean, cov)
+
     def _exact(self, x: Tensor) -> Tensor:
         X, y = self._train_data
-        delta = self._weight_decay_prior(len(X))
         common = dict(lam=self.lam, batch_size=self.batch_size, verbose=self.verbose)
-        if self.exact_solver == "lbfgs":
+        if self.exact_solver_ == "lbfgs":
             cov = exact_covariance(
                 self.model_,
                 X,
                 y,
                 x,
                 self._loss(),
-                prior_precision=delta,
+                prior_precision=self._prior(),
                 max_iter=self.exact_max_iter,
                 **common,
             )
         else:
-            explicit = None if self.prior_precision is None else float(self.prior_precision)
             cov = exact_covariance(
                 self.model_,
                 X,
                 y,
                 x,
                 self._loss(),
-                prior_precision=explicit,
+                prior_precision=self._explicit_prior(),
                 solver="optimizer",
                 optimizer=self._optimizer_factory(stacked=True),
                 n_epochs=self.finetune_epochs,
@@ -320,7 +400,7 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         n_average=100,
         variance_scale=1.0,
         prior_precision=None,
-        exact_solver="lbfgs",
+        exact_solver="auto",
         exact_max_iter=500,
         link_approx="centered_probit",
         n_samples=100,
@@ -355,6 +435,11 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     @staticmethod
     def _default_loss(f: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(f, y.long())
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        p = dist.probabilities(self._link(), self._n_link_samples(), self._generator())
+        p = p.double().clamp_min(1e-12)
+        return float(-torch.log(p[torch.arange(len(y)), y.long()]).sum())
 
 
 class RegVarRegressor(UQRegressorMixin, _BaseRegVar):
@@ -417,8 +502,8 @@ prior_precision, exact_solver, exact_max_iter
         finetune_lr=None,
         n_average=100,
         variance_scale=1.0,
-        prior_precision=None,
-        exact_solver="lbfgs",
+        prior_precision="heldout",
+        exact_solver="auto",
         exact_max_iter=500,
         device="auto",
         batch_size=256,
@@ -444,8 +529,8 @@ prior_precision, exact_solver, exact_max_iter
         self.memory = memory
 
     @property
-    def _uses_calibration_split(self) -> bool:  # rows held out for the fitted noise level
-        return self.sigma_noise is None
+    def _uses_calibration_split(self) -> bool:  # rows held out for the noise and the prior
+        return self.sigma_noise is None or super()._uses_calibration_split
 
     def _validate_likelihood_options(self) -> None:
         check_positive("sigma_noise", self.sigma_noise, allow_none=True)
@@ -453,6 +538,11 @@ prior_precision, exact_solver, exact_max_iter
     @staticmethod
     def _default_loss(f: Tensor, y: Tensor) -> Tensor:
         return F.mse_loss(f, y.reshape(f.shape).to(f.dtype))
+
+    def _heldout_nll(self, dist: OutputDistribution, y: Tensor) -> float:
+        var = dist.variance.double() + self._noise_variance().double().to(dist.variance.device)
+        r = y.reshape(dist.output_mean.shape).double() - dist.output_mean.double()
+        return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).sum())
 
     def _fit_uq(self, X, y, X_cal=None, y_cal=None) -> None:
         if self.sigma_noise is None:

@@ -8,6 +8,8 @@ to ``J H^-1 J^T`` as ``lam -> 0``.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -575,7 +577,9 @@ def test_adamw_prior_is_the_one_its_decoupled_decay_implies():
     trained weights the gradient of R with that prior is ~0, with N wd (the coupled reading,
     what RegVar used before) it is the whole decay term."""
     net, X, y = _adamw_net()
-    est = RegVarRegressor(FrozenEstimator(net), sigma_noise=0.3, device="cpu").fit(X, y)
+    est = RegVarRegressor(
+        FrozenEstimator(net), sigma_noise=0.3, prior_precision=None, device="cpu"
+    ).fit(X, y)
     module = net.module_
     params = list(module.parameters())
     opt = net.optimizer_
@@ -606,4 +610,127 @@ def test_other_decoupled_decay_is_refused(optimizer):
 
     net, X, y = _adamw_net(partial(optimizer, decoupled_weight_decay=True), steps=2)
     with pytest.raises(ValueError, match=r"decoupled weight decay.*prior_precision"):
-        RegVarRegressor(FrozenEstimator(net), sigma_noise=0.3, device="cpu").fit(X, y)
+        RegVarRegressor(
+            FrozenEstimator(net), sigma_noise=0.3, prior_precision=None, device="cpu"
+        ).fit(X, y)
+
+
+# ------------------------------------------------- the Hessian's closed form
+def test_hessian_solver_is_the_limit_exactly(tiny):
+    """``exact_solver="hessian"``: J (H + delta I)^-1 J^T from the true Hessian itself, with
+    no finite-lam bias: the brute-force limit to float32 rounding of the returned covariance
+    (the L-BFGS fine-tunes reach 1.7e-3 at lam = 1e-3, see above)."""
+    model = tiny["model"].float()
+    try:
+        X, y = tiny["X"].float().numpy(), tiny["y"].numpy()
+        est = RegVarClassifier(
+            model, exact_solver="hessian", prior_precision=N * WD, device="cpu"
+        ).fit(X, y)
+        cov = est.predict_distribution(tiny["queries"].float().numpy()).covariance.double()
+        m64 = tiny["model"].double()
+        R, forward = _objective(m64, tiny["X"].float().double(), tiny["y"], N * WD)
+        theta = _flat(m64)
+        target = _laplace_covariance(
+            forward, theta, hessian(R)(theta), tiny["queries"].float().double()
+        )
+        assert est.exact_solver_ == "hessian" and est.posterior_ is not None
+        assert _relative_error(cov, target) < 1e-6
+    finally:
+        tiny["model"].double()
+        torch.nn.utils.vector_to_parameters(tiny["theta"], tiny["model"].parameters())
+
+
+def test_auto_solver_takes_the_hessian_up_to_its_size_limit():
+    from skuq.regvar.hessian import HESSIAN_AUTO_MAX_PARAMS
+
+    X = np.random.RandomState(0).randn(20, 4).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    small = RegVarClassifier(nn.Linear(4, 2), prior_precision=1.0, device="cpu").fit(X, y)
+    assert small.exact_solver == "auto" and small.exact_solver_ == "hessian"
+    width = HESSIAN_AUTO_MAX_PARAMS // 4 + 1  # (4 + 1) * width + ... > the limit
+    big = nn.Sequential(nn.Linear(4, width), nn.Tanh(), nn.Linear(width, 2))
+    est = RegVarClassifier(big, prior_precision=1.0, device="cpu").fit(X, y)
+    assert est.n_params_ > HESSIAN_AUTO_MAX_PARAMS and est.exact_solver_ == "lbfgs"
+    assert est.posterior_ is None
+
+
+def test_negative_curvature_is_kept_where_the_prior_covers_it_and_clipped_where_not():
+    """At a strict minimum of R the data Hessian may be indefinite with H + delta I > 0: the
+    limit is then (H + delta I)^-1 itself. Below that (no minimum, a fine-tune would
+    diverge) the negative eigenvalues are set to zero -- per delta, also along the grid."""
+    from skuq.regvar.hessian import hessian_posterior
+
+    g = torch.Generator().manual_seed(4)
+    Q, _ = torch.linalg.qr(torch.randn(5, 5, generator=g, dtype=torch.float64))
+    evals = torch.tensor([-0.5, 0.1, 1.0, 2.0, 5.0], dtype=torch.float64)
+    H = (Q * evals) @ Q.T
+    J = torch.randn(3, 2, 5, generator=g, dtype=torch.float64)
+    post = hessian_posterior(torch.zeros(5, dtype=torch.float64), H, 1.0)
+    covered = J @ torch.linalg.inv(H + torch.eye(5, dtype=torch.float64)) @ J.transpose(1, 2)
+    torch.testing.assert_close(post.functional_variance(J), covered)
+    clipped_H = (Q * evals.clamp_min(0)) @ Q.T
+    for delta in (0.1, 0.5):  # 0.5: H + delta I is singular, no minimum
+        expected = J @ torch.linalg.inv(clipped_H + delta * torch.eye(5, dtype=torch.float64))
+        torch.testing.assert_close(post.functional_variance_grid(J)(delta), expected @ J.mT)
+        post.set_hyperparameters(prior_precision=delta)
+        torch.testing.assert_close(post.functional_variance(J), expected @ J.mT)
+    torch.testing.assert_close(post.functional_variance_grid(J)(1.0), covered)
+    # a prior per weight: the same rule, decided on H + diag(delta)
+    per_weight = torch.tensor([1.0, 1.0, 2.0, 2.0, 3.0], dtype=torch.float64)
+    post = hessian_posterior(torch.zeros(5, dtype=torch.float64), H, per_weight)
+    torch.testing.assert_close(
+        post.functional_variance(J), J @ torch.linalg.inv(H + torch.diag(per_weight)) @ J.mT
+    )
+    with pytest.raises(ValueError, match="prior_precision='heldout'"):
+        hessian_posterior(torch.zeros(5, dtype=torch.float64), H, 0.0)
+
+
+def test_a_net_without_weight_decay_has_no_prior_for_the_hessian_solver(gap_data):
+    net = make_regressor_net(max_epochs=5, hidden=(8,))
+    est = RegVarRegressor(net, prior_precision=None, sigma_noise=0.1, device="cpu")
+    with pytest.raises(ValueError, match="prior precision > 0.*prior_precision='heldout'"):
+        est.fit(gap_data.X, gap_data.y)
+
+
+def _heldout_nll_by_brute_force(est, model, X, y, X_cal, y_cal, delta):
+    """Gaussian NLL on the held-out rows of sigma^2 + factor J (H_+ + delta I)^-1 J^T."""
+    m64 = copy.deepcopy(model).double()
+    R, forward = _objective(m64, torch.as_tensor(X).double(), torch.as_tensor(y).double(), 0.0, "mse")
+    theta = _flat(m64)
+    evals, evecs = torch.linalg.eigh(hessian(R)(theta))
+    if float(evals.min()) + delta <= 0:
+        evals = evals.clamp_min(0)
+    H = (evecs * evals) @ evecs.T
+    Xc = torch.as_tensor(X_cal).double()
+    var = _laplace_covariance(forward, theta, H + delta * torch.eye(len(theta)).double(), Xc)
+    var = est.sigma_noise_**2 + est.variance_factor_ * var[:, 0, 0]
+    r = torch.as_tensor(y_cal).double() - forward(theta, Xc)[:, 0]
+    return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).mean())
+
+
+def test_regressor_default_prior_is_the_best_heldout_nll_of_the_grid(gap_data):
+    """The regressor's default ``prior_precision="heldout"``: the grid value whose exact
+    RegVar predictive has the lowest NLL on the held-out rows (as for LaplaceRegressor),
+    checked against the NLL of brute-force Hessians and Jacobians at three grid values."""
+    from skuq._prior import HELDOUT_GRID
+
+    X, y = gap_data.X[:120], gap_data.y[:120]
+    X_cal, y_cal = gap_data.X[120:], gap_data.y[120:]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        nn.functional.mse_loss(model(torch.as_tensor(X))[:, 0], torch.as_tensor(y)).backward()
+        opt.step()
+    est = RegVarRegressor(model, device="cpu")
+    assert est.prior_precision == "heldout" and est.mode == "exact"
+    est.fit(X, y, X_cal=X_cal, y_cal=y_cal)
+    chosen = est.prior_precision_
+    assert chosen in [float(v) for v in HELDOUT_GRID]
+    assert est.heldout_nll_[chosen] == min(est.heldout_nll_.values())
+    k = int(np.argmin(np.abs(HELDOUT_GRID - chosen)))
+    for j in (max(k - 4, 0), k, min(k + 4, len(HELDOUT_GRID) - 1)):
+        delta = float(HELDOUT_GRID[j])
+        brute = _heldout_nll_by_brute_force(est, model, X, y, X_cal, y_cal, delta)
+        assert est.heldout_nll_[delta] == pytest.approx(brute, rel=1e-5, abs=1e-6)
