@@ -695,7 +695,9 @@ def test_a_net_without_weight_decay_has_no_prior_for_the_hessian_solver(gap_data
 def _heldout_nll_by_brute_force(est, model, X, y, X_cal, y_cal, delta):
     """Gaussian NLL on the held-out rows of sigma^2 + factor J (H_+ + delta I)^-1 J^T."""
     m64 = copy.deepcopy(model).double()
-    R, forward = _objective(m64, torch.as_tensor(X).double(), torch.as_tensor(y).double(), 0.0, "mse")
+    R, forward = _objective(
+        m64, torch.as_tensor(X).double(), torch.as_tensor(y).double(), 0.0, "mse"
+    )
     theta = _flat(m64)
     evals, evecs = torch.linalg.eigh(hessian(R)(theta))
     if float(evals.min()) + delta <= 0:
