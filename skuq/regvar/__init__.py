@@ -27,7 +27,12 @@ not the Gauss-Newton. Two ways to use it:
   assumes. All (row, output) problems of a chunk are solved at once: their sum
   is separable, so its minimizer is theirs, and ``torch.func.vmap`` evaluates
   them in one pass over the training data. Costly: ``rows x outputs``
-  fine-tunes.
+  fine-tunes. For a net whose ``P x P`` Hessian fits in memory the limit
+  itself is cheaper and free of the finite-``lam`` bias
+  (``skuq.regvar.hessian``: the Hessian of the objective by ``P``
+  Hessian-vector products, one eigendecomposition, then one Jacobian per
+  query); the estimators take it by default up to 2,500 weights, and to
+  choose the prior on held-out rows (``prior_precision="heldout"``).
 * ``amortized`` (:func:`finetune_pair`, the scalable form of the paper's
   pseudocode): two warm-started fine-tunes with the net's optimizer on the
   training batches, one of ``loss + (lam / N) mean|f(x_batch)|``, one of the
@@ -44,7 +49,8 @@ not the Gauss-Newton. Two ways to use it:
 
 The core functions are plain torch (``skuq.regvar.finetune``: the amortized
 pair; ``skuq.regvar.exact``: the exact solvers; ``skuq.regvar.optim``: the
-trained optimizer, its cloned state and implied prior; ``skuq.regvar.core``:
+trained optimizer, its cloned state and implied prior; ``skuq.regvar.hessian``:
+the limit from the Hessian; ``skuq.regvar.core``:
 what they share); :class:`RegVarClassifier` and :class:`RegVarRegressor`
 (``skuq.regvar.estimator``) put the scikit-learn face on them.
 """

@@ -332,7 +332,7 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         calibrated: set it on held-out data (NLL over a log grid), or
         grid-search it (``GridSearchCV`` with ``memory=`` trains the net once
         per fold; the fine-tunes are redone).
-    prior_precision : float or None, default=None
+    prior_precision : float, "heldout" or None, default=None
         ``None``: the prior is the optimizer's weight decay (``delta = N *
         weight_decay`` per parameter group; 0 for a plain module). Decoupled
         decay (AdamW) is not an L2 term: its implied prior is
@@ -340,13 +340,27 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         optimizer's second moments; other optimizers with decoupled decay are
         refused (pass a prior here). A float
         replaces it by an explicit ``(delta / 2) ||theta||^2`` (the
-        optimizer's decay is then switched off in the fine-tunes). The exact
-        mode needs ``R`` to have a strict minimum at the trained weights: a
-        net trained without weight decay usually needs a prior here.
-    exact_solver : {"lbfgs", "optimizer"}, default="lbfgs"
-        ``mode="exact"``: full-batch float64 L-BFGS (the reference), or the
-        net's optimizer on mini-batches (larger nets), see
-        :func:`exact_covariance`.
+        optimizer's decay is then switched off in the fine-tunes).
+        ``"heldout"``: the value of a log grid (1e-4 to 1e6) whose exact
+        predictive has the lowest NLL on held-out rows (``X_cal``, ``y_cal``,
+        or a fifth of ``fit``'s rows held out of a net trained in ``fit``;
+        for a classifier the widest within 5 % of it, as in
+        :class:`skuq.LaplaceClassifier`), all values from one
+        eigendecomposition of the objective's Hessian (so the Hessian must
+        fit in memory, in any ``mode``). The exact mode needs a prior > 0: a
+        net trained without weight decay needs a float or ``"heldout"``.
+    exact_solver : {"auto", "hessian", "lbfgs", "optimizer"}, default="auto"
+        ``mode="exact"``: ``"hessian"`` computes the limit ``lam -> 0`` itself,
+        ``J (H + delta I)^-1 J^T``, from the Hessian of the objective (``P``
+        Hessian-vector products and one eigendecomposition in ``fit``, then
+        a Jacobian per predicted row; see :mod:`skuq.regvar.hessian`);
+        ``"lbfgs"`` fine-tunes once per row and output in full-batch float64
+        (the paper's procedure), ``"optimizer"`` with the net's optimizer on
+        mini-batches (larger nets), see :func:`exact_covariance`. ``"auto"``
+        takes ``"hessian"`` up to
+        :data:`~skuq.regvar.hessian.HESSIAN_AUTO_MAX_PARAMS` weights, or
+        whenever ``prior_precision="heldout"`` has formed the Hessian, and
+        ``"lbfgs"`` otherwise.
     exact_max_iter : int, default=500
         L-BFGS iterations per chunk of problems.
     link_approx : {"probit", "centered_probit", "mc", "bridge"}, default="centered_probit"
@@ -368,6 +382,13 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
         float64 so that their small difference is free of rounding.
     prior_precision_ : float or ndarray
         ``delta`` of the summed objective (one per weight when not uniform).
+    heldout_nll_ : dict
+        ``prior_precision="heldout"``: the mean held-out NLL of each grid value.
+    exact_solver_ : str
+        The solver ``exact_solver`` resolved to.
+    posterior_ : FullPosterior or None
+        ``"hessian"`` solver in exact mode: ``N(theta*, (H + delta I)^-1)``,
+        whose ``J Sigma J^T`` is the predicted covariance.
     variance_factor_ : float
         Likelihood scale applied to the variance (1 for classification).
     n_params_ : int
@@ -385,8 +406,10 @@ class RegVarClassifier(UQClassifierMixin, _BaseRegVar):
     ...                           optimizer=torch.optim.Adam, optimizer__weight_decay=1e-2,
     ...                           lr=1e-2, max_epochs=20, train_split=None, verbose=0)
     >>> est = RegVarClassifier(net, random_state=0).fit(d.X_train, d.y_train)
-    >>> est.predict_proba(d.X_test[:2]).shape  # exact mode: one fine-tune per row and class
+    >>> est.predict_proba(d.X_test[:2]).shape  # exact mode, from the Hessian (325 weights)
     (2, 5)
+    >>> est.exact_solver_
+    'hessian'
     """
 
     def __init__(
@@ -462,8 +485,16 @@ class RegVarRegressor(UQRegressorMixin, _BaseRegVar):
         held-out rows, as in :class:`skuq.MAPRegressor` (``X_cal``, ``y_cal``
         given to ``fit``, or a fifth of ``fit``'s rows held out of a net
         trained in ``fit``).
+    prior_precision : float, "heldout" or None, default="heldout"
+        As in :class:`RegVarClassifier`; by default the grid value with the
+        best held-out NLL. Regression nets are commonly trained without
+        weight decay, whose implied prior (``None``) is then 0 and leaves the
+        exact variance unbounded; with the held-out prior the 95 % interval
+        covers 95.0 % and 95.7 % of in-distribution targets and the
+        predictive std separates extrapolation rows (AUROC 0.988 and 1.000)
+        on ``benchmarks/shift.py``'s two regression tasks.
     mode, lam, finetune_epochs, finetune_lr, n_average, variance_scale, \
-prior_precision, exact_solver, exact_max_iter
+exact_solver, exact_max_iter
         As in :class:`RegVarClassifier`.
     device, batch_size, random_state, verbose, memory
         See :class:`skuq.base.BaseUQEstimator`.
@@ -471,7 +502,8 @@ prior_precision, exact_solver, exact_max_iter
     Attributes
     ----------
     sigma_noise_ : float or ndarray
-    finetuned_, prior_precision_, variance_factor_, n_params_
+    finetuned_, prior_precision_, heldout_nll_, exact_solver_, posterior_, \
+variance_factor_, n_params_
         As in :class:`RegVarClassifier`.
 
     Examples
