@@ -114,6 +114,8 @@ class HessianPosterior(FullPosterior):
     diverge; the negative eigenvalues are then set to zero (the nearest
     positive semi-definite Hessian, which the Gauss-Newton always is). The
     rule is applied per ``delta``, also along ``functional_variance_grid``.
+    The prior is one value for every weight (the eigenbasis serves every
+    value); ``H`` itself is not kept.
 
     Examples
     --------
@@ -128,6 +130,8 @@ class HessianPosterior(FullPosterior):
 
     def __init__(self, mean: Tensor, curvature: Tensor, prior_precision: float):
         super().__init__(mean, curvature, prior_precision=prior_precision)
+        # a scalar prior needs only the eigenpairs: H itself (P x P) is not kept
+        self.H = None
 
     def _curvature_at(self, delta: float) -> Tensor:
         """The eigenvalues used with a scalar prior ``delta``."""

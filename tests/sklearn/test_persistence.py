@@ -148,3 +148,20 @@ def test_skops_round_trip_of_a_module_and_a_frozen_net(data):
         np.testing.assert_array_equal(loaded.predict_proba(X), est.predict_proba(X))
         if isinstance(est.estimator, torch.nn.Module):  # the wrapped module is the one used
             assert loaded.model_ is loaded.estimator
+
+
+def test_skops_round_trip_of_regvars_exact_mode_from_the_hessian(data):
+    """The default RegVarRegressor keeps the Hessian's eigenbasis (a posterior) instead of
+    fine-tuned nets: it travels through skops and predicts the same."""
+    from skuq import RegVarRegressor
+
+    X, y = data
+    module = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    est = RegVarRegressor(module, device="cpu", random_state=0).fit(X, y.astype(np.float32))
+    assert est.exact_solver_ == "hessian" and est.posterior_ is not None
+    blob = sio.dumps(est)
+    loaded = sio.loads(blob, trusted=sio.get_untrusted_types(data=blob))
+    mean, std = est.predict(X, return_std=True)
+    loaded_mean, loaded_std = loaded.predict(X, return_std=True)
+    np.testing.assert_array_equal(loaded_mean, mean)
+    np.testing.assert_array_equal(loaded_std, std)
