@@ -736,3 +736,29 @@ def test_regressor_default_prior_is_the_best_heldout_nll_of_the_grid(gap_data):
         delta = float(HELDOUT_GRID[j])
         brute = _heldout_nll_by_brute_force(est, model, X, y, X_cal, y_cal, delta)
         assert est.heldout_nll_[delta] == pytest.approx(brute, rel=1e-5, abs=1e-6)
+
+
+def test_classifier_heldout_prior_is_the_widest_within_tolerance_of_the_best(tiny):
+    """``prior_precision="heldout"`` on a classifier: the rule of LaplaceClassifier (the
+    widest grid value whose held-out NLL is within 5 % of the best), each value scored
+    through the link from one eigendecomposition; predictions then use that prior."""
+    from skuq.base import heldout_choice
+
+    model = tiny["model"].float()
+    try:
+        X, y = tiny["X"].float().numpy(), tiny["y"].numpy()
+        X_cal = tiny["queries"].float().numpy()
+        y_cal = np.array([0, 1, 2, 0])
+        est = RegVarClassifier(model, prior_precision="heldout", device="cpu")
+        est.fit(X, y, X_cal=X_cal, y_cal=y_cal)
+        grid, nll = zip(*sorted(est.heldout_nll_.items()), strict=True)
+        assert est.prior_precision_ == grid[heldout_choice(nll, 0.05)]
+        assert est.posterior_ is not None
+        assert float(est.posterior_.prior_precision) == est.prior_precision_
+        fixed = RegVarClassifier(model, prior_precision=est.prior_precision_, device="cpu")
+        np.testing.assert_allclose(
+            fixed.fit(X, y).predict_proba(X_cal), est.predict_proba(X_cal), rtol=1e-6
+        )
+    finally:
+        tiny["model"].double()
+        torch.nn.utils.vector_to_parameters(tiny["theta"], tiny["model"].parameters())
