@@ -182,6 +182,8 @@ class _BaseRegVar(PriorPrecisionMixin, BaseUQEstimator):
         uniform = bool((delta == delta.reshape(-1)[0]).all())
         self.prior_precision_ = float(delta.reshape(-1)[0]) if uniform else delta.numpy()
         self.finetuned_ = None
+        # the L-BFGS and optimizer solvers fine-tune on the training rows at predict time
+        self._train_data = (X, y_net) if self.mode == "exact" and not hessian else None
         if self.mode == "amortized":
             pair = finetune_pair(
                 self.model_,
@@ -199,8 +201,6 @@ class _BaseRegVar(PriorPrecisionMixin, BaseUQEstimator):
             )
             # the difference of two nearby nets, taken in float64 (see amortized_variance)
             self.finetuned_ = tuple(m.double() for m in pair)
-        elif not hessian:
-            self._train_data = (X, y_net)
 
     def _variance_factor(self) -> float:
         return 1.0
