@@ -616,7 +616,7 @@ def test_other_decoupled_decay_is_refused(optimizer):
 
 
 # ------------------------------------------------- the Hessian's closed form
-def test_hessian_solver_is_the_limit_exactly(tiny):
+def test_hessian_solver_is_the_brute_force_limit_exactly(tiny):
     """``exact_solver="hessian"``: J (H + delta I)^-1 J^T from the true Hessian itself, with
     no finite-lam bias: the brute-force limit to float32 rounding of the returned covariance
     (the L-BFGS fine-tunes reach 1.7e-3 at lam = 1e-3, see above)."""
@@ -710,7 +710,7 @@ def _heldout_nll_by_brute_force(est, model, X, y, X_cal, y_cal, delta):
     return float(0.5 * (torch.log(2 * np.pi * var) + r**2 / var).mean())
 
 
-def test_regressor_default_prior_is_the_best_heldout_nll_of_the_grid(gap_data):
+def test_regressor_default_prior_is_the_best_heldout_nll_checked_by_brute_force(gap_data):
     """The regressor's default ``prior_precision="heldout"``: the grid value whose exact
     RegVar predictive has the lowest NLL on the held-out rows (as for LaplaceRegressor),
     checked against the NLL of brute-force Hessians and Jacobians at three grid values."""
