@@ -22,7 +22,7 @@ from torch.func import grad, jacrev
 
 from .._utils import check_positive_int
 from ..curvature import iter_jacobians, select_weights
-from ..curvature.memory import check_full_memory
+from ..curvature.memory import available_memory
 from ..posterior import FullPosterior
 from .core import LossFn, _as_data
 
@@ -88,7 +88,7 @@ def objective_hessian(
     work = copy.deepcopy(model).double().eval()
     weights = select_weights(work, "all")
     theta = weights.vector()
-    check_full_memory(weights.n_params, torch.float64, theta.device)
+    _check_hessian_memory(weights.n_params, theta.device)
     X, y = _as_data(X, y, theta.device, theta.dtype)
     H = torch.zeros(weights.n_params, weights.n_params, dtype=theta.dtype, device=theta.device)
     for start in range(0, len(X), batch_size):
@@ -100,6 +100,27 @@ def objective_hessian(
         H += jacrev(grad(summed), chunk_size=min(chunk_size, weights.n_params))(theta)
     H += H.T.clone()
     return H.mul_(0.5)
+
+
+def _check_hessian_memory(n_params: int, device: torch.device) -> None:
+    """A MemoryError before allocating when the Hessian route cannot fit on ``device``.
+
+    It holds the ``P x P`` float64 Hessian, then its eigenvectors and the
+    eigendecomposition's workspace, about three such matrices at once.
+    """
+    needed = 3 * n_params * n_params * 8
+    avail = available_memory(device)
+    if avail is None or needed <= avail:
+        return
+    raise MemoryError(
+        f"RegVar's Hessian route over {n_params:,} weights needs about "
+        f"{needed / 2**30:,.2f} GiB (the {n_params:,} x {n_params:,} float64 Hessian, its "
+        f"eigenvectors and workspace), but {avail / 2**30:,.2f} GiB are available on "
+        f"{torch.device(device)}. It serves exact_solver='hessian' (what 'auto' picks up to "
+        f"{HESSIAN_AUTO_MAX_PARAMS:,} weights) and prior_precision='heldout' (the "
+        "RegVarRegressor default). Give prior_precision a float (or None, the weight decay's "
+        "prior) with exact_solver='lbfgs' or 'optimizer', or mode='amortized'"
+    )
 
 
 class HessianPosterior(FullPosterior):

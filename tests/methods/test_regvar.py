@@ -762,3 +762,14 @@ def test_classifier_heldout_prior_is_the_widest_within_tolerance_of_the_best(tin
     finally:
         tiny["model"].double()
         torch.nn.utils.vector_to_parameters(tiny["theta"], tiny["model"].parameters())
+
+
+def test_a_hessian_that_cannot_fit_is_refused_before_allocation_with_the_alternatives(
+    gap_data, monkeypatch
+):
+    import skuq.regvar.hessian as hessian_module
+
+    monkeypatch.setattr(hessian_module, "available_memory", lambda device: 1000)
+    net = make_regressor_net(max_epochs=2, hidden=(8,))
+    with pytest.raises(MemoryError, match=r"Hessian route.*exact_solver='lbfgs'.*amortized"):
+        RegVarRegressor(net, device="cpu").fit(gap_data.X, gap_data.y)
