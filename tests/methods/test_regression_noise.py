@@ -90,7 +90,9 @@ def test_a_prefit_net_reads_the_noise_on_fits_rows(split):
 
 
 def test_a_given_noise_level_sets_no_rows_aside():
-    assert not RegVarRegressor(None, sigma_noise=0.1)._uses_calibration_split
+    assert not RegVarRegressor(None, sigma_noise=0.1, prior_precision=1.0)._uses_calibration_split
+    # RegVar's default prior is chosen on held-out rows: they are set aside for it
+    assert RegVarRegressor(None, sigma_noise=0.1)._uses_calibration_split
     assert not LaplaceRegressor(None, sigma_noise=0.1)._uses_calibration_split
     assert not LaplaceRegressor(None, sigma_noise="marglik")._uses_calibration_split
     assert RegVarRegressor(None)._uses_calibration_split
