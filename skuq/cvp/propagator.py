@@ -121,7 +121,7 @@ class MomentPropagator:
         # across calls: see PropagationContext.derived
         self._derived_cache: dict = {}
         self._warned_nodes: set[str] = set()
-        self._plan: tuple[int, list[_Step]] | None = None
+        self._plan: tuple[tuple, list[_Step]] | None = None
         self._warn_correlated(input_random=False)
 
     # ----------------------------------------------------------- inspection
@@ -237,10 +237,11 @@ class MomentPropagator:
         return _propagate(self, x, ctx, layer_scales or {}, record)
 
     def _steps(self) -> list[_Step]:
-        """The per-node plan, made again when a rule has been registered since."""
-        version = registry_version()
-        if self._plan is None or self._plan[0] != version:
-            self._plan = (version, _plan(self.graph_module))
+        """The per-node plan, made again when a rule has been registered since (or the
+        products or pooled sites were replaced)."""
+        key = (registry_version(), id(self._products), id(self._pooled))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, _plan(self.graph_module, self._products, self._pooled))
         return self._plan[1]
 
 
@@ -273,20 +274,40 @@ def _checked_variances(
 
 
 class _Step(NamedTuple):
-    """One node of the plan: its op, and for a call its module (``call_module``) or
-    target and the rule registered for it (None when it has none)."""
+    """One node of the plan: its op, for a call its module (``call_module``) or target
+    and the rule registered for it (None when it has none), and the nodes whose values
+    are not read after it."""
 
     node: torch.fx.Node
     op: str
     target: object
     rule: Callable | None
+    release: tuple
 
 
-def _plan(gm: torch.fx.GraphModule) -> list[_Step]:
+def _plan(gm: torch.fx.GraphModule, products: dict, pooled: dict) -> list[_Step]:
     """The graph's nodes with their modules and rules resolved (class hierarchies walked
-    once, not at every call)."""
+    once, not at every call), and when each value is read for the last time: by a
+    node's arguments, by an elementwise product (its root) or by a pooled correction
+    (the layer, its input, the chain between them and the pool)."""
+    nodes = list(gm.graph.nodes)
+    last: dict = {}
+    for i, node in enumerate(nodes):
+        last[node] = i
+        for a in node.all_input_nodes:
+            last[a] = i
+        if node in products:
+            last[products[node][0]] = i
+        for site in pooled.get(node, ()):
+            for n in (site.layer, *site.layer.all_input_nodes):
+                last[n] = i
+            for n, _kind, parent in site.chain:
+                last[n] = last[parent] = i
+    release: list[list] = [[] for _ in nodes]
+    for n, i in last.items():
+        release[i].append(n)
     steps = []
-    for node in gm.graph.nodes:
+    for node, done in zip(nodes, release, strict=True):
         target, rule = node.target, None
         if node.op == "call_module":
             target = gm.get_submodule(node.target)
@@ -295,7 +316,7 @@ def _plan(gm: torch.fx.GraphModule) -> list[_Step]:
             rule = get_rule(target)
         elif node.op == "call_method":
             rule = method_rule(target)
-        steps.append(_Step(node, node.op, target, rule))
+        steps.append(_Step(node, node.op, target, rule, tuple(done)))
     return steps
 
 
@@ -307,14 +328,14 @@ def _propagate(prop: MomentPropagator, x: Moments, ctx, scales, record) -> Momen
     recorded; an elementwise product of one random tensor is propagated as one
     elementwise map; a function or tensor method goes to its rule, or runs as is on
     deterministic inputs; a global average pool after a shared-weight layer gets the
-    cross-position covariance of that layer's weight noise. Every value stays in
-    ``env``: the products and the pooled corrections read nodes upstream of their
-    arguments.
+    cross-position covariance of that layer's weight noise. A value leaves ``env``
+    after its last reader (the products and the pooled corrections read nodes upstream
+    of their arguments), so that a pass holds only the values still needed.
     """
     gm, env = prop.graph_module, {}
     products, pooled = prop._products, prop._pooled
     first_input = True
-    for node, op, target, rule in prop._steps():
+    for node, op, target, rule, release in prop._steps():
         product = products.get(node)
         if product is not None and is_random(env[product[0]]):
             out = _elementwise_product(env[product[0]], product[1])
@@ -338,6 +359,8 @@ def _propagate(prop: MomentPropagator, x: Moments, ctx, scales, record) -> Momen
         if sites:
             out = _pooled(gm, sites, out, ctx, env, products, scales)
         env[node] = out
+        for done in release:  # freed as the pass goes: the allocator reuses the memory
+            del env[done]
     raise RuntimeError("the traced graph has no output")  # pragma: no cover
 
 
