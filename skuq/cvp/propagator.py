@@ -2,15 +2,15 @@
 and a variance per activation, node by node, with the rules of the registry.
 
 :class:`MomentPropagator` prepares the traced graph once (tracing, fusion, the
-elementwise products, the pooled sites, the checks); each call runs a
-:class:`torch.fx.Interpreter` over it whose node values are
-:class:`~skuq.cvp.registry.Moments`.
+elementwise products, the pooled sites, the checks, each node's module and rule);
+each call runs over its nodes with :class:`~skuq.cvp.registry.Moments` as values.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -37,6 +37,7 @@ from .registry import (
     is_random,
     method_rule,
     module_rule,
+    registry_version,
     run_deterministic,
     unwrap,
     wrap,
@@ -120,6 +121,7 @@ class MomentPropagator:
         # across calls: see PropagationContext.derived
         self._derived_cache: dict = {}
         self._warned_nodes: set[str] = set()
+        self._plan: tuple[tuple, list[_Step]] | None = None
         self._warn_correlated(input_random=False)
 
     # ----------------------------------------------------------- inspection
@@ -231,8 +233,16 @@ class MomentPropagator:
         if isinstance(x, Moments) and x.var is not None:
             self._warn_correlated(input_random=True)
         ctx = PropagationContext(self._var_by_id(), self._derived_cache)
-        run = _Propagation(self, ctx, layer_scales or {}, record)
-        return run.run(x if isinstance(x, Moments) else Moments(x))
+        x = x if isinstance(x, Moments) else Moments(x)
+        return _propagate(self, x, ctx, layer_scales or {}, record)
+
+    def _steps(self) -> list[_Step]:
+        """The per-node plan, made again when a rule has been registered since (or the
+        products or pooled sites were replaced)."""
+        key = (registry_version(), id(self._products), id(self._pooled))
+        if self._plan is None or self._plan[0] != key:
+            self._plan = (key, _plan(self.graph_module, self._products, self._pooled))
+        return self._plan[1]
 
 
 def _checked_variances(
@@ -263,131 +273,154 @@ def _checked_variances(
     return out
 
 
-class _Propagation(torch.fx.Interpreter):
-    """One call of a :class:`MomentPropagator`: the traced graph interpreted with
-    :class:`Moments` as values (one instance per call, so calls do not share state).
+class _Step(NamedTuple):
+    """One node of the plan: its op, for a call its module (``call_module``) or target
+    and the rule registered for it (None when it has none), and the nodes whose values
+    are not read after it."""
+
+    node: torch.fx.Node
+    op: str
+    target: object
+    rule: Callable | None
+    release: tuple
+
+
+def _plan(gm: torch.fx.GraphModule, products: dict, pooled: dict) -> list[_Step]:
+    """The graph's nodes with their modules and rules resolved (class hierarchies walked
+    once, not at every call), and when each value is read for the last time: by a
+    node's arguments, by an elementwise product (its root) or by a pooled correction
+    (the layer, its input, the chain between them and the pool)."""
+    nodes = list(gm.graph.nodes)
+    last: dict = {}
+    for i, node in enumerate(nodes):
+        last[node] = i
+        for a in node.all_input_nodes:
+            last[a] = i
+        if node in products:
+            last[products[node][0]] = i
+        for site in pooled.get(node, ()):
+            for n in (site.layer, *site.layer.all_input_nodes):
+                last[n] = i
+            for n, _kind, parent in site.chain:
+                last[n] = last[parent] = i
+    release: list[list] = [[] for _ in nodes]
+    for n, i in last.items():
+        release[i].append(n)
+    steps = []
+    for node, done in zip(nodes, release, strict=True):
+        target, rule = node.target, None
+        if node.op == "call_module":
+            target = gm.get_submodule(node.target)
+            rule = module_rule(type(target))
+        elif node.op == "call_function":
+            rule = get_rule(target)
+        elif node.op == "call_method":
+            rule = method_rule(target)
+        steps.append(_Step(node, node.op, target, rule, tuple(done)))
+    return steps
+
+
+def _propagate(prop: MomentPropagator, x: Moments, ctx, scales, record) -> Moments:
+    """One call: the traced graph run node by node with :class:`Moments` as values.
 
     Per node: a module call site goes to its rule (a structural module without a
     rule runs on deterministic inputs), then its output variance is scaled and
     recorded; an elementwise product of one random tensor is propagated as one
     elementwise map; a function or tensor method goes to its rule, or runs as is on
     deterministic inputs; a global average pool after a shared-weight layer gets the
-    cross-position covariance of that layer's weight noise.
+    cross-position covariance of that layer's weight noise. A value leaves ``env``
+    after its last reader (the products and the pooled corrections read nodes upstream
+    of their arguments), so that a pass holds only the values still needed.
     """
-
-    def __init__(
-        self,
-        prop: MomentPropagator,
-        ctx: PropagationContext,
-        scales: Mapping[str, Tensor | float],
-        record: dict | None,
-    ):
-        # values stay in the environment: the products and the pooled corrections
-        # read nodes upstream of their arguments
-        super().__init__(prop.graph_module, garbage_collect_values=False)
-        self.extra_traceback = False  # a rule's error reaches the caller as raised
-        self.prop, self.ctx, self.scales, self.record = prop, ctx, scales, record
-        self._node = None
-
-    def run_node(self, n: torch.fx.Node):
-        product = self.prop._products.get(n)
-        if product is not None and is_random(self.env[product[0]]):
-            out = self._elementwise_product(*product)
+    gm, env = prop.graph_module, {}
+    products, pooled = prop._products, prop._pooled
+    first_input = True
+    for node, op, target, rule, release in prop._steps():
+        product = products.get(node)
+        if product is not None and is_random(env[product[0]]):
+            out = _elementwise_product(env[product[0]], product[1])
+        elif op == "placeholder":
+            if first_input:
+                out, first_input = x, False
+            else:  # an argument after the input: its default, else None
+                out = node.args[0] if node.args else None
+        elif op == "get_attr":
+            out = _get_attr(gm, target, ctx, scales, record)
+        elif op == "output":
+            out = torch.fx.node.map_arg(node.args[0], env.__getitem__)
+            return out[0] if isinstance(out, (tuple, list)) else out
         else:
-            self._node = n
-            out = super().run_node(n)
-        return self._pooled(n, out)
+            args = torch.fx.node.map_arg(node.args, env.__getitem__)
+            kwargs = torch.fx.node.map_arg(node.kwargs, env.__getitem__)
+            out = _call(node, op, target, rule, args, kwargs, ctx)
+            if op == "call_module":
+                out = MomentPropagator._scale_and_record(node.target, out, scales, record)
+        sites = pooled.get(node)
+        if sites:
+            out = _pooled(gm, sites, out, ctx, env, products, scales)
+        env[node] = out
+        for done in release:  # freed as the pass goes: the allocator reuses the memory
+            del env[done]
+    raise RuntimeError("the traced graph has no output")  # pragma: no cover
 
-    # ------------------------------------------------------------------ ops
-    def placeholder(self, target, args, kwargs):
-        try:
-            return next(self.args_iter)
-        except StopIteration:  # an argument after the input: its default, else None
-            return args[0] if args else None
 
-    def get_attr(self, target, args, kwargs):
-        obj = self.module
-        for part in target.split("."):
-            obj = getattr(obj, part)
-        if isinstance(obj, Tensor):
-            obj = self.ctx.param(obj)
-            if obj.var is not None and target in self.scales:
-                obj = Moments(obj.mean, obj.var * self.scales[target])
-            if obj.var is not None and self.record is not None:
-                self.record[target] = obj
-        return obj
+def _get_attr(gm, target: str, ctx, scales, record):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    if isinstance(obj, Tensor):
+        obj = ctx.param(obj)
+        if obj.var is not None and target in scales:
+            obj = Moments(obj.mean, obj.var * scales[target])
+        if obj.var is not None and record is not None:
+            record[target] = obj
+    return obj
 
-    def output(self, target, args, kwargs):
-        out = args[0]
-        return out[0] if isinstance(out, (tuple, list)) else out
 
-    def call_module(self, target, args, kwargs):
-        module = self.module.get_submodule(target)
-        rule = module_rule(type(module))
-        if rule is None:  # structural module without parameters
-            if any_random(args, kwargs):
-                raise UnsupportedLayerError(
-                    f"CVP has no propagation rule for layer {target!r} of "
-                    f"type {type(module).__name__}. "
-                    + how_to_register("module", type(module).__name__)
-                )
-            out = run_deterministic(module, args, kwargs)
-        else:
-            out = rule(self.ctx, module, *args, **kwargs)
-        return MomentPropagator._scale_and_record(target, out, self.scales, self.record)
-
-    def call_function(self, target, args, kwargs):
-        rule = get_rule(target)
-        if rule is not None:
-            return rule(self.ctx, target, *args, **kwargs)
+def _call(node, op: str, target, rule, args, kwargs, ctx):
+    """A call node: its rule, else the op itself on deterministic inputs."""
+    if rule is not None:
+        return rule(ctx, target, *args, **kwargs)
+    if op == "call_module":  # structural module without parameters
+        if any_random(args, kwargs):
+            raise UnsupportedLayerError(
+                f"CVP has no propagation rule for layer {node.target!r} of "
+                f"type {type(target).__name__}. " + how_to_register("module", type(target).__name__)
+            )
+        return run_deterministic(target, args, kwargs)
+    if op == "call_function":
         if not any_random(args, kwargs):
             return run_deterministic(target, args, kwargs)
         what = f"function {getattr(target, '__module__', '')}.{getattr(target, '__name__', target)}"
-        raise self._unsupported(what, "that_function")
-
-    def call_method(self, target, args, kwargs):
-        rule = method_rule(target)
-        if rule is not None:
-            return rule(self.ctx, target, *args, **kwargs)
+        key = "that_function"
+    else:
         if not any_random(args, kwargs):
             obj, *rest = unwrap(args)
             return wrap(getattr(obj, target)(*rest, **unwrap(kwargs)))
-        raise self._unsupported(f"tensor method .{target}()", repr(target))
+        what, key = f"tensor method .{target}()", repr(target)
+    raise UnsupportedLayerError(
+        f"CVP has no propagation rule for {what} (node {node.name!r}). "
+        + how_to_register("function", key)
+    )
 
-    def _unsupported(self, what: str, key: str) -> UnsupportedLayerError:
-        return UnsupportedLayerError(
-            f"CVP has no propagation rule for {what} (node {self._node.name!r})."
-            " " + how_to_register("function", key)
-        )
 
-    # --------------------------------------------------- graph-level handling
-    def _elementwise_product(self, root, g) -> Moments:
-        """A product (or sum) of two elementwise functions of the random ``root``:
-        SiLU's moments for ``x * sigmoid(x)`` (``g`` None), else quadrature of ``g``."""
-        r = self.env[root]
-        fn = (
-            mom.silu_moments if g is None else (lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
-        )
-        return Moments(*mom._in_slices(fn, r.mean, r.var))
+def _elementwise_product(r: Moments, g) -> Moments:
+    """A product (or sum) of two elementwise functions of the random ``r``: SiLU's
+    moments for ``x * sigmoid(x)`` (``g`` None), else quadrature of ``g``."""
+    fn = mom.silu_moments if g is None else (lambda m, v, _g=g: mom.quadrature_moments(_g, m, v))
+    return Moments(*mom._in_slices(fn, r.mean, r.var))
 
-    def _pooled(self, n: torch.fx.Node, out):
-        """Add the cross-position variance at a global average pool after a
-        shared-weight layer (:mod:`skuq.cvp.pooled`)."""
-        sites = self.prop._pooled.get(n)
-        if not (sites and isinstance(out, Moments) and out.var is not None):
-            return out
-        var = out.var
-        for site in sites:
-            corr = pooled_correction(
-                self.ctx,
-                self.module,
-                site,
-                self.env,
-                self.prop._products,
-                self.scales.get(site.layer.target, 1.0),
-            )
-            if corr is not None:
-                var = var + corr.reshape(var.shape).to(var.dtype)
-        if var is not out.var:
-            out = Moments(out.mean, var.clamp_min(0.0))
+
+def _pooled(gm, sites, out, ctx, env, products, scales):
+    """Add the cross-position variance at a global average pool after a
+    shared-weight layer (:mod:`skuq.cvp.pooled`)."""
+    if not (isinstance(out, Moments) and out.var is not None):
         return out
+    var = out.var
+    for site in sites:
+        corr = pooled_correction(ctx, gm, site, env, products, scales.get(site.layer.target, 1.0))
+        if corr is not None:
+            var = var + corr.reshape(var.shape).to(var.dtype)
+    if var is not out.var:
+        out = Moments(out.mean, var.clamp_min(0.0))
+    return out

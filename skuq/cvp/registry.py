@@ -88,6 +88,9 @@ class CorrelatedFactorsWarning(UserWarning):
 _MODULE_RULES: dict[type, Callable] = {}
 _FUNCTION_RULES: dict[object, Callable] = {}
 _METHOD_RULES: dict[str, Callable] = {}
+# bumped by every registration: a propagator resolves its nodes' rules once and
+# resolves them again when this changes
+_VERSION = [0]
 
 
 def register_rule(*keys):
@@ -137,6 +140,7 @@ def register_rule(*keys):
                 _FUNCTION_RULES[key] = rule
             else:
                 raise TypeError(f"cannot register a rule for {key!r}")
+            _VERSION[0] += 1
         return rule
 
     return decorator
@@ -148,6 +152,11 @@ def module_rule(cls: type) -> Callable | None:
         if klass in _MODULE_RULES:
             return _MODULE_RULES[klass]
     return None
+
+
+def registry_version() -> int:
+    """A number that changes whenever a rule is registered."""
+    return _VERSION[0]
 
 
 def method_rule(name: str) -> Callable | None:

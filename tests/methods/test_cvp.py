@@ -1243,6 +1243,31 @@ def test_user_rule_registration():
     assert out.var.shape == (1, 2) and bool((out.var > 0).all())
 
 
+def test_rule_registered_after_the_propagator_is_built_applies_at_its_next_call():
+    # the propagator resolves each node's rule once; a registration made later must
+    # still reach it (here: a subclass of Linear, first under Linear's rule)
+    from skuq.cvp import linear_moments
+
+    class TwiceLinear(nn.Linear):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(TwiceLinear(3, 2), nn.ReLU(), nn.Linear(2, 2))
+    prop = MomentPropagator(model, {"0.weight": 0.1, "0.bias": 0.1})
+    x = torch.randn(4, 3)
+    rec_before, rec_after = {}, {}
+    prop(x, record=rec_before)
+
+    @register_rule(TwiceLinear)
+    def _twice(ctx, m, inp):
+        out = linear_moments(inp, m.weight, m.bias, ctx.param_var(m.weight), ctx.param_var(m.bias))
+        return Moments(out.mean, 2 * out.var)
+
+    prop(x, record=rec_after)
+    assert torch.equal(rec_after["0"].mean, rec_before["0"].mean)
+    assert torch.equal(rec_after["0"].var, 2 * rec_before["0"].var)
+
+
 # --------------------------------------------------------------- bad input
 def test_unsupported_layer_error_names_it(digits):
     class Weird(nn.Module):
