@@ -185,6 +185,13 @@ class MomentPropagator:
         """Posterior variance per named parameter."""
         return dict(self._variances)
 
+    def __getstate__(self) -> dict:
+        # the plan holds the registry's rules, some of them closures pickle cannot
+        # store; it is made again on the first call after loading
+        state = self.__dict__.copy()
+        state["_plan"] = None
+        return state
+
     # the traced graph holds generated code and a per-instance class: a saved
     # propagator (skuq._persist, for skops) keeps the model and variances and re-traces
     def _skuq_getstate(self) -> dict:
