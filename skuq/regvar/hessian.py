@@ -122,7 +122,7 @@ def _check_hessian_memory(n_params: int, device: torch.device) -> None:
         f"{torch.device(device)}. It serves exact_solver='hessian' (what 'auto' picks up to "
         f"{HESSIAN_AUTO_MAX_PARAMS:,} weights) and prior_precision='heldout' (the "
         "RegVarRegressor default). Give prior_precision a float (or None, the weight decay's "
-        "prior) with exact_solver='lbfgs' or 'optimizer', or mode='amortized'"
+        "prior), with exact_solver='lbfgs' or 'optimizer', or with mode='amortized'"
     )
 
 
